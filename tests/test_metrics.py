@@ -1,0 +1,124 @@
+"""Metrics: hand-computed VQA scores and report-generation scores from pycocoevalcap."""
+
+from __future__ import annotations
+
+import logging
+import math
+import shutil
+
+import pytest
+
+from raymed import metrics
+from raymed.metrics import normalize_answer, report_metrics, token_recall, vqa_metrics
+
+pytestmark = pytest.mark.unit
+
+
+@pytest.mark.parametrize(
+    ("raw", "expected"),
+    [
+        ("Yes", "yes"),
+        ("  The Left  Lung. ", "left lung"),
+        ("An X-ray!", "x ray"),
+        ("a", ""),
+        ("theory", "theory"),  # articles are whole words only
+        (3, "3"),  # answers stored as integers in real files
+        (None, ""),
+    ],
+)
+def test_normalize_answer(raw: object, expected: str) -> None:
+    assert normalize_answer(raw) == expected
+
+
+def test_token_recall_by_hand() -> None:
+    # reference tokens {left, lower, lung}; the prediction has left and lung -> 2/3
+    assert token_recall("left lung", "The left lower lung") == pytest.approx(2 / 3)
+    assert token_recall("lung", "left left lung") == pytest.approx(1 / 3)  # multiset, clipped
+    assert token_recall("left left left", "left lung") == pytest.approx(1 / 2)
+    assert token_recall("anything", "") == 0.0
+
+
+def test_vqa_metrics_by_hand() -> None:
+    preds = ["Yes", "no", "left lung", "the heart", "left lung"]
+    refs = ["yes", "yes", "Left lung.", "heart", "right lung"]
+    types = ["CLOSED ", "closed", "OPEN", "open", "OPEN"]  # dirty values as found in real files
+    out = vqa_metrics(preds, refs, types)
+    assert out["n_closed"] == 2 and out["n_open"] == 3
+    assert out["closed_acc"] == pytest.approx(1 / 2)
+    assert out["open_acc"] == pytest.approx(2 / 3)
+    assert out["open_recall"] == pytest.approx((1 + 1 + 1 / 2) / 3)  # "lung" of "right lung" is found
+    assert out["overall_acc"] == pytest.approx(3 / 5)
+
+
+def test_vqa_metrics_infers_closed_from_yes_no() -> None:
+    out = vqa_metrics(["yes", "liver"], ["Yes", "spleen"])
+    assert (out["n_closed"], out["n_open"]) == (1, 1)
+    assert out["closed_acc"] == 1.0 and out["open_acc"] == 0.0
+
+
+def test_vqa_metrics_errors() -> None:
+    with pytest.raises(ValueError, match="2 predictions for 1 references"):
+        vqa_metrics(["a", "b"], ["a"], ["OPEN"])
+    with pytest.raises(ValueError, match="'MAYBE' at index 1"):
+        vqa_metrics(["a", "b"], ["a", "b"], ["OPEN", "MAYBE"])
+    empty = vqa_metrics([], [], [])
+    assert empty["overall_acc"] == 0.0 and empty["n_open"] == 0
+
+
+def test_report_metrics_identical_reports() -> None:
+    reports = ["The heart is normal in size.", "No acute cardiopulmonary abnormality is seen."]
+    out = report_metrics(reports, reports, meteor=False)
+    for n in range(1, 5):
+        assert out[f"bleu{n}"] == pytest.approx(1.0, abs=1e-6)
+    assert out["rouge_l"] == pytest.approx(1.0)
+    # CIDEr-D is scaled by 10; identical reports with >= 4 words each reach the maximum
+    assert out["cider"] == pytest.approx(10.0)
+    assert "meteor" not in out
+
+
+def test_report_metrics_by_hand() -> None:
+    # 3 of 4 unigrams, 2 of 3 bigrams, 1 of 2 trigrams, 0 of 1 four-gram match; equal lengths (BP = 1)
+    out = report_metrics(["the heart is normal"], ["the heart is enlarged"], meteor=False)
+    assert out["bleu1"] == pytest.approx(3 / 4, rel=1e-6)
+    assert out["bleu2"] == pytest.approx(math.sqrt(3 / 4 * 2 / 3), rel=1e-6)
+    assert out["bleu3"] == pytest.approx((3 / 4 * 2 / 3 * 1 / 2) ** (1 / 3), rel=1e-6)
+    assert out["bleu4"] < 1e-3
+    assert out["rouge_l"] == pytest.approx(3 / 4)  # LCS 3 of 4 words on both sides
+    assert out["cider"] == 0.0  # one sample: every n-gram has document frequency 1, idf 0
+
+
+def test_report_metrics_multiple_references_and_errors() -> None:
+    out = report_metrics(["heart normal"], [["lungs clear", "heart normal"]], meteor=False)
+    assert out["bleu1"] == pytest.approx(1.0, abs=1e-6)
+    with pytest.raises(ValueError, match="1 predictions for 2 references"):
+        report_metrics(["a"], ["a", "b"])
+    with pytest.raises(ValueError, match="at least one"):
+        report_metrics([], [])
+
+
+def test_meteor_absent_without_java(monkeypatch: pytest.MonkeyPatch, caplog: pytest.LogCaptureFixture) -> None:
+    monkeypatch.setattr(metrics.shutil, "which", lambda name: None)
+    with caplog.at_level(logging.WARNING, logger="raymed.metrics"):
+        out = report_metrics(["heart normal"], ["heart normal"])
+    assert "meteor" not in out and "bleu1" in out
+    assert "METEOR skipped: Java is not on PATH" in caplog.text
+
+
+@pytest.mark.skipif(shutil.which("java") is None, reason="METEOR needs Java")
+def test_meteor_absent_when_process_fails(
+    monkeypatch: pytest.MonkeyPatch, caplog: pytest.LogCaptureFixture
+) -> None:
+    from pycocoevalcap.meteor import meteor as meteor_module
+
+    monkeypatch.setattr(meteor_module, "METEOR_JAR", "missing-meteor.jar")
+    with caplog.at_level(logging.WARNING, logger="raymed.metrics"):
+        out = report_metrics(["heart normal"], ["heart normal"])
+    assert "meteor" not in out
+    assert "the METEOR process failed" in caplog.text
+
+
+@pytest.mark.skipif(shutil.which("java") is None, reason="METEOR needs Java")
+def test_meteor_identical_is_one() -> None:
+    # Starting METEOR loads its paraphrase table: ~10 s, the slowest test here.
+    out = report_metrics(["the heart is normal"], ["the heart is normal"])
+    assert out["meteor"] == pytest.approx(1.0)
