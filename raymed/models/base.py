@@ -1,0 +1,178 @@
+"""What every model family knows: its towers, its parameter groups, and how to load it.
+
+A parameter's *group* is decided by the type of the module that owns it and by that module's position
+(the nearest enclosing attention / FFN / embedding block), never by loose substrings of its name:
+in BERT/BLIP `attention` also matches `crossattention` and `attention.output.LayerNorm`, and
+`output.dense` is both the FFN output and the attention output projection (DESIGN.md §2).
+"""
+
+from __future__ import annotations
+
+import json
+from collections.abc import Iterator, Mapping, Sequence
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Callable
+
+import numpy as np
+import torch
+from torch import nn
+
+GROUPS: tuple[str, ...] = ("ln", "attn", "ffn", "embed", "head", "other")
+
+
+class ModelLoadError(ValueError):
+    """A model reference that cannot be resolved: unknown preset, missing path, not a model directory."""
+
+
+@dataclass(frozen=True)
+class Preset:
+    """A named model: a config builder plus whether it has real (local, random or shipped) weights."""
+
+    name: str
+    family: str
+    description: str
+    build_config: Callable[[], Any]
+    # `meta` presets are full-size architectures for accounting only (no weights, built in seconds).
+    meta_only: bool = False
+    # Directory with shipped weights + processor (relative to the package), if any.
+    shipped_dir: str | None = None
+
+
+@dataclass(frozen=True)
+class ParamInfo:
+    name: str
+    tower: str
+    group: str
+    numel: int
+    unused: bool
+
+
+@dataclass
+class Family:
+    """A model family: towers, group tables, presets, loading and encoding.
+
+    Subclasses fill the tables; the classification logic here is shared.
+    """
+
+    name: str
+    model_types: tuple[str, ...]  # config.json `model_type` values this family loads
+    towers: Mapping[str, tuple[str, ...]]  # tower -> parameter-name prefixes
+    attn_modules: frozenset[str]  # module class names whose Linear children are attention projections
+    ffn_modules: frozenset[str]  # module class names whose Linear children are the FFN
+    embed_modules: frozenset[str]  # embedding blocks (patch/position/token embeddings)
+    head_prefixes: tuple[str, ...]  # output heads (LM head, BLIP's prediction head)
+    presets: dict[str, Preset] = field(default_factory=dict)
+    peft_task_type: str | None = None
+
+    # ---- classification ------------------------------------------------------------------------
+    def tower_of(self, name: str) -> str:
+        for tower, prefixes in self.towers.items():
+            if any(name.startswith(p) for p in prefixes):
+                return tower
+        raise KeyError(f"parameter {name!r} belongs to no tower of family {self.name!r}")
+
+    @staticmethod
+    def is_norm(module: nn.Module) -> bool:
+        # LLaMA/Mistral norms are RMSNorm classes that do not subclass nn.LayerNorm.
+        return isinstance(module, (nn.LayerNorm, nn.RMSNorm)) or type(module).__name__.endswith("RMSNorm")
+
+    def group_of_module(self, path: Sequence[nn.Module], name: str) -> str:
+        """Group of the parameters owned directly by ``path[-1]``; ``path`` is the chain from the root."""
+        owner = path[-1]
+        if self.is_norm(owner):
+            return "ln"
+        if any(name.startswith(p) for p in self.head_prefixes):
+            return "head"
+        if isinstance(owner, nn.Embedding):
+            return "embed"
+        for module in reversed(path):
+            cls = type(module).__name__
+            if cls in self.attn_modules:
+                return "attn"
+            if cls in self.ffn_modules:
+                return "ffn"
+            if cls in self.embed_modules:
+                return "embed"
+        return "other"
+
+    def unused_parameters(self, model: nn.Module) -> set[str]:
+        """Parameters that take no part in the forward pass (never trainable)."""
+        return set()
+
+    def classify(self, model: nn.Module) -> list[ParamInfo]:
+        """Every (deduplicated) parameter of ``model`` with its tower and group."""
+        unused = self.unused_parameters(model)
+        infos: list[ParamInfo] = []
+        seen: set[int] = set()
+        for mod_name, path in _walk(model):
+            for pname, p in path[-1].named_parameters(recurse=False):
+                if id(p) in seen:  # tied weights count once, under their first owner
+                    continue
+                seen.add(id(p))
+                full = f"{mod_name}.{pname}" if mod_name else pname
+                infos.append(
+                    ParamInfo(full, self.tower_of(full), self.group_of_module(path, full), p.numel(), full in unused)
+                )
+        return infos
+
+    # ---- loading -------------------------------------------------------------------------------
+    def build(self, preset: Preset, device: str = "cpu", seed: int = 0) -> nn.Module:
+        raise NotImplementedError
+
+    def load_pretrained(self, path: Path, dtype: torch.dtype = torch.float32) -> nn.Module:
+        raise NotImplementedError
+
+    def build_processor(self, preset: Preset) -> Any:
+        raise NotImplementedError
+
+    def load_processor(self, path: Path) -> Any:
+        raise NotImplementedError
+
+    def convert_original(self, state_dict: Mapping[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+        """Map a checkpoint in the original release's naming to the transformers layout."""
+        raise NotImplementedError
+
+    # ---- data ----------------------------------------------------------------------------------
+    def encode(
+        self, processor: Any, rows: Mapping[str, Sequence[Any]], *, train: bool, max_length: int
+    ) -> dict[str, np.ndarray]:
+        """Turn decoded rows (`image` PIL images, `question`, `answer`) into fixed-shape model inputs.
+
+        ``train=True`` includes the answer as the target; ``train=False`` gives prompt-only inputs
+        for generation.
+        """
+        raise NotImplementedError
+
+    def generate(self, model: nn.Module, processor: Any, batch: Mapping[str, torch.Tensor], max_new_tokens: int) -> list[str]:
+        raise NotImplementedError
+
+
+def _walk(model: nn.Module) -> Iterator[tuple[str, list[nn.Module]]]:
+    """(qualified name, chain of modules from the root) for every module, depth first."""
+
+    def rec(prefix: str, chain: list[nn.Module]) -> Iterator[tuple[str, list[nn.Module]]]:
+        yield prefix, chain
+        for child_name, child in chain[-1].named_children():
+            yield from rec(f"{prefix}.{child_name}" if prefix else child_name, [*chain, child])
+
+    yield from rec("", [model])
+
+
+def read_model_type(path: Path) -> str:
+    """`model_type` of a local HF model directory, with errors a user can act on."""
+    if not path.exists():
+        raise ModelLoadError(f"model path {str(path)!r} does not exist")
+    if not path.is_dir():
+        raise ModelLoadError(f"model path {str(path)!r} is not a directory (expected an HF model directory)")
+    cfg = path / "config.json"
+    if not cfg.is_file():
+        raise ModelLoadError(
+            f"{str(path)!r} is not a model directory: no config.json. Point --model at a directory written by "
+            "save_pretrained, or convert an original checkpoint first (python -m raymed.convert)."
+        )
+    try:
+        model_type = json.loads(cfg.read_text())["model_type"]
+    except (json.JSONDecodeError, KeyError) as e:
+        raise ModelLoadError(f"{cfg}: not a valid transformers config ({e})") from e
+    return str(model_type)
