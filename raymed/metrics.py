@@ -210,7 +210,8 @@ def _meteor(gts: dict[int, list[str]], res: dict[int, list[str]], timeout_s: flo
             stderr = scorer.meteor_p.stderr.read()[-500:]
         except Exception:  # noqa: BLE001
             pass
-        logger.warning("METEOR skipped: the METEOR process failed (%r) %s", exc, stderr.decode(errors="replace"))
+        reason = stderr.decode(errors="replace")
+        logger.warning("METEOR skipped: the METEOR process failed (%r) %s", exc, reason)
         return None
     finally:
         watchdog.cancel()

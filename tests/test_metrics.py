@@ -96,7 +96,9 @@ def test_report_metrics_multiple_references_and_errors() -> None:
         report_metrics([], [])
 
 
-def test_meteor_absent_without_java(monkeypatch: pytest.MonkeyPatch, caplog: pytest.LogCaptureFixture) -> None:
+def test_meteor_absent_without_java(
+    monkeypatch: pytest.MonkeyPatch, caplog: pytest.LogCaptureFixture
+) -> None:
     monkeypatch.setattr(metrics.shutil, "which", lambda name: None)
     with caplog.at_level(logging.WARNING, logger="raymed.metrics"):
         out = report_metrics(["heart normal"], ["heart normal"])

@@ -1,0 +1,229 @@
+"""Sweep report: files, ranking, Pareto front, numbers in report.md equal to results.json, errors, CLI."""
+
+from __future__ import annotations
+
+import csv
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+from typing import Any
+
+import pytest
+from PIL import Image
+
+from raymed.report import build_report, load_rows, main, normalize_row, pareto_front
+
+pytestmark = pytest.mark.unit
+
+REPO = Path(__file__).resolve().parents[1]
+TOTAL = 1_000_000
+
+
+def _row(
+    trial_id: str, method: str, lr: float, trainable: int, acc: float | None, **extra: Any
+) -> dict[str, Any]:
+    metrics = {
+        "eval/test/closed_acc": 0.5,
+        "eval/test/open_recall": 0.123456789,
+        "eval/ood/overall_acc": 0.25,
+        "zeroshot/test/overall_acc": 0.1,
+    }
+    if acc is not None:
+        metrics["eval/test/overall_acc"] = acc
+    row = {
+        "trial_id": trial_id, "method": method, "towers": ["language_model"], "lr": lr,
+        "params": {"trainable": trainable, "total": TOTAL, "percent": 100 * trainable / TOTAL},
+        "metrics": metrics, "steps": 40, "wall_s": 12.345, "peak_mem_mb": 512.25, "stopped_early": False,
+        "config_hash": f"h{trial_id}",
+    }
+    row.update(extra)
+    return row
+
+
+ROWS = [
+    _row("t1", "full", 1e-5, TOTAL, 0.70),
+    _row("t2", "full", 1e-4, TOTAL, 0.60, stopped_early=True),
+    _row("t3", "ln", 1e-4, 1_536, 0.66666666),
+    _row("t4", "ln", 1e-3, 1_536, 0.50),
+    _row("t5", "lora", 1e-4, 20_000, 0.62),  # dominated by ln: more parameters, lower accuracy
+    _row("t6", "ffn", 1e-4, 500_000, None, stopped_early=True),  # stopped before its first evaluation
+]
+
+
+def _md_tables(text: str) -> dict[str, list[dict[str, str]]]:
+    """Parse every markdown table under its '## heading' into dicts of cell text."""
+    tables: dict[str, list[dict[str, str]]] = {}
+    heading, header = "", None
+    for line in text.splitlines():
+        if line.startswith("## "):
+            heading, header = line[3:].strip(), None
+        elif line.startswith("|") and not line.startswith("|---"):
+            cells = [c.strip() for c in line.strip("|").split(" | ")]
+            if header is None:
+                header = cells
+                tables[heading] = []
+            else:
+                tables[heading].append(dict(zip(header, cells)))
+        elif not line.startswith("|"):
+            header = None
+    return tables
+
+
+def _num(cell: str) -> float | None:
+    return None if cell == "-" else float(cell)
+
+
+def test_build_report_writes_four_files(tmp_path: Path) -> None:
+    files = build_report(ROWS, tmp_path)
+    assert {p.name for p in files.values()} == {"results.json", "results.csv", "report.md", "frontier.png"}
+    with Image.open(files["frontier_png"]) as img:
+        img.verify()
+    with Image.open(files["frontier_png"]) as img:
+        assert img.format == "PNG" and img.width > 300 and img.height > 200
+
+    summary = json.loads(files["results_json"].read_text())
+    assert summary["metric"] == "eval/test/overall_acc" and summary["mode"] == "max"
+    assert [t["trial_id"] for t in summary["trials"]] == ["t1", "t3", "t5", "t2", "t4", "t6"]
+    assert [t["rank"] for t in summary["trials"]] == [1, 2, 3, 4, 5, None]
+    assert summary["best_per_method"] == {"full": "t1", "ln": "t3", "lora": "t5", "ffn": "t6"}
+    t3 = summary["trials"][1]
+    assert t3["metrics"]["eval/test/overall_acc"] == 0.6667  # 4 significant digits
+    assert t3["metrics"]["eval/test/open_recall"] == 0.1235
+    assert t3["params"] == {"trainable": 1536, "total": TOTAL, "percent": 0.1536}
+    assert t3["wall_s"] == 12.3
+
+    with files["results_csv"].open() as f:
+        rows = list(csv.DictReader(f))
+    assert len(rows) == len(ROWS)
+    assert {"method", "towers", "lr", "trainable_params", "trainable_pct", "steps", "wall_s", "peak_mem_mb",
+            "stopped_early", "eval/test/overall_acc", "eval/ood/overall_acc",
+            "zeroshot/test/overall_acc"} <= set(rows[0])
+    assert rows[1]["trial_id"] == "t3" and float(rows[1]["eval/test/overall_acc"]) == 0.6667
+    assert rows[-1]["eval/test/overall_acc"] == ""
+
+
+def test_report_md_numbers_are_those_of_results_json(tmp_path: Path) -> None:
+    files = build_report(ROWS, tmp_path)
+    summary = json.loads(files["results_json"].read_text())
+    trials = {t["trial_id"]: t for t in summary["trials"]}
+    text = files["report_md"].read_text()
+    tables = _md_tables(text)
+    assert set(tables) >= {"Best configuration per method", "All trials", "Out-of-distribution and zero-shot"}
+
+    all_rows = tables["All trials"]
+    assert [r["trial_id"] for r in all_rows] == [t["trial_id"] for t in summary["trials"]]
+    for r in all_rows:
+        t = trials[r["trial_id"]]
+        for name in summary["metric_columns"]:
+            assert _num(r[name]) == t["metrics"].get(name), (r["trial_id"], name)
+        assert float(r["lr"]) == t["lr"]
+        assert int(r["trainable_params"]) == t["params"]["trainable"]
+        assert float(r["trainable_pct"]) == t["params"]["percent"]
+        assert (int(r["steps"]), float(r["wall_s"]), float(r["peak_mem_mb"])) == (
+            t["steps"], t["wall_s"], t["peak_mem_mb"])
+        assert r["stopped_early"] == ("yes" if t["stopped_early"] else "no")
+
+    best = tables["Best configuration per method"]
+    assert [r["method"] for r in best] == ["full", "ln", "lora", "ffn"]  # sorted by the metric
+    for r in best:
+        assert r["trial_id"] == summary["best_per_method"][r["method"]]
+        stored = trials[r["trial_id"]]["metrics"].get("eval/test/overall_acc")
+        assert _num(r["eval/test/overall_acc"]) == stored
+
+    ood = tables["Out-of-distribution and zero-shot"]
+    assert list(ood[0]) == ["method", "lr", "eval/test/overall_acc", "eval/ood/overall_acc",
+                            "zeroshot/test/overall_acc"]
+    assert float(ood[0]["eval/ood/overall_acc"]) == 0.25
+    assert "## Machine" in text and "report built on" in text
+
+
+def test_mode_min_and_pareto_front() -> None:
+    # (trainable, metric): index 2 dominates 3 (fewer params, better); 1 ties 0 on metric with more params
+    points = [(10.0, 0.5), (100.0, 0.5), (50.0, 0.8), (60.0, 0.7), (1000.0, 0.9)]
+    assert pareto_front(points, "max") == [0, 2, 4]
+    assert pareto_front(points, "min") == [0]
+    assert pareto_front([], "max") == []
+
+
+def test_rank_by_min_metric(tmp_path: Path) -> None:
+    rows = [_row("a", "ln", 1e-3, 10, 0.9, metrics={"eval/test/loss": 0.3}),
+            _row("b", "full", 1e-3, 100, 0.9, metrics={"eval/test/loss": 0.1})]
+    files = build_report(rows, tmp_path, metric="eval/test/loss", mode="min")
+    summary = json.loads(files["results_json"].read_text())
+    assert [t["trial_id"] for t in summary["trials"]] == ["b", "a"]
+
+
+def test_methods_with_several_tower_choices_are_separate(tmp_path: Path) -> None:
+    rows = [_row("a", "ln", 1e-3, 10, 0.6, towers=["language_model"]),
+            _row("b", "ln", 1e-3, 20, 0.7, towers=["vision_tower", "language_model"])]
+    summary = json.loads(build_report(rows, tmp_path)["results_json"].read_text())
+    assert summary["best_per_method"] == {"ln [vision_tower+language_model]": "b", "ln [language_model]": "a"}
+
+
+def test_unknown_metric_names_it_and_lists_available(tmp_path: Path) -> None:
+    with pytest.raises(ValueError) as err:
+        build_report(ROWS, tmp_path, metric="eval/test/overal_acc")
+    message = str(err.value)
+    assert "'eval/test/overal_acc' is reported by no trial" in message
+    assert "Did you mean 'eval/test/overall_acc'" in message
+    assert "eval/ood/overall_acc" in message and "zeroshot/test/overall_acc" in message
+    with pytest.raises(ValueError, match="mode must be"):
+        build_report(ROWS, tmp_path, mode="best")
+    with pytest.raises(ValueError, match="no trial results"):
+        build_report([], tmp_path)
+
+
+def test_invalid_rows_report_every_problem() -> None:
+    with pytest.raises(ValueError) as err:
+        normalize_row({"trial_id": "x", "metrics": {"acc": "high"}, "lr": "fast"}, "run x/result.json")
+    message = str(err.value)
+    assert "run x/result.json: missing key 'method'" in message
+    assert "metric 'acc' must be a number, got 'high'" in message
+    assert "'lr' must be a number" in message
+
+
+def test_load_rows_finds_result_files_and_skips_tune_logs(tmp_path: Path) -> None:
+    for i, row in enumerate(ROWS[:3]):
+        trial_dir = tmp_path / f"trial_{i}" / "run"
+        trial_dir.mkdir(parents=True)
+        (trial_dir / "result.json").write_text(json.dumps(row))
+        # Ray Tune's own result.json: JSON lines of progress, no 'method'
+        (tmp_path / f"trial_{i}" / "result.json").write_text('{"trial_id": "x", "loss": 1}\n{"loss": 0.5}\n')
+    rows = load_rows(tmp_path)
+    assert sorted(r["trial_id"] for r in rows) == ["t1", "t2", "t3"]
+
+    newer = tmp_path / "trial_0" / "retry"  # the same trial written again (a restored run): newest wins
+    newer.mkdir()
+    (newer / "result.json").write_text(json.dumps({**ROWS[0], "steps": 99}))
+    os.utime(newer / "result.json", (2e9, 2e9))
+    rows = load_rows(tmp_path)
+    assert len(rows) == 3 and next(r for r in rows if r["trial_id"] == "t1")["steps"] == 99
+
+    build_report(rows, tmp_path / "report")
+    again = load_rows(tmp_path / "report")  # from results.json when no result.json is there
+    assert sorted(r["trial_id"] for r in again) == ["t1", "t2", "t3"]
+    (tmp_path / "empty").mkdir()
+    with pytest.raises(FileNotFoundError, match="no trial results under"):
+        load_rows(tmp_path / "empty")
+
+
+def test_cli_rebuilds_report(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    (tmp_path / "t1").mkdir()
+    (tmp_path / "t1" / "result.json").write_text(json.dumps(ROWS[0]))
+    (tmp_path / "t3").mkdir()
+    (tmp_path / "t3" / "result.json").write_text(json.dumps(ROWS[2]))
+    assert main([str(tmp_path)]) == 0
+    out = capsys.readouterr().out
+    assert "best per method" in out and (tmp_path / "report.md").is_file()
+    assert main([str(tmp_path), "--metric", "nope"]) == 2
+    assert "'nope' is reported by no trial" in capsys.readouterr().err
+
+
+def test_python_dash_m_entry_point(tmp_path: Path) -> None:
+    (tmp_path / "results.json").write_text(json.dumps({"trials": ROWS[:2]}))
+    proc = subprocess.run([sys.executable, "-m", "raymed.report", str(tmp_path), "--mode", "max"],
+                          cwd=REPO, capture_output=True, text=True, timeout=120)
+    assert proc.returncode == 0, proc.stderr
+    assert (tmp_path / "frontier.png").is_file() and "wrote" in proc.stdout
