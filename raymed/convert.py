@@ -1,0 +1,78 @@
+"""`python -m raymed.convert`: original MISS / LLaVA-Med checkpoints → transformers (HF) model directories.
+
+    python -m raymed.convert --family miss  --input model_base_vqa.pth  --config-from DIR_OR_PRESET --out DIR
+    python -m raymed.convert --family llava --input llava-med-v1.5/      --config-from DIR_OR_PRESET --out DIR
+
+`--input` is a file (`.safetensors`, `.bin`, `.pth`) or a directory of shards. Pickled checkpoints are read
+with `torch.load(weights_only=True)` (no code execution). `--config-from` supplies the HF config and processor
+(an HF directory, or a preset with a local processor such as `tiny-llava`): the original releases carry their
+own config formats (`llava_mistral`, BLIP's yaml), whose architecture must match it.
+"""
+
+from __future__ import annotations
+
+import argparse
+import sys
+from pathlib import Path
+
+import torch
+from safetensors.torch import load_file
+
+from .models import ModelLoadError, get_family, load_model, load_processor, resolve
+
+
+def read_state_dict(path: Path) -> dict[str, torch.Tensor]:
+    """All tensors from a checkpoint file or a directory of shards, safely."""
+    files = sorted(path.glob("*.safetensors")) or sorted([*path.glob("*.bin"), *path.glob("*.pth")]) \
+        if path.is_dir() else [path]
+    if not files:
+        raise ModelLoadError(f"{path}: no .safetensors, .bin or .pth files")
+    state: dict[str, torch.Tensor] = {}
+    for f in files:
+        if f.suffix == ".safetensors":
+            part = load_file(f)
+        else:
+            part = torch.load(f, map_location="cpu", weights_only=True)
+            part = part.get("model", part.get("state_dict", part)) if isinstance(part, dict) else part
+        state.update(part)
+    return state
+
+
+def convert(family_name: str, src: Path, config_from: str, out: Path) -> list[str]:
+    """Convert and save; returns the keys of the target model that the checkpoint did not provide."""
+    family = get_family(family_name)
+    ref = resolve(config_from)
+    if ref.family is not family:
+        raise ModelLoadError(f"--config-from {config_from!r} is a {ref.family.name!r} model, not {family_name!r}")
+    model = load_model(ref)
+    converted = family.convert_original(read_state_dict(src))
+    result = model.load_state_dict(converted, strict=False)
+    if result.unexpected_keys:
+        raise ModelLoadError(f"converted keys not in the target architecture: {result.unexpected_keys[:10]}")
+    model.save_pretrained(out, safe_serialization=True)
+    load_processor(ref).save_pretrained(out)
+    return list(result.missing_keys)
+
+
+def main(argv: list[str] | None = None) -> int:
+    ap = argparse.ArgumentParser(prog="python -m raymed.convert", description=__doc__,
+                                 formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--family", required=True, choices=["llava", "miss"])
+    ap.add_argument("--input", required=True, type=Path)
+    ap.add_argument("--config-from", required=True, help="HF model directory or preset giving config + processor")
+    ap.add_argument("--out", required=True, type=Path)
+    args = ap.parse_args(argv)
+    try:
+        missing = convert(args.family, args.input, args.config_from, args.out)
+    except (ModelLoadError, KeyError) as e:
+        print(f"error: {e}", file=sys.stderr)
+        return 2
+    if missing:
+        print(f"warning: {len(missing)} parameters kept from --config-from (not in the checkpoint), e.g. "
+              f"{missing[:5]}", file=sys.stderr)
+    print(f"wrote {args.out}")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

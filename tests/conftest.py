@@ -1,0 +1,46 @@
+"""Shared fixtures: tiny models and batches built locally (never downloads)."""
+
+from __future__ import annotations
+
+import os
+
+os.environ.setdefault("TRANSFORMERS_VERBOSITY", "error")
+os.environ.setdefault("DS_ACCELERATOR", "cpu")
+os.environ.setdefault("RAY_DATA_DISABLE_PROGRESS_BARS", "1")
+
+import numpy as np
+import pytest
+import torch
+from PIL import Image
+
+from raymed.models import load_processor, resolve
+
+
+def pytest_collection_modifyitems(items):
+    """Tests without a tier marker are unit tests; gpu tests skip without CUDA."""
+    for item in items:
+        if not any(item.get_closest_marker(m) for m in ("integration", "gpu", "slow")):
+            item.add_marker(pytest.mark.unit)
+        if item.get_closest_marker("gpu") and not torch.cuda.is_available():
+            item.add_marker(pytest.mark.skip(reason="needs CUDA"))
+
+
+def make_rows(n: int = 2, seed: int = 0, size: int = 40) -> dict[str, list]:
+    rng = np.random.default_rng(seed)
+    images = [Image.fromarray(rng.integers(0, 255, (size, size, 3), dtype=np.uint8)) for _ in range(n)]
+    qa = [("is there a lesion in the liver?", "yes"), ("how many lesions are there?", "three"),
+          ("which organ is shown?", "left kidney")]
+    return {
+        "image": images,
+        "question": [qa[i % 3][0] for i in range(n)],
+        "answer": [qa[i % 3][1] for i in range(n)],
+        "task": ["vqa"] * n,
+        "answer_type": ["closed", "open", "open"][:n] + ["open"] * max(0, n - 3),
+    }
+
+
+def tiny_batch(model_name: str, n: int = 2, train: bool = True, max_length: int = 48) -> dict[str, torch.Tensor]:
+    ref = resolve(model_name)
+    proc = load_processor(ref)
+    enc = ref.family.encode(proc, make_rows(n), train=train, max_length=max_length)
+    return {k: torch.from_numpy(v) for k, v in enc.items()}

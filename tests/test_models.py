@@ -1,0 +1,120 @@
+"""Tiny models: forward/backward per method, save/load round trips, converters from the original layouts."""
+
+from __future__ import annotations
+
+import re
+
+import pytest
+import torch
+from safetensors.torch import save_file
+
+from raymed.convert import main as convert_main
+from raymed.methods import METHODS, apply_method
+from raymed.models import load_model, load_processor, resolve
+from tests.conftest import make_rows, tiny_batch
+
+TINY = ("tiny-llava", "tiny-miss")
+
+
+@pytest.mark.parametrize("model_name", TINY)
+@pytest.mark.parametrize("method", [*METHODS, "ln+ffn"])
+def test_only_selected_parameters_get_gradients(model_name, method):
+    ref = resolve(model_name)
+    model, acc = apply_method(load_model(ref), ref, method)
+    model.train()
+    out = model(**tiny_batch(model_name))
+    assert torch.isfinite(out.loss)
+    out.loss.backward()
+    trainable = {n for n, p in model.named_parameters() if p.requires_grad}
+    with_grad = {n for n, p in model.named_parameters() if p.grad is not None}
+    assert trainable and with_grad == trainable
+    assert all(p.grad.abs().sum() > 0 for n, p in model.named_parameters() if n in trainable and "lora_A" not in n)
+    assert sum(p.numel() for n, p in model.named_parameters() if n in trainable) == acc.trainable
+
+
+def _outputs(model, batch) -> torch.Tensor:
+    """The loss and the first output tensor (LLaVA: logits; BLIP-VQA: decoder logits or image embeddings)."""
+    with torch.no_grad():
+        out = model(**batch)
+    first = next(v for k, v in out.items() if k != "loss" and isinstance(v, torch.Tensor))
+    return torch.cat([out.loss.reshape(1), first.flatten()])
+
+
+@pytest.mark.parametrize("model_name", TINY)
+def test_save_and_load_round_trip(model_name, tmp_path):
+    ref = resolve(model_name)
+    model, proc = load_model(ref), load_processor(ref)
+    model.save_pretrained(tmp_path, safe_serialization=True)
+    proc.save_pretrained(tmp_path)
+    assert (tmp_path / "model.safetensors").exists()
+    loaded_ref = resolve(str(tmp_path))
+    assert loaded_ref.family is ref.family and loaded_ref.path == tmp_path
+    loaded = load_model(loaded_ref).eval()
+    proc2 = load_processor(loaded_ref)
+    enc1 = ref.family.encode(proc, make_rows(2), train=True, max_length=48)
+    enc2 = ref.family.encode(proc2, make_rows(2), train=True, max_length=48)
+    for k in enc1:
+        assert (enc1[k] == enc2[k]).all(), k
+    batch = {k: torch.from_numpy(v) for k, v in enc1.items()}
+    assert torch.equal(_outputs(model.eval(), batch), _outputs(loaded, batch))
+
+
+def _to_original_llava(sd: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+    """The LLaVA-Med `llava_mistral` naming, written out independently of the converter's rules."""
+    out = {}
+    for k, v in sd.items():
+        if k.startswith("model.language_model."):
+            k = "model." + k[len("model.language_model."):]
+        elif k.startswith("model.vision_tower."):
+            k = "model.vision_tower.vision_tower.vision_model." + k[len("model.vision_tower."):]
+        elif k.startswith("model.multi_modal_projector.linear_1."):
+            k = "model.mm_projector.0." + k.rsplit(".", 1)[1]
+        elif k.startswith("model.multi_modal_projector.linear_2."):
+            k = "model.mm_projector.2." + k.rsplit(".", 1)[1]
+        out[k] = v
+    return out
+
+
+def _to_original_blip(sd: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+    """BLIP's original naming (`visual_encoder.blocks.N...`), plus momentum copies that must be dropped."""
+    table = {"layer_norm1": "norm1", "layer_norm2": "norm2", "self_attn.qkv": "attn.qkv",
+             "self_attn.projection": "attn.proj", "mlp.fc1": "mlp.fc1", "mlp.fc2": "mlp.fc2"}
+    out = {}
+    for k, v in sd.items():
+        if k == "vision_model.embeddings.class_embedding":
+            k = "visual_encoder.cls_token"
+        elif k == "vision_model.embeddings.position_embedding":
+            k = "visual_encoder.pos_embed"
+        elif k.startswith("vision_model.embeddings.patch_embedding."):
+            k = "visual_encoder.patch_embed.proj." + k.rsplit(".", 1)[1]
+        elif k.startswith("vision_model.post_layernorm."):
+            k = "visual_encoder.norm." + k.rsplit(".", 1)[1]
+        elif m := re.match(r"vision_model\.encoder\.layers\.(\d+)\.(.+)\.(weight|bias)$", k):
+            k = f"visual_encoder.blocks.{m[1]}.{table[m[2]]}.{m[3]}"
+        out[k] = v
+    out["visual_encoder_m.cls_token"] = out["visual_encoder.cls_token"].clone()
+    out["text_encoder_m.embeddings.LayerNorm.weight"] = torch.ones(3)
+    return out
+
+
+@pytest.mark.parametrize("model_name,family,to_original", [
+    ("tiny-llava", "llava", _to_original_llava), ("tiny-miss", "miss", _to_original_blip)])
+def test_converter_from_original_layout(model_name, family, to_original, tmp_path):
+    ref = resolve(model_name)
+    src = load_model(ref, seed=7).eval()  # different weights from the --config-from base (seed 0)
+    original = to_original({k: v.clone().contiguous() for k, v in src.state_dict().items()})
+    assert not any(k.startswith(("model.language_model", "vision_model.")) for k in original)
+    save_file(original, tmp_path / "original.safetensors")
+    out = tmp_path / "hf"
+    assert convert_main(["--family", family, "--input", str(tmp_path / "original.safetensors"),
+                         "--config-from", model_name, "--out", str(out)]) == 0
+    converted = load_model(str(out)).eval()
+    batch = tiny_batch(model_name)
+    assert torch.equal(_outputs(src, batch), _outputs(converted, batch))
+    assert not torch.equal(_outputs(load_model(ref).eval(), batch), _outputs(converted, batch))
+
+
+def test_converter_rejects_unknown_keys(tmp_path):
+    save_file({"something.else": torch.zeros(2)}, tmp_path / "x.safetensors")
+    assert convert_main(["--family", "miss", "--input", str(tmp_path / "x.safetensors"),
+                         "--config-from", "tiny-miss", "--out", str(tmp_path / "o")]) == 2
