@@ -1,0 +1,307 @@
+"""Convert a published dataset into Parquet shards of the unified schema, plus ``manifest.json``.
+
+Layout written: ``OUT/{split}/part-00000.parquet`` (at most ``rows_per_shard`` rows each) and
+``OUT/manifest.json``. Shards are written into a hidden staging folder beside ``OUT`` and moved into
+place only when the run succeeds, so a failed run (``--on-bad error``) leaves nothing behind.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+import shutil
+from collections import Counter, defaultdict
+from dataclasses import asdict, dataclass, fields
+from pathlib import Path
+from typing import Any, Iterable, Literal
+
+import pyarrow as pa
+import pyarrow.parquet as pq
+
+from raymed.data.images import ImageChecker
+from raymed.data.readers import get_format
+from raymed.data.schema import SCHEMA, SCHEMA_VERSION, SPLITS
+from raymed.data.source import ReadContext, ReadOptions, SourceRow
+
+OnBad = Literal["error", "skip"]
+ImageMode = Literal["embed", "uri"]
+MANIFEST = "manifest.json"
+_CHUNK = 256  # rows whose images are checked together in the thread pool
+_ROW_GROUP_BYTES = 32 << 20  # small row groups keep Ray Data blocks small
+
+
+@dataclass(frozen=True)
+class BadRow:
+    """A row that cannot be written: where it is and why."""
+
+    file: str
+    index: int
+    id: str | None
+    split: str | None
+    reason: str
+
+    def line(self) -> str:
+        ident = f" (id {self.id!r})" if self.id is not None else ""
+        return f"{self.file} row {self.index}{ident}: {self.reason}"
+
+    def kinds(self) -> list[str]:
+        """The reason categories (text before the first ':'), for the manifest's counts."""
+        return [part.split(":", 1)[0].strip() for part in self.reason.split("; ")]
+
+
+class BadRowsError(ValueError):
+    """``--on-bad error`` found bad rows; nothing was written."""
+
+    def __init__(self, bad: list[BadRow], source: Path, fmt: str, *, show: int = 10) -> None:
+        self.bad = bad
+        lines = [f"  {b.line()}" for b in bad[:show]]
+        if len(bad) > show:
+            lines.append(f"  ... and {len(bad) - show} more")
+        super().__init__(
+            f"{len(bad)} bad row(s) in {source} (format {fmt}); nothing was written.\n"
+            + "\n".join(lines)
+            + "\nFix these rows, or re-run with --on-bad skip to write the other rows"
+            " and record the skipped ones in manifest.json."
+        )
+
+
+class ShardWriter:
+    """Writes one split's rows to ``part-NNNNN.parquet`` files of at most ``rows_per_shard`` rows."""
+
+    def __init__(self, directory: Path, rows_per_shard: int, row_group_rows: int) -> None:
+        self.directory = directory
+        self.rows_per_shard = rows_per_shard
+        self.row_group_rows = min(row_group_rows, rows_per_shard)
+        self.shards: list[dict[str, Any]] = []
+        self._buffer: list[dict[str, Any]] = []
+        self._buffer_bytes = 0
+        self._writer: pq.ParquetWriter | None = None
+        self._rows_in_shard = 0
+
+    def add(self, row: dict[str, Any]) -> None:
+        self._buffer.append(row)
+        self._buffer_bytes += len(row["image"] or b"")
+        if len(self._buffer) >= self.row_group_rows or self._buffer_bytes >= _ROW_GROUP_BYTES:
+            self._flush()
+
+    def _flush(self) -> None:
+        while self._buffer:
+            if self._writer is None:
+                self.directory.mkdir(parents=True, exist_ok=True)
+                name = f"part-{len(self.shards):05d}.parquet"
+                compression = {c: ("none" if c == "image" else "zstd") for c in SCHEMA.names}
+                self._writer = pq.ParquetWriter(self.directory / name, SCHEMA, compression=compression,
+                                                use_dictionary=[c for c in SCHEMA.names if c != "image"])
+                self.shards.append({"file": name, "rows": 0})
+            take = min(len(self._buffer), self.rows_per_shard - self._rows_in_shard)
+            rows, self._buffer = self._buffer[:take], self._buffer[take:]
+            self._writer.write_table(pa.Table.from_pylist(rows, schema=SCHEMA))
+            self._rows_in_shard += take
+            self.shards[-1]["rows"] += take
+            if self._rows_in_shard >= self.rows_per_shard:
+                self._writer.close()
+                self._writer, self._rows_in_shard = None, 0
+        self._buffer_bytes = 0
+
+    def abort(self) -> None:
+        """Close an open file without flushing (the staging folder is removed after)."""
+        if self._writer is not None:
+            self._writer.close()
+            self._writer = None
+
+    def close(self) -> None:
+        self._flush()
+        if self._writer is not None:
+            self._writer.close()
+            self._writer = None
+
+
+def _options_dict(options: ReadOptions) -> dict[str, Any]:
+    """The options that differ from the defaults, JSON-ready."""
+    default = ReadOptions()
+    out = {}
+    for f in fields(options):
+        value = getattr(options, f.name)
+        if value != getattr(default, f.name):
+            out[f.name] = str(value) if isinstance(value, Path) else dict(value) if f.name == "columns" else value
+    return out
+
+
+def _chunks(rows: Iterable[SourceRow], size: int) -> Iterable[list[SourceRow]]:
+    chunk: list[SourceRow] = []
+    for row in rows:
+        chunk.append(row)
+        if len(chunk) == size:
+            yield chunk
+            chunk = []
+    if chunk:
+        yield chunk
+
+
+def prepare(
+    fmt: str,
+    source: Path | str,
+    out: Path | str,
+    *,
+    options: ReadOptions = ReadOptions(),
+    on_bad: OnBad = "error",
+    images: ImageMode = "embed",
+    rows_per_shard: int = 1000,
+    row_group_rows: int = 256,
+    check_images: bool = True,
+    workers: int = 2,
+    overwrite: bool = False,
+) -> dict[str, Any]:
+    """Read ``source`` in format ``fmt``, check every row and image, write shards; return the manifest.
+
+    ``images="embed"`` stores the image file bytes as stored; ``"uri"`` stores the absolute path in
+    ``image_uri`` instead (the stream then reads it). Raises :class:`BadRowsError` (nothing written)
+    when ``on_bad == "error"`` and any row is bad.
+    """
+    spec = get_format(fmt)
+    source, out = Path(source).resolve(), Path(out).resolve()
+    if not source.exists():
+        raise FileNotFoundError(f"--input {source} does not exist")
+    if out.exists() and any(out.iterdir()):
+        if not overwrite:
+            raise FileExistsError(f"--out {out} exists and is not empty; choose another folder or pass --overwrite")
+        if not (out / MANIFEST).is_file():
+            raise FileExistsError(f"--out {out} is not a prepared dataset (no {MANIFEST}); refusing to overwrite it")
+    ctx = ReadContext(root=source, options=options)
+    checker = ImageChecker(check=check_images, workers=workers)
+    staging = out.parent / f".{out.name}.partial-{os.getpid()}"
+    shutil.rmtree(staging, ignore_errors=True)
+    writers: dict[str, ShardWriter] = {}
+    bad: list[BadRow] = []
+    seen: dict[tuple[str, str], str] = {}
+    stats: dict[str, Counter[str]] = defaultdict(Counter)
+    split_images: dict[str, set[str]] = defaultdict(set)
+    image_stats: Counter[str] = Counter()
+    total = 0
+    try:
+        for chunk in _chunks(spec.read(ctx), _CHUNK):
+            checker.prefetch(r.image.path for r in chunk if r.image.path is not None and not r.problems)
+            for row in chunk:
+                total += 1
+                problems = list(row.problems)
+                image = row.image
+                if image.problem:
+                    problems.append(image.problem)
+                elif image.path is not None and (problem := checker.problem(image.path)):
+                    problems.append(f"{problem}: {ctx.rel(image.path)}")
+                elif image.data is not None and (problem := checker.check_bytes(image.data)):
+                    problems.append(f"{problem}: {image.ref}")
+                key = (row.split or "", row.id or "")
+                if row.id is not None and key in seen:
+                    problems.append(f"duplicate id: also at {seen[key]} in split {row.split}")
+                if problems:
+                    bad.append(BadRow(row.file, row.index, row.id, row.split, "; ".join(problems)))
+                    continue
+                seen[key] = f"{row.file} row {row.index}"
+                if on_bad == "error" and bad:
+                    continue  # keep scanning to count every bad row, but write nothing more
+                assert row.split is not None and row.id is not None
+                if image.data is not None:
+                    data, uri, image_key = image.data, None, hashlib.blake2b(image.data, digest_size=16).hexdigest()
+                elif image.path is not None:
+                    embed = images == "embed"
+                    data = image.path.read_bytes() if embed else None
+                    uri, image_key = (None if embed else str(image.path)), str(image.path)
+                else:
+                    data, uri, image_key = None, image.uri, str(image.uri)
+                    image_stats["remote_unchecked"] += 1
+                image_stats["embedded" if data is not None else "uri"] += 1
+                split_images[row.split].add(image_key)
+                writer = writers.get(row.split)
+                if writer is None:
+                    writer = writers[row.split] = ShardWriter(staging / row.split, rows_per_shard, row_group_rows)
+                writer.add({
+                    "id": row.id, "dataset": options.dataset or spec.dataset, "split": row.split,
+                    "task": row.task, "image": data, "image_uri": uri, "question": row.question,
+                    "answer": row.answer, "answer_type": row.answer_type, "extra": row.extra,
+                })
+                stats[row.split]["rows"] += 1
+                stats[row.split][f"answer_type.{row.answer_type}"] += 1
+                stats[row.split][f"task.{row.task}"] += 1
+        if total == 0:
+            raise ValueError(f"{source}: no rows found for format {fmt} (filtered: {dict(ctx.filtered) or 'none'})")
+        if bad and on_bad == "error":
+            raise BadRowsError(bad, source, fmt)
+        for writer in writers.values():
+            writer.close()
+        manifest = _manifest(spec.name, options.dataset or spec.dataset, source, options, on_bad, images, total,
+                             writers, stats, split_images, image_stats, checker, ctx, bad)
+        staging.mkdir(parents=True, exist_ok=True)
+        (staging / MANIFEST).write_text(json.dumps(manifest, indent=2, ensure_ascii=False) + "\n")
+        if out.exists():
+            shutil.rmtree(out)
+        staging.rename(out)
+        return manifest
+    finally:
+        for writer in writers.values():
+            writer.abort()
+        shutil.rmtree(staging, ignore_errors=True)
+
+
+def _manifest(
+    fmt: str, dataset: str, source: Path, options: ReadOptions, on_bad: str, images: str, total: int,
+    writers: dict[str, ShardWriter], stats: dict[str, Counter[str]], split_images: dict[str, set[str]],
+    image_stats: Counter[str], checker: ImageChecker, ctx: ReadContext, bad: list[BadRow],
+) -> dict[str, Any]:
+    splits = {}
+    for split in sorted(writers, key=lambda s: (SPLITS.index(s) if s in SPLITS else len(SPLITS), s)):
+        c = stats[split]
+        splits[split] = {
+            "rows": c["rows"],
+            "answer_type": {t: c[f"answer_type.{t}"] for t in ("closed", "open")},
+            "task": {k.split(".", 1)[1]: v for k, v in sorted(c.items()) if k.startswith("task.")},
+            "images": len(split_images[split]),
+            "shards": writers[split].shards,
+        }
+    reasons: Counter[str] = Counter(kind for b in bad for kind in b.kinds())
+    return {
+        "schema_version": SCHEMA_VERSION,
+        "format": fmt,
+        "dataset": dataset,
+        "source": str(source),
+        "options": {**_options_dict(options), "on_bad": on_bad, "images": images},
+        "rows_read": total,
+        "rows": sum(s["rows"] for s in splits.values()),
+        "splits": splits,
+        "images": {
+            "unique": len(set().union(*split_images.values())) if split_images else 0,
+            "files_checked": checker.files_checked,
+            "decoded_check": checker.check,
+            **{k: image_stats[k] for k in ("embedded", "uri", "remote_unchecked")},
+        },
+        "normalised": dict(sorted(ctx.norm.counts.items())),
+        "filtered": dict(sorted(ctx.filtered.items())),
+        "skipped": {"count": len(bad), "by_reason": dict(sorted(reasons.items())), "rows": [asdict(b) for b in bad]},
+    }
+
+
+def read_manifest(data_dir: Path | str) -> dict[str, Any]:
+    """The ``manifest.json`` of a prepared folder; a clear error when the folder was not prepared."""
+    path = Path(data_dir) / MANIFEST
+    if not path.is_file():
+        raise FileNotFoundError(f"{path} not found: is {data_dir} the --out of `python -m raymed.data prepare`?")
+    return json.loads(path.read_text())
+
+
+def summary(manifest: dict[str, Any]) -> str:
+    """A few human-readable lines about a prepared dataset."""
+    lines = [f"{manifest['dataset']} ({manifest['format']}): {manifest['rows']} rows from {manifest['source']}"]
+    for name, s in manifest["splits"].items():
+        at = s["answer_type"]
+        lines.append(f"  {name:<5} {s['rows']:>7} rows  closed {at['closed']:>6}  open {at['open']:>6}"
+                     f"  images {s['images']:>6}  shards {len(s['shards'])}")
+    skipped = manifest["skipped"]
+    if skipped["count"]:
+        reasons = ", ".join(f"{k} {v}" for k, v in skipped["by_reason"].items())
+        lines.append(f"  skipped {skipped['count']} row(s): {reasons} (listed in manifest.json)")
+    if manifest["normalised"]:
+        lines.append("  normalised: " + ", ".join(f"{k} ×{v}" for k, v in manifest["normalised"].items()))
+    if manifest["filtered"]:
+        lines.append("  filtered: " + ", ".join(f"{k} ×{v}" for k, v in manifest["filtered"].items()))
+    return "\n".join(lines)

@@ -1,0 +1,94 @@
+"""Streaming prepared shards through Ray Data to Ray Train workers.
+
+Training path (the driver builds the dataset, the workers consume their shards)::
+
+    ds = encoded_split(data_dir, "train", FamilyEncoderFactory("miss", model_ref, max_length=32))
+    trainer = TorchTrainer(loop, datasets={"train": ds}, ...)
+    # in the worker loop:
+    for batch in torch_batches(ray.train.get_dataset_shard("train"), batch_size=8): ...
+
+Images stay compressed in the object store until :class:`DecodeAndEncode` (an actor pool in the
+stream) decodes them with PIL and calls the model family's encoder, so memory is bounded by Ray
+Data's streaming backpressure, not by the dataset size. Ray Train's default ``DataConfig`` splits
+``train`` with ``equal=True``: every worker gets the same number of rows (so DDP steps stay in
+lock-step), dropping at most ``world_size - 1`` rows per epoch.
+
+Evaluation rows are read without Ray: see :mod:`raymed.data.evaluation`.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import TYPE_CHECKING, Any, Iterator, Sequence
+
+import numpy as np
+from ray.data.collate_fn import NumpyBatchCollateFn
+
+from raymed.data.transform import DecodeAndEncode, EncoderFactory, shard_paths
+
+if TYPE_CHECKING:
+    import ray.data
+    import torch
+
+
+def quiet_data_context() -> None:
+    """Turn Ray Data's progress bars off in this process (call it in drivers, trials and workers)."""
+    from ray.data import DataContext
+
+    ctx = DataContext.get_current()
+    ctx.enable_progress_bars = False
+    ctx.enable_operator_progress_bars = False
+
+
+def read_split(data_dir: Path | str, split: str, *, columns: Sequence[str] | None = None) -> "ray.data.Dataset":
+    """A lazy Ray Dataset over one split's shards; images stay compressed bytes."""
+    import ray.data
+
+    quiet_data_context()
+    return ray.data.read_parquet(shard_paths(data_dir, split), columns=list(columns) if columns else None)
+
+
+def encoded_split(
+    data_dir: Path | str,
+    split: str,
+    encoder_factory: EncoderFactory,
+    *,
+    batch_size: int = 32,
+    actors: int = 1,
+    num_cpus: float = 0.5,
+    keep: Sequence[str] = ("id",),
+    max_image_side: int | None = None,
+) -> "ray.data.Dataset":
+    """``read_split`` + :class:`DecodeAndEncode` in an actor pool of ``actors`` (``num_cpus`` each).
+
+    A fractional ``num_cpus`` leaves room for Ray Train workers on small machines (DESIGN §6).
+    """
+    import ray.data
+
+    return read_split(data_dir, split).map_batches(
+        DecodeAndEncode,
+        fn_constructor_args=(encoder_factory,),
+        fn_constructor_kwargs={"keep": tuple(keep), "max_image_side": max_image_side},
+        batch_size=batch_size,
+        batch_format="numpy",
+        compute=ray.data.ActorPoolStrategy(size=actors),
+        num_cpus=num_cpus,
+    )
+
+
+class TorchCollate(NumpyBatchCollateFn):
+    """Numeric columns -> tensors; string columns (``id``) stay Python lists (Ray's default collate
+    cannot convert them)."""
+
+    def __call__(self, batch: dict[str, np.ndarray]) -> dict[str, "torch.Tensor | list[Any]"]:
+        import torch
+
+        return {k: (torch.as_tensor(v) if v.dtype.kind in "biuf" else v.tolist()) for k, v in batch.items()}
+
+
+def torch_batches(iterator: Any, batch_size: int, **kwargs: Any) -> Iterator[dict[str, "torch.Tensor | list[Any]"]]:
+    """``iter_torch_batches`` of a dataset or ``get_dataset_shard`` iterator, with :class:`TorchCollate`.
+
+    ``kwargs`` go to ``iter_torch_batches`` (``drop_last``, ``local_shuffle_buffer_size``, ``device``...).
+    """
+    return iterator.iter_torch_batches(batch_size=batch_size, collate_fn=TorchCollate(), **kwargs)

@@ -1,0 +1,106 @@
+"""Late decoding and encoding of rows: the model-independent half of the input pipeline (no Ray).
+
+:class:`DecodeAndEncode` turns a batch of shard rows (images still compressed) into model inputs:
+it decodes each image with PIL (RGB) and calls an :class:`Encoder` built by a picklable
+:data:`EncoderFactory`, once per process. The model family owns the encoder (processor, tokenizer,
+padding); this module only fixes the contract: the encoder receives ``rows`` with the keys
+:data:`ROW_KEYS` and returns equal-length numpy arrays.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, Callable, Mapping, Protocol, Sequence
+
+import numpy as np
+
+from raymed.data.images import decode_image, read_uri_bytes
+from raymed.data.prepare import read_manifest
+
+ROW_KEYS = ("image", "question", "answer", "task", "answer_type", "id")
+"""Keys of the ``rows`` dict an encoder receives (``image`` is a list of RGB ``PIL.Image``)."""
+
+
+class Encoder(Protocol):
+    """Turns a batch of decoded rows into model inputs (equal-length numpy arrays)."""
+
+    def __call__(self, rows: dict[str, list[Any]]) -> Mapping[str, np.ndarray]: ...
+
+
+EncoderFactory = Callable[[], Encoder]
+"""A picklable zero-argument callable building an :class:`Encoder`, called once per stream actor."""
+
+
+@dataclass(frozen=True)
+class FamilyEncoderFactory:
+    """Builds a model family's encoder lazily, inside the worker (only these plain fields are pickled).
+
+    Expects ``raymed.models.get_family(family)`` to return an object with
+    ``load_processor(model_ref)`` and ``encode(processor, rows, *, train, max_length)``.
+    """
+
+    family: str
+    model_ref: str
+    max_length: int
+    train: bool = True
+
+    def __call__(self) -> Encoder:
+        try:
+            from raymed.models import get_family  # type: ignore[attr-defined]
+        except ImportError as err:
+            raise ImportError(f"FamilyEncoderFactory needs raymed.models.get_family ({err})") from err
+        family = get_family(self.family)
+        processor = family.load_processor(self.model_ref)
+        train, max_length = self.train, self.max_length
+        return lambda rows: family.encode(processor, rows, train=train, max_length=max_length)
+
+
+def shard_paths(data_dir: Path | str, split: str) -> list[str]:
+    """The Parquet files of ``split``, from the manifest; unknown splits list the available ones."""
+    data_dir = Path(data_dir)
+    splits = read_manifest(data_dir)["splits"]
+    if split not in splits:
+        raise KeyError(f"{data_dir}: no split {split!r}; splits are: {', '.join(splits) or 'none'}")
+    return [str((data_dir / split / shard["file"]).resolve()) for shard in splits[split]["shards"]]
+
+
+def _image_bytes(data: Any, uri: Any, row_id: Any) -> bytes:
+    if data is not None:
+        return bytes(data)
+    if uri is None:
+        raise ValueError(f"row {row_id!r}: neither image bytes nor image_uri; re-run prepare")
+    return read_uri_bytes(str(uri))
+
+
+class DecodeAndEncode:
+    """``map_batches`` class: decode each row's image (late, RGB) and apply the encoder.
+
+    Built once per actor, so the encoder (processor, tokenizer) is loaded once. Columns in ``keep``
+    (``id`` by default) pass through, so predictions can be matched to references.
+    """
+
+    def __init__(self, encoder_factory: EncoderFactory, *, keep: Sequence[str] = ("id",),
+                 max_image_side: int | None = None) -> None:
+        self.encode = encoder_factory()
+        self.keep = tuple(keep)
+        self.max_image_side = max_image_side
+
+    def __call__(self, batch: Mapping[str, Any]) -> dict[str, np.ndarray]:
+        ids = list(batch["id"])
+        uris = batch["image_uri"] if "image_uri" in batch else [None] * len(ids)
+        images = []
+        for data, uri, row_id in zip(batch["image"], uris, ids):
+            try:
+                images.append(decode_image(_image_bytes(data, uri, row_id), max_side=self.max_image_side))
+            except (OSError, ValueError) as err:
+                raise ValueError(f"row {row_id!r}: cannot decode image ({err}); run `prepare` to check images") from err
+        rows = {key: list(batch[key]) for key in ROW_KEYS if key != "image" and key in batch}
+        rows["image"] = images
+        out = {key: np.asarray(value) for key, value in self.encode(rows).items()}
+        for key in self.keep:
+            out[key] = np.asarray(batch[key])
+        bad = {key: len(value) for key, value in out.items() if len(value) != len(ids)}
+        if bad:
+            raise ValueError(f"encoder returned arrays whose length is not the batch size {len(ids)}: {bad}")
+        return out
