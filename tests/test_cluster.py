@@ -1,0 +1,129 @@
+"""Cluster-launcher files: valid against the autoscaler schema shipped with Ray, and safe to publish."""
+
+from __future__ import annotations
+
+import json
+import re
+from pathlib import Path
+from typing import Any
+
+import jsonschema
+import pytest
+import ray
+import yaml
+
+pytestmark = pytest.mark.unit
+
+REPO = Path(__file__).resolve().parents[1]
+CLUSTER_FILES = sorted((REPO / "cluster").glob("*.yaml"))
+TORCH_PIN = "torch==2.13.0"
+
+# Shapes of real secrets; placeholders such as YOUR-BUCKET or YOUR-PROJECT-ID do not match.
+SECRET_PATTERNS = {
+    "AWS access key id": r"\b(AKIA|ASIA)[0-9A-Z]{16}\b",
+    "AWS secret key setting": r"(?i)aws_secret_access_key|secret_access_key|aws_session_token",
+    "private key block": r"-----BEGIN [A-Z ]*PRIVATE KEY-----",
+    "GCP service-account key": r"\"private_key(_id)?\"|gcp_credentials",
+    "inline Ray token": r"RAY_AUTH_TOKEN\s*=",
+    "password": r"(?i)password\s*[:=]",
+    "GitHub / Google API token": r"\b(ghp_[A-Za-z0-9]{20,}|AIza[0-9A-Za-z_\-]{30,})\b",
+}
+
+
+def _load(path: Path) -> dict[str, Any]:
+    return yaml.safe_load(path.read_text())
+
+
+def _commands(config: dict[str, Any]) -> list[str]:
+    keys = ("initialization_commands", "setup_commands", "head_setup_commands", "worker_setup_commands",
+            "head_start_ray_commands", "worker_start_ray_commands")
+    out = [c for k in keys for c in config.get(k) or []]
+    for node in config["available_node_types"].values():
+        out += [c for k in keys for c in node.get(k) or []]
+    return out
+
+
+def _is_spot(node_config: dict[str, Any]) -> bool:
+    market = node_config.get("InstanceMarketOptions", {}).get("MarketType")  # AWS
+    scheduling = node_config.get("scheduling", {})  # GCP
+    return market == "spot" or scheduling.get("provisioningModel") == "SPOT" or scheduling.get("preemptible")
+
+
+def test_both_clouds_are_present() -> None:
+    assert {p.name for p in CLUSTER_FILES} >= {"aws.yaml", "gcp.yaml"}
+
+
+@pytest.mark.parametrize("path", CLUSTER_FILES, ids=lambda p: p.name)
+def test_valid_against_ray_autoscaler_schema(path: Path) -> None:
+    schema = json.loads((Path(ray.__file__).parent / "autoscaler" / "ray-schema.json").read_text())
+    config = _load(path)
+    jsonschema.validate(config, schema)  # raises with the offending key on failure
+    # The checks `ray up` adds on top of the schema (ray.autoscaler._private.util.validate_config).
+    types = config["available_node_types"]
+    assert config["head_node_type"] in types
+    assert sum(t.get("min_workers", 0) for t in types.values()) <= config["max_workers"]
+    assert "cluster_synced_files" in config
+
+
+@pytest.mark.parametrize("path", CLUSTER_FILES, ids=lambda p: p.name)
+def test_cpu_head_and_autoscaling_gpu_workers(path: Path) -> None:
+    config = _load(path)
+    types = config["available_node_types"]
+    head = types[config["head_node_type"]]
+    assert head["resources"].get("GPU", 0) == 0
+    workers = {name: t for name, t in types.items() if name != config["head_node_type"]}
+    gpu_workers = {name: t for name, t in workers.items() if t["resources"].get("GPU", 0) > 0}
+    assert gpu_workers, "no GPU worker type"
+    for name, t in gpu_workers.items():
+        assert t["min_workers"] == 0 and t["max_workers"] >= 0, name  # scale from zero
+    assert any(t["max_workers"] > 0 for t in gpu_workers.values())
+    assert any(_is_spot(t["node_config"]) for t in gpu_workers.values()), "no spot/preemptible worker type"
+    assert not _is_spot(head["node_config"]), "the head must not be a spot instance"
+
+
+@pytest.mark.parametrize("path", CLUSTER_FILES, ids=lambda p: p.name)
+def test_dashboard_is_not_public(path: Path) -> None:
+    config = _load(path)
+    head_start = " ".join(config["head_start_ray_commands"])
+    assert "--head" in head_start and "--dashboard-host=127.0.0.1" in head_start
+    hosts = re.findall(r"--dashboard-host[= ]+(\S+)", " ".join(_commands(config)))
+    assert hosts == ["127.0.0.1"], hosts
+    assert "0.0.0.0" not in path.read_text()
+    for command in _commands(config):
+        if "ray start" in command:
+            assert "RAY_AUTH_MODE=token" in command, command  # token authentication on every node
+
+
+@pytest.mark.parametrize("path", CLUSTER_FILES, ids=lambda p: p.name)
+def test_no_credentials(path: Path) -> None:
+    text = path.read_text()
+    for what, pattern in SECRET_PATTERNS.items():
+        assert not re.search(pattern, text), f"{path.name} contains what looks like a {what}"
+    config = _load(path)
+    assert set(config.get("auth", {})) <= {"ssh_user"}, "keys and proxies belong to the user, not the repo"
+    assert "gcp_credentials" not in config["provider"]
+
+
+@pytest.mark.parametrize("path", CLUSTER_FILES, ids=lambda p: p.name)
+def test_setup_installs_raymed_with_pinned_torch(path: Path) -> None:
+    config = _load(path)
+    for role in ("head_setup_commands", "worker_setup_commands"):
+        commands = config[role]
+        torch_at = next(i for i, c in enumerate(commands) if TORCH_PIN in c)
+        raymed_at = next(i for i, c in enumerate(commands) if "pip install" in c and "~/raymed" in c)
+        assert torch_at < raymed_at, f"{role}: pin torch before installing raymed"
+    assert TORCH_PIN in (REPO / "pyproject.toml").read_text()  # the same pin as the package
+    docker = config["docker"]
+    for image in (docker["head_image"], docker["worker_image"]):
+        assert image.startswith(f"rayproject/ray:{ray.__version__}-py311"), image  # cluster Ray == local Ray
+    for remote, local in config["file_mounts"].items():
+        if remote.startswith("~/raymed"):
+            assert not Path(local).is_absolute() and ".." not in Path(local).parts, local
+    assert (REPO / "pyproject.toml").is_file() and (REPO / "raymed").is_dir()
+
+
+@pytest.mark.parametrize("path", CLUSTER_FILES, ids=lambda p: p.name)
+def test_shared_storage_is_documented(path: Path) -> None:
+    text = path.read_text()
+    scheme = "s3" if _load(path)["provider"]["type"] == "aws" else "gs"
+    assert f"storage_path: {scheme}://YOUR-BUCKET/" in text
