@@ -131,8 +131,9 @@ def report_metrics(
     ``refs[i]`` is one reference or a list of references for ``preds[i]``. ``tokenizer="simple"``
     lower-cases and drops punctuation in Python; ``"ptb"`` runs pycocoevalcap's Java PTBTokenizer (the
     COCO caption pipeline). CIDEr takes its document frequencies from the references, so it needs
-    several samples to mean anything (one sample scores 0). METEOR is left out, with a logged reason,
-    when ``meteor`` is False, Java is missing, or the METEOR process fails.
+    several samples to mean anything (one sample scores 0). METEOR starts a JVM and loads its paraphrase
+    table (~10 s a call); it is left out, with a logged reason, when ``meteor`` is False, Java is missing,
+    or the METEOR process fails or outlives ``meteor_timeout_s``.
     """
     from pycocoevalcap.bleu.bleu import Bleu
     from pycocoevalcap.cider.cider import Cider

@@ -39,6 +39,7 @@ import re
 import shutil
 import subprocess
 import sys
+from collections import Counter
 from collections.abc import Iterable, Mapping, Sequence
 from datetime import datetime, timezone
 from importlib import metadata
@@ -192,6 +193,9 @@ def build_report(
     trials = [normalize_row(r, f"row {i}") for i, r in enumerate(rows)]
     if not trials:
         raise ValueError("no trial results to report")
+    duplicates = sorted(k for k, n in Counter(t["trial_id"] for t in trials).items() if n > 1)
+    if duplicates:
+        raise ValueError(f"trial ids must be unique; repeated: {', '.join(duplicates)}")
     available = sorted({k for t in trials for k, v in t["metrics"].items() if v is not None})
     if metric not in available:
         close = difflib.get_close_matches(metric, available, n=1)
@@ -233,9 +237,9 @@ def build_report(
         "best_per_method": {label: t["trial_id"] for label, t in best.items()},
         "trials": ranked,
     }
-    files["results_json"].write_text(json.dumps(summary, indent=2) + "\n")
+    files["results_json"].write_text(json.dumps(summary, indent=2, default=str) + "\n")
     _write_csv(files["results_csv"], flat)
-    files["report_md"].write_text(_markdown(flat, best_flat, columns, metric, mode, host, machines, out.name))
+    files["report_md"].write_text(_markdown(flat, best_flat, columns, metric, mode, host, machines, out.resolve().name))
     _plot_frontier(files["frontier_png"], best, metric, mode)
     return files
 

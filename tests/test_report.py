@@ -173,6 +173,8 @@ def test_unknown_metric_names_it_and_lists_available(tmp_path: Path) -> None:
         build_report(ROWS, tmp_path, mode="best")
     with pytest.raises(ValueError, match="no trial results"):
         build_report([], tmp_path)
+    with pytest.raises(ValueError, match="repeated: t1"):
+        build_report([ROWS[0], ROWS[0]], tmp_path)
 
 
 def test_invalid_rows_report_every_problem() -> None:
