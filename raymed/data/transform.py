@@ -14,6 +14,7 @@ from pathlib import Path
 from typing import Any, Callable, Mapping, Protocol, Sequence
 
 import numpy as np
+from PIL import UnidentifiedImageError
 
 from raymed.data.images import decode_image, read_uri_bytes
 from raymed.data.prepare import read_manifest
@@ -47,11 +48,11 @@ class FamilyEncoderFactory:
 
     def __call__(self) -> Encoder:
         try:
-            from raymed.models import get_family  # type: ignore[attr-defined]
+            from raymed.models import get_family, load_processor
         except ImportError as err:
             raise ImportError(f"FamilyEncoderFactory needs raymed.models.get_family ({err})") from err
         family = get_family(self.family)
-        processor = family.load_processor(self.model_ref)
+        processor = load_processor(self.model_ref)  # a preset name or a model directory
         train, max_length = self.train, self.max_length
         return lambda rows: family.encode(processor, rows, train=train, max_length=max_length)
 
@@ -87,14 +88,18 @@ class DecodeAndEncode:
         self.max_image_side = max_image_side
 
     def __call__(self, batch: Mapping[str, Any]) -> dict[str, np.ndarray]:
-        ids = list(batch["id"])
+        ids = [str(i) for i in batch["id"]]
         uris = batch["image_uri"] if "image_uri" in batch else [None] * len(ids)
         images = []
         for data, uri, row_id in zip(batch["image"], uris, ids):
             try:
                 images.append(decode_image(_image_bytes(data, uri, row_id), max_side=self.max_image_side))
+            except UnidentifiedImageError as err:
+                raise ValueError(f"row {row_id!r}: cannot decode image (not a format PIL can identify); "
+                                 "run `prepare`, which checks every image") from err
             except (OSError, ValueError) as err:
-                raise ValueError(f"row {row_id!r}: cannot decode image ({err}); run `prepare` to check images") from err
+                raise ValueError(f"row {row_id!r}: cannot decode image ({type(err).__name__}: {err}); "
+                                 "run `prepare`, which checks every image") from err
         rows = {key: list(batch[key]) for key in ROW_KEYS if key != "image" and key in batch}
         rows["image"] = images
         out = {key: np.asarray(value) for key, value in self.encode(rows).items()}

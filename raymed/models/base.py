@@ -144,7 +144,10 @@ class Family:
         """
         raise NotImplementedError
 
-    def generate(self, model: nn.Module, processor: Any, batch: Mapping[str, torch.Tensor], max_new_tokens: int) -> list[str]:
+    def generate(
+        self, model: nn.Module, processor: Any, batch: Mapping[str, torch.Tensor], max_new_tokens: int, **kwargs: Any
+    ) -> list[str]:
+        """Answers (decoded text) for a prompt-only batch; `kwargs` go to `generate` (e.g. `synced_gpus`)."""
         raise NotImplementedError
 
 

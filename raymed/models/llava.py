@@ -228,10 +228,11 @@ class LlavaFamily(Family):
         return out
 
     def generate(
-        self, model: nn.Module, processor: Any, batch: Mapping[str, torch.Tensor], max_new_tokens: int
+        self, model: nn.Module, processor: Any, batch: Mapping[str, torch.Tensor], max_new_tokens: int,
+        **kwargs: Any,
     ) -> list[str]:
         tok = processor.tokenizer
-        out = model.generate(
+        out = model.generate(**kwargs,
             input_ids=batch["input_ids"], attention_mask=batch["attention_mask"],
             pixel_values=batch["pixel_values"], max_new_tokens=max_new_tokens, do_sample=False,
             num_beams=1, pad_token_id=tok.pad_token_id, eos_token_id=tok.eos_token_id,

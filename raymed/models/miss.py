@@ -154,9 +154,10 @@ class MissFamily(Family):
         return out
 
     def generate(
-        self, model: nn.Module, processor: Any, batch: Mapping[str, torch.Tensor], max_new_tokens: int
+        self, model: nn.Module, processor: Any, batch: Mapping[str, torch.Tensor], max_new_tokens: int,
+        **kwargs: Any,
     ) -> list[str]:
-        out = model.generate(
+        out = model.generate(**kwargs,
             input_ids=batch["input_ids"], attention_mask=batch["attention_mask"],
             pixel_values=batch["pixel_values"], max_length=max_new_tokens, num_beams=NUM_BEAMS,
         )

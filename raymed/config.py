@@ -1,0 +1,261 @@
+"""Typed run configuration: YAML files hold only what differs from these defaults.
+
+Files may `inherit:` others (paths relative to the file, applied first). Dotted overrides
+(`train.lr=1e-4`, `method.towers=[language]`) use the same keys as Tune search spaces. Unknown keys,
+wrong types and impossible values are all reported at once, each naming its key.
+"""
+
+from __future__ import annotations
+
+import copy
+import hashlib
+import json
+from collections.abc import Iterable, Mapping
+from pathlib import Path
+from typing import Any, Literal
+
+import yaml
+from pydantic import BaseModel, ConfigDict, Field, ValidationError
+
+
+class ConfigError(ValueError):
+    """One or more configuration errors, each naming its key."""
+
+    def __init__(self, errors: list[str], source: str = "config") -> None:
+        self.errors = errors
+        super().__init__(f"{len(errors)} error(s) in {source}:\n" + "\n".join(f"  - {e}" for e in errors))
+
+
+class _Section(BaseModel):
+    model_config = ConfigDict(extra="forbid", frozen=True)
+
+
+class ModelConfig(_Section):
+    name: str = "tiny-llava"
+    """Preset name (`python -m raymed.params --list`) or a local HF model directory."""
+    gradient_checkpointing: bool = False
+    """Recompute activations in backward (non-reentrant: works when the first layers are frozen)."""
+
+
+class MethodConfig(_Section):
+    name: str = "ln"
+    """Method (`full`, `ln`, `attn`, `ffn`, `ln+attn`, `lora`, `ia3`, `prefix`, `prompt`, `peft-ln`, ...)."""
+    towers: list[str] | None = None
+    """Towers the method applies to (default: all)."""
+    options: dict[str, Any] = Field(default_factory=dict)
+    """peft options overriding the method's defaults (e.g. `r: 16`)."""
+
+
+class DataConfig(_Section):
+    path: str | None = None
+    """Prepared data directory (`python -m raymed.data prepare`); None: the built-in synthetic Med-VQA."""
+    train_split: str = "train"
+    eval_split: str = "test"
+    eval_sets: dict[str, str] = Field(default_factory=dict)
+    """Extra prepared directories evaluated on their `eval_split` (e.g. out-of-distribution), by name."""
+    max_length: int = Field(64, ge=8, le=8192)
+    """Token length of model inputs (LLaVA: prompt incl. image tokens + answer)."""
+    synth_n: int = Field(400, ge=10)
+    """Images in the built-in synthetic dataset (3 questions each)."""
+    synth_style: str = "base"
+    synth_ood_style: str | None = "shifted"
+    """Style of the built-in out-of-distribution eval set (None: no OOD set)."""
+    max_eval_rows: int | None = Field(None, ge=1)
+    preprocess_actors: int = Field(1, ge=1)
+
+
+class TrainConfig(_Section):
+    epochs: int = Field(2, ge=1)
+    batch_size: int = Field(8, ge=1)
+    """Micro-batch size per worker."""
+    grad_accum: int = Field(1, ge=1)
+    lr: float = Field(1e-3, gt=0, lt=1)
+    weight_decay: float = Field(0.05, ge=0)
+    warmup_ratio: float = Field(0.1, ge=0, le=1)
+    max_grad_norm: float = Field(1.0, ge=0)
+    seed: int = 0
+    zero_shot: bool = True
+    """Evaluate before any training (the zero-shot baseline)."""
+    eval_every: int = Field(1, ge=1)
+    """Evaluate every N epochs (and always after the last)."""
+    eval_batch_size: int = Field(16, ge=1)
+    max_new_tokens: int = Field(10, ge=1)
+
+
+class DeepSpeedConfig(_Section):
+    zero_stage: Literal[0, 1, 2, 3] = 2
+    offload_optimizer: bool = False
+    offload_param: bool = False
+    """ZeRO-3 only: keep parameters on CPU."""
+    precision: Literal["auto", "fp32", "bf16"] = "auto"
+    """auto: bf16 on GPU, fp32 on CPU."""
+
+
+class ScalingConfig(_Section):
+    num_workers: int = Field(2, ge=1)
+    use_gpu: bool = False
+    cpus_per_worker: float = Field(1.0, gt=0)
+
+
+class RunConfig(_Section):
+    name: str | None = None
+    """Run name; re-running with the same name resumes from its last checkpoint. Default: from the config hash."""
+    storage: str = "runs"
+    """Local directory or URI (s3://, gs://) shared by all nodes."""
+    max_failures: int = Field(0, ge=-1)
+    """Worker-group restarts after a crash (-1: unlimited); each resumes from the last checkpoint."""
+    keep_checkpoints: int = Field(2, ge=1)
+    fail_at_step: int | None = Field(None, ge=1)
+    """Fault injection for tests: the last worker dies once at this optimizer step."""
+    metrics_export: bool = True
+    """Export training metrics with ray.util.metrics (Ray dashboard / Prometheus)."""
+
+
+class Config(_Section):
+    model: ModelConfig = ModelConfig()
+    method: MethodConfig = MethodConfig()
+    data: DataConfig = DataConfig()
+    train: TrainConfig = TrainConfig()
+    deepspeed: DeepSpeedConfig = DeepSpeedConfig()
+    scaling: ScalingConfig = ScalingConfig()
+    run: RunConfig = RunConfig()
+
+    def hash(self) -> str:
+        """Hash of everything that affects the result (not the run's name or storage)."""
+        d = self.model_dump(mode="json")
+        d["run"] = {k: v for k, v in d["run"].items() if k not in ("name", "storage", "metrics_export")}
+        return hashlib.sha256(json.dumps(d, sort_keys=True).encode()).hexdigest()[:12]
+
+    def run_name(self) -> str:
+        return self.run.name or f"{self.method.name}-{self.hash()}"
+
+
+# ---- loading ------------------------------------------------------------------------------------
+def read_yaml(path: Path, _seen: tuple[Path, ...] = ()) -> dict[str, Any]:
+    """A YAML config with its `inherit:` files merged underneath it."""
+    path = path.resolve()
+    if path in _seen:
+        raise ConfigError([f"inherit cycle: {' -> '.join(map(str, (*_seen, path)))}"], str(path))
+    if not path.is_file():
+        raise ConfigError([f"config file {path} does not exist"], str(path))
+    try:
+        data = yaml.safe_load(path.read_text()) or {}
+    except yaml.YAMLError as e:
+        raise ConfigError([f"not valid YAML: {e}"], str(path)) from e
+    if not isinstance(data, dict):
+        raise ConfigError(["top level must be a mapping"], str(path))
+    merged: dict[str, Any] = {}
+    for parent in data.pop("inherit", None) or []:
+        merged = deep_merge(merged, read_yaml(path.parent / parent, (*_seen, path)))
+    return deep_merge(merged, data)
+
+
+def deep_merge(base: Mapping[str, Any], top: Mapping[str, Any]) -> dict[str, Any]:
+    out = copy.deepcopy(dict(base))
+    for k, v in top.items():
+        out[k] = deep_merge(out[k], v) if isinstance(v, Mapping) and isinstance(out.get(k), Mapping) else v
+    return out
+
+
+def parse_override(item: str) -> tuple[str, Any]:
+    if "=" not in item:
+        raise ConfigError([f"override {item!r} is not of the form key.path=value"])
+    key, raw = item.split("=", 1)
+    try:
+        value = yaml.safe_load(raw) if raw else None
+    except yaml.YAMLError:
+        value = raw
+    return key.strip(), value
+
+
+def set_dotted(data: dict[str, Any], key: str, value: Any) -> dict[str, Any]:
+    """A copy of `data` with `a.b.c` set to `value` (intermediate mappings created)."""
+    out = copy.deepcopy(data)
+    node = out
+    parts = key.split(".")
+    for p in parts[:-1]:
+        if not isinstance(node.get(p, {}), dict):
+            raise ConfigError([f"{key}: {p!r} is not a section"])
+        node = node.setdefault(p, {})
+    node[parts[-1]] = value
+    return out
+
+
+def _format(err: Mapping[str, Any]) -> str:
+    loc = ".".join(str(x) for x in err["loc"])
+    if err["type"] == "extra_forbidden":
+        section: type[BaseModel] = Config
+        for part in err["loc"][:-1]:
+            section = section.model_fields[str(part)].annotation  # type: ignore[assignment]
+        return f"{loc}: unknown key; allowed: {', '.join(section.model_fields)}"
+    value = err.get("input")
+    return f"{loc}: {err['msg']} (got {value!r})"
+
+
+def validate(data: Mapping[str, Any], source: str = "config") -> Config:
+    """A Config, or a ConfigError listing every problem: schema first, then semantics."""
+    errors: list[str] = []
+    data = copy.deepcopy(dict(data))
+    while True:  # drop each invalid key and retry, so semantic checks still see the valid rest
+        try:
+            cfg = Config.model_validate(data)
+            break
+        except ValidationError as e:
+            errors += [_format(err) for err in e.errors()]
+            for err in e.errors():
+                _drop(data, err["loc"])
+    errors += semantic_errors(cfg)
+    if errors:
+        raise ConfigError(errors, source)
+    return cfg
+
+
+def _drop(data: dict[str, Any], loc: tuple[Any, ...]) -> None:
+    node: Any = data
+    for part in loc[:-1]:
+        node = node.get(part) if isinstance(node, dict) else None
+    if isinstance(node, dict):
+        node.pop(loc[-1], None)
+    elif len(loc) > 1:
+        _drop(data, loc[:-1])
+
+
+def semantic_errors(cfg: Config) -> list[str]:
+    """Cross-field checks that need the model registry (cheap: no weights are loaded)."""
+    from .methods import MethodError, check_towers, get_method
+    from .models import ModelLoadError, resolve
+
+    errors = []
+    try:
+        ref = resolve(cfg.model.name)
+        if ref.preset is not None and ref.preset.meta_only:
+            errors.append(f"model.name: {cfg.model.name!r} is an accounting-only architecture; "
+                          "train a converted checkpoint directory or a tiny preset")
+    except ModelLoadError as e:
+        errors.append(f"model.name: {e}")
+        ref = None
+    try:
+        get_method(cfg.method.name)
+        if ref is not None:
+            check_towers(ref.family, cfg.method.name, cfg.method.towers)
+    except MethodError as e:
+        errors.append(f"method: {e}")
+    if cfg.deepspeed.offload_param and cfg.deepspeed.zero_stage != 3:
+        errors.append(f"deepspeed.offload_param: needs zero_stage 3 (got {cfg.deepspeed.zero_stage})")
+    if cfg.deepspeed.precision == "bf16" and not cfg.scaling.use_gpu:
+        errors.append("deepspeed.precision: bf16 needs scaling.use_gpu=true (CPU runs train in fp32)")
+    if cfg.data.path is not None and "://" not in cfg.data.path and not Path(cfg.data.path).exists():
+        errors.append(f"data.path: {cfg.data.path!r} does not exist (run `python -m raymed.data prepare` first)")
+    for name, path in cfg.data.eval_sets.items():
+        if "://" not in path and not Path(path).exists():
+            errors.append(f"data.eval_sets.{name}: {path!r} does not exist")
+    return errors
+
+
+def load_config(path: str | Path | None = None, overrides: Iterable[str] | Mapping[str, Any] = ()) -> Config:
+    """Defaults <- YAML file (with inherits) <- dotted overrides, validated."""
+    data = read_yaml(Path(path)) if path else {}
+    items = overrides.items() if isinstance(overrides, Mapping) else map(parse_override, overrides)
+    for key, value in items:
+        data = set_dotted(data, key, value)
+    return validate(data, str(path) if path else "config")

@@ -1,0 +1,246 @@
+"""`python -m raymed.train --config FILE.yaml [key=value ...]`: one fine-tuning run on a Ray cluster.
+
+The driver side: validate the config, make sure the data exists (the built-in synthetic Med-VQA by
+default), check the cluster can ever hold the run, build the `TorchTrainer` (Ray Train V2) and write one
+`result.json`. The worker side is `raymed.worker.train_loop`.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import math
+import os
+import platform
+import sys
+import time
+from pathlib import Path
+from typing import Any
+
+from .config import Config, ConfigError, load_config
+
+CACHE = Path(os.environ.get("RAYMED_CACHE", Path.home() / ".cache" / "raymed"))
+# Logical CPUs the Ray Data preprocessing actors ask for: fractional, so they never starve the workers.
+PREPROCESS_CPUS = 0.25
+
+
+class ResourceError(RuntimeError):
+    """A resource request the cluster can never satisfy."""
+
+
+# ---- data ---------------------------------------------------------------------------------------
+def synthetic_dataset(style: str, n: int, seed: int) -> Path:
+    """Prepared shards of the built-in synthetic Med-VQA (generated once, cached by its parameters)."""
+    from .data.prepare import MANIFEST, prepare
+    from .data.synth import generate
+
+    root = CACHE / "synth" / f"{style}-n{n}-s{seed}"
+    prepared = root / "prepared"
+    if not (prepared / MANIFEST).is_file():
+        generate(root / "raw", n=n, seed=seed, style=style)
+        prepare("vqa-rad", root / "raw", prepared, overwrite=True)
+    return prepared
+
+
+def data_plan(cfg: Config) -> tuple[str, dict[str, str]]:
+    """(training data directory, eval sets name -> directory); the main eval set is named after its split."""
+    if cfg.data.path is None:
+        train_dir = str(synthetic_dataset(cfg.data.synth_style, cfg.data.synth_n, cfg.train.seed))
+        extra = {}
+        if cfg.data.synth_ood_style:
+            extra["ood"] = str(synthetic_dataset(cfg.data.synth_ood_style, max(cfg.data.synth_n // 4, 10),
+                                                 cfg.train.seed + 1))
+    else:
+        train_dir, extra = cfg.data.path, {}
+    return train_dir, {cfg.data.eval_split: train_dir, **extra, **cfg.data.eval_sets}
+
+
+def steps_per_epoch(train_dir: str, cfg: Config) -> int:
+    """Optimizer steps per epoch: Ray Train splits `train` equally across workers (remainder dropped)."""
+    from .data.prepare import read_manifest
+
+    splits = read_manifest(train_dir)["splits"]
+    if cfg.data.train_split not in splits:
+        raise ConfigError([f"data.train_split: no split {cfg.data.train_split!r} in {train_dir}; "
+                           f"splits: {', '.join(splits)}"])
+    per_worker = splits[cfg.data.train_split]["rows"] // cfg.scaling.num_workers
+    if per_worker == 0:
+        raise ConfigError([f"scaling.num_workers: {cfg.scaling.num_workers} workers but only "
+                           f"{splits[cfg.data.train_split]['rows']} training rows"])
+    return max(1, math.ceil(per_worker / cfg.train.batch_size) // cfg.train.grad_accum)
+
+
+# ---- resources ----------------------------------------------------------------------------------
+def required_cpus(cfg: Config) -> float:
+    return cfg.scaling.num_workers * cfg.scaling.cpus_per_worker + cfg.data.preprocess_actors * PREPROCESS_CPUS
+
+
+def init_ray(cfg: Config) -> None:
+    """Connect to the cluster (`RAY_ADDRESS`, e.g. under `ray job submit`) or start a local one.
+
+    A local cluster gets logical CPUs = max(cores, what the run asks for): on a 2-core machine a
+    2-worker run plus its data actors still schedules (DESIGN.md §6).
+    """
+    import ray
+
+    if ray.is_initialized():
+        return
+    env = {"env_vars": {"TRANSFORMERS_VERBOSITY": "error", "RAY_TRAIN_ENABLE_V2_MIGRATION_WARNINGS": "0"}}
+    if os.environ.get("RAY_ADDRESS"):
+        ray.init(runtime_env=env, log_to_driver=True)
+    else:
+        cpus = max(os.cpu_count() or 1, math.ceil(required_cpus(cfg) + 1))
+        ray.init(num_cpus=cpus, runtime_env=env, include_dashboard=False)
+
+
+def check_resources(cfg: Config) -> None:
+    """Fail before any work when no node can ever host a worker, or the cluster lacks GPUs entirely."""
+    import ray
+
+    nodes = [n["Resources"] for n in ray.nodes() if n.get("Alive")]
+    need = {"CPU": cfg.scaling.cpus_per_worker, **({"GPU": 1.0} if cfg.scaling.use_gpu else {})}
+    if not any(all(node.get(k, 0) >= v for k, v in need.items()) for node in nodes):
+        autoscaling = bool(os.environ.get("RAYMED_AUTOSCALING"))
+        if not autoscaling:
+            raise ResourceError(
+                f"no node can host one training worker needing {need} (nodes offer "
+                f"{[{k: node.get(k, 0) for k in need} for node in nodes]}); lower scaling.cpus_per_worker, "
+                "set scaling.use_gpu=false, or set RAYMED_AUTOSCALING=1 on an autoscaling cluster"
+            )
+    total = ray.cluster_resources()
+    if total.get("CPU", 0) < required_cpus(cfg) and not os.environ.get("RAYMED_AUTOSCALING"):
+        raise ResourceError(
+            f"the run needs {required_cpus(cfg):g} CPUs ({cfg.scaling.num_workers} workers x "
+            f"{cfg.scaling.cpus_per_worker:g} + data actors) but the cluster has {total.get('CPU', 0):g}"
+        )
+
+
+# ---- the trainer --------------------------------------------------------------------------------
+def build_trainer(cfg: Config, storage: str | None = None, extra_callbacks: list | None = None) -> Any:
+    """The Ray Train `TorchTrainer` of a validated config (the data is generated / checked here)."""
+    import ray.train
+    from ray.train.torch import TorchConfig, TorchTrainer
+
+    from .data.stream import encoded_split
+    from .data.transform import FamilyEncoderFactory
+    from .models import resolve
+    from .worker import train_loop
+
+    train_dir, eval_sets = data_plan(cfg)
+    storage = storage or storage_path(cfg)
+    name = cfg.run_name()
+    plan = {
+        "run_name": name,
+        "steps_per_epoch": steps_per_epoch(train_dir, cfg),
+        "eval_sets": eval_sets,
+        "fault_marker": str(Path(storage) / name / "fault-injected.txt"),
+    }
+    family = resolve(cfg.model.name).family.name
+    train_ds = encoded_split(
+        train_dir, cfg.data.train_split,
+        FamilyEncoderFactory(family, cfg.model.name, cfg.data.max_length, train=True),
+        batch_size=max(cfg.train.batch_size, 16), actors=cfg.data.preprocess_actors, num_cpus=PREPROCESS_CPUS,
+    )
+    return TorchTrainer(
+        train_loop,
+        train_loop_config={"config": cfg.model_dump(mode="json"), "plan": plan},
+        torch_config=TorchConfig(backend="nccl" if cfg.scaling.use_gpu else "gloo"),
+        scaling_config=ray.train.ScalingConfig(
+            num_workers=cfg.scaling.num_workers, use_gpu=cfg.scaling.use_gpu,
+            resources_per_worker={"CPU": cfg.scaling.cpus_per_worker, **({"GPU": 1} if cfg.scaling.use_gpu else {})},
+        ),
+        run_config=ray.train.RunConfig(
+            name=name, storage_path=storage,
+            failure_config=ray.train.FailureConfig(max_failures=cfg.run.max_failures),
+            checkpoint_config=ray.train.CheckpointConfig(num_to_keep=cfg.run.keep_checkpoints),
+            callbacks=extra_callbacks or None,
+        ),
+        datasets={"train": train_ds},
+    )
+
+
+def summarize(cfg: Config, result: Any, wall_s: float, stopped_early: bool = False) -> dict[str, Any]:
+    """The run's `result.json` content (also the row format of sweep reports)."""
+    metrics = dict(result.metrics or {})
+    if result.checkpoint is None:
+        raise RuntimeError(f"run {cfg.run_name()} finished without a checkpoint: {result.error}")
+    with result.checkpoint.as_directory() as d:
+        meta = json.loads((Path(d) / "model" / "raymed.json").read_text())
+        state = json.loads((Path(d) / "state.json").read_text())
+    acc = meta["accounting"]
+    return {
+        "trial_id": cfg.run_name(),
+        "method": cfg.method.name,
+        "towers": cfg.method.towers,
+        "lr": cfg.train.lr,
+        "model": cfg.model.name,
+        "params": {"trainable": acc["trainable"], "total": acc["total"], "percent": acc["percent"]},
+        "accounting": {"groups": acc["groups"], "trainable_groups": acc["trainable_groups"], "unused": acc["unused"]},
+        "metrics": {k: v for k, v in metrics.items() if k.startswith(("eval/", "zeroshot/"))},
+        "history": state["history"],
+        "epochs": metrics.get("epoch"),
+        "steps": metrics.get("step"),
+        "loss": metrics.get("loss"),
+        "samples_per_s": metrics.get("samples_per_s"),
+        "tokens_per_s": metrics.get("tokens_per_s"),
+        "peak_mem_mb": metrics.get("peak_mem_mb"),
+        "wall_s": wall_s,
+        "stopped_early": stopped_early,
+        "config_hash": cfg.hash(),
+        "config": cfg.model_dump(mode="json"),
+        "checkpoint": result.checkpoint.path,
+        "machine": machine(),
+    }
+
+
+def storage_path(cfg: Config) -> str:
+    """Absolute local path or URI of the run storage."""
+    if "://" in cfg.run.storage:
+        return cfg.run.storage
+    return str(Path(cfg.run.storage).expanduser().resolve())
+
+
+def machine() -> dict[str, Any]:
+    import torch
+
+    return {"platform": platform.platform(), "python": platform.python_version(), "cpus": os.cpu_count(),
+            "torch": torch.__version__, "gpu": torch.cuda.get_device_name(0) if torch.cuda.is_available() else None}
+
+
+def fit(cfg: Config) -> dict[str, Any]:
+    """Run training to completion (resuming a same-named run) and write `<storage>/<name>/result.json`."""
+    init_ray(cfg)
+    check_resources(cfg)
+    t0 = time.time()
+    trainer = build_trainer(cfg)
+    result = trainer.fit()
+    summary = summarize(cfg, result, time.time() - t0)
+    out = Path(result.path) / "result.json"
+    out.write_text(json.dumps(summary, indent=2))
+    summary["result_json"] = str(out)
+    return summary
+
+
+def main(argv: list[str] | None = None) -> int:
+    ap = argparse.ArgumentParser(prog="python -m raymed.train", description=__doc__,
+                                 formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--config", help="YAML config (only what differs from defaults; may `inherit:` others)")
+    ap.add_argument("overrides", nargs="*", help="dotted overrides, e.g. train.lr=1e-4 method.name=lora")
+    args = ap.parse_args(argv)
+    try:
+        cfg = load_config(args.config, args.overrides)
+        summary = fit(cfg)
+    except (ConfigError, ResourceError) as e:
+        print(f"error: {e}", file=sys.stderr)
+        return 2
+    m = summary["metrics"]
+    print(f"run {summary['trial_id']}: {summary['steps']} steps in {summary['wall_s']:.0f}s, "
+          f"trainable {summary['params']['trainable']:,} ({summary['params']['percent']:.3f}%)")
+    for k in sorted(m):
+        print(f"  {k:40s} {m[k]:.4f}" if isinstance(m[k], float) else f"  {k:40s} {m[k]}")
+    print(f"result: {summary['result_json']}")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
