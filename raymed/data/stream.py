@@ -40,12 +40,39 @@ def quiet_data_context() -> None:
     ctx.enable_operator_progress_bars = False
 
 
-def read_split(data_dir: Path | str, split: str, *, columns: Sequence[str] | None = None) -> "ray.data.Dataset":
-    """A lazy Ray Dataset over one split's shards; images stay compressed bytes."""
+def block_bytes_for_cluster() -> int | None:
+    """A Ray Data block size that keeps streaming inside the object store of the running cluster.
+
+    Ray Data holds about ``2 x concurrency x block size`` in the object store, and by default it
+    bundles Parquet files into 128 MiB read blocks: too big for image rows on a small store (it
+    spills to disk). ``object store / (4 x CPUs)``, clamped to [1, 128] MiB, stays well inside it.
+    None when Ray is not initialised yet (Ray's default then applies).
+    """
+    import ray
+
+    if not ray.is_initialized():
+        return None
+    resources = ray.cluster_resources()
+    store, cpus = resources.get("object_store_memory"), resources.get("CPU", 1.0)
+    if not store:
+        return None
+    return int(min(128 << 20, max(1 << 20, store / (4 * max(cpus, 1.0)))))
+
+
+def read_split(data_dir: Path | str, split: str, *, columns: Sequence[str] | None = None,
+               block_bytes: int | None = None) -> "ray.data.Dataset":
+    """A lazy Ray Dataset over one split's shards; images stay compressed bytes.
+
+    ``block_bytes`` bounds the size of each block read (default: :func:`block_bytes_for_cluster`).
+    """
     import ray.data
 
     quiet_data_context()
-    return ray.data.read_parquet(shard_paths(data_dir, split), columns=list(columns) if columns else None)
+    ds = ray.data.read_parquet(shard_paths(data_dir, split), columns=list(columns) if columns else None)
+    block_bytes = block_bytes or block_bytes_for_cluster()
+    if block_bytes:
+        ds.context.target_max_block_size = block_bytes
+    return ds
 
 
 def encoded_split(
@@ -58,6 +85,7 @@ def encoded_split(
     num_cpus: float = 0.5,
     keep: Sequence[str] = ("id",),
     max_image_side: int | None = None,
+    block_bytes: int | None = None,
 ) -> "ray.data.Dataset":
     """``read_split`` + :class:`DecodeAndEncode` in an actor pool of ``actors`` (``num_cpus`` each).
 
@@ -65,7 +93,7 @@ def encoded_split(
     """
     import ray.data
 
-    return read_split(data_dir, split).map_batches(
+    return read_split(data_dir, split, block_bytes=block_bytes).map_batches(
         DecodeAndEncode,
         fn_constructor_args=(encoder_factory,),
         fn_constructor_kwargs={"keep": tuple(keep), "max_image_side": max_image_side},
