@@ -54,6 +54,8 @@ def synth_data(tmp_path_factory: pytest.TempPathFactory) -> Path:
     generate(root / "raw", n=20, seed=0)
     prepare("vqa-rad", root / "raw", root / "embedded", rows_per_shard=16)
     prepare("vqa-rad", root / "raw", root / "uri", images="uri", options=ReadOptions(dataset="synth"))
+    generate(root / "raw_report", n=6, seed=0, layout="r2gen")
+    prepare("r2gen", root / "raw_report", root / "report")
     return root
 
 
@@ -98,6 +100,26 @@ def test_eval_rows_per_rank_and_matching(synth_data: Path) -> None:
         match_predictions({i: "yes" for i in list(refs)[1:]}, refs)
     with pytest.raises(KeyError, match="no split 'val'; splits are: train, test"):
         read_rows(data, "val")
+
+
+@pytest.mark.unit
+@pytest.mark.parametrize("family,preset", [("miss", "tiny-miss"), ("llava", "tiny-llava")])
+def test_family_encoders_take_stream_rows(synth_data: Path, family: str, preset: str) -> None:
+    """The contract with raymed.models: both families encode VQA and report rows, train and eval."""
+    pytest.importorskip("raymed.models")
+    from raymed.data.transform import FamilyEncoderFactory
+
+    vqa = read_rows(synth_data / "embedded", "train")[:3]
+    report = read_rows(synth_data / "report", "train")[:2]
+    for train in (True, False):
+        transform = DecodeAndEncode(FamilyEncoderFactory(family, preset, max_length=64, train=train))
+        for rows in (vqa, report):
+            out = transform({key: np.array([r[key] for r in rows], dtype=object) for key in rows[0]})
+            assert out["id"].tolist() == [r["id"] for r in rows]
+            assert all(len(v) == len(rows) for v in out.values()) and "pixel_values" in out
+            assert out["pixel_values"].dtype == np.float32 and out["input_ids"].ndim == 2
+    with pytest.raises(ValueError, match="belongs to family"):
+        FamilyEncoderFactory("llava" if family == "miss" else "miss", preset, max_length=24)()
 
 
 # --- Ray -------------------------------------------------------------------------------------------
@@ -146,11 +168,12 @@ def test_read_split_is_lazy_and_compressed(ray_cluster: Any, synth_data: Path) -
     from raymed.data.stream import read_split
 
     ds = read_split(synth_data / "embedded", "train")
-    batch = ds.take_batch(5, batch_format="numpy")
-    for image, extra in zip(batch["image"], batch["extra"]):  # the PNG file bytes, not decoded pixels
-        name = json.loads(extra)["image_name"]
-        assert image == (synth_data / "raw" / "VQA_RAD Image Folder" / name).read_bytes()
-    assert ds.count() == len(read_rows(synth_data / "embedded", "train"))
+    rows = ds.take_all()
+    assert sorted(r["id"] for r in rows) == sorted(r["id"] for r in read_rows(synth_data / "embedded", "train"))
+    for row in rows:  # still the PNG file bytes, not decoded pixels
+        name = json.loads(row["extra"])["image_name"]
+        assert row["image"] == (synth_data / "raw" / "VQA_RAD Image Folder" / name).read_bytes()
+    assert ds.context.target_max_block_size == OBJECT_STORE // 16  # store / (4 x 4 CPUs)
 
 
 def train_loop(config: dict[str, Any]) -> None:

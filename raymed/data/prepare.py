@@ -139,6 +139,96 @@ def _chunks(rows: Iterable[SourceRow], size: int) -> Iterable[list[SourceRow]]:
         yield chunk
 
 
+class _Conversion:
+    """One prepare run's state: checks rows, writes the good ones to shards, counts everything."""
+
+    def __init__(self, dataset: str, ctx: ReadContext, checker: ImageChecker, staging: Path, *, images: ImageMode,
+                 rows_per_shard: int, row_group_rows: int) -> None:
+        self.dataset, self.ctx, self.checker, self.staging = dataset, ctx, checker, staging
+        self.embed = images == "embed"
+        self.rows_per_shard, self.row_group_rows = rows_per_shard, row_group_rows
+        self.writers: dict[str, ShardWriter] = {}
+        self.seen: dict[tuple[str, str], str] = {}  # (split, id) -> where it was first seen
+        self.stats: dict[str, Counter[str]] = defaultdict(Counter)
+        self.split_images: dict[str, set[str]] = defaultdict(set)
+        self.image_stats: Counter[str] = Counter()
+
+    def problems(self, row: SourceRow) -> list[str]:
+        """Why ``row`` cannot be written: the reader's problems, its image's, a duplicate id."""
+        problems = list(row.problems)
+        image = row.image
+        if image.problem:
+            problems.append(image.problem)
+        elif image.path is not None and (problem := self.checker.problem(image.path)):
+            problems.append(f"{problem}: {self.ctx.rel(image.path)}")
+        elif image.data is not None and (problem := self.checker.check_bytes(image.data)):
+            problems.append(f"{problem}: {image.ref}")
+        key = (row.split or "", row.id or "")
+        if row.id is not None and key in self.seen:
+            problems.append(f"duplicate id: also at {self.seen[key]} in split {row.split}")
+        elif not problems:
+            self.seen[key] = f"{row.file} row {row.index}"
+        return problems
+
+    def write(self, row: SourceRow) -> None:
+        """Append a good row to its split's shards (image bytes embedded, or its path/URI)."""
+        assert row.split is not None and row.id is not None
+        image = row.image
+        if image.data is not None:
+            data, uri, image_key = image.data, None, hashlib.blake2b(image.data, digest_size=16).hexdigest()
+        elif image.path is not None:
+            data = image.path.read_bytes() if self.embed else None
+            uri, image_key = (None if self.embed else str(image.path)), str(image.path)
+        else:
+            data, uri, image_key = None, image.uri, str(image.uri)
+            self.image_stats["remote_unchecked"] += 1
+        self.image_stats["embedded" if data is not None else "uri"] += 1
+        self.split_images[row.split].add(image_key)
+        writer = self.writers.get(row.split)
+        if writer is None:
+            writer = ShardWriter(self.staging / row.split, self.rows_per_shard, self.row_group_rows)
+            self.writers[row.split] = writer
+        writer.add({
+            "id": row.id, "dataset": self.dataset, "split": row.split, "task": row.task, "image": data,
+            "image_uri": uri, "question": row.question, "answer": row.answer, "answer_type": row.answer_type,
+            "extra": row.extra,
+        })
+        counts = self.stats[row.split]
+        counts["rows"] += 1
+        counts[f"answer_type.{row.answer_type}"] += 1
+        counts[f"task.{row.task}"] += 1
+
+    def manifest(self, head: dict[str, Any], rows_read: int, bad: list[BadRow]) -> dict[str, Any]:
+        splits = {}
+        for split in sorted(self.writers, key=lambda s: (SPLITS.index(s) if s in SPLITS else len(SPLITS), s)):
+            c = self.stats[split]
+            splits[split] = {
+                "rows": c["rows"],
+                "answer_type": {t: c[f"answer_type.{t}"] for t in ("closed", "open")},
+                "task": {k.split(".", 1)[1]: v for k, v in sorted(c.items()) if k.startswith("task.")},
+                "images": len(self.split_images[split]),
+                "shards": self.writers[split].shards,
+            }
+        reasons: Counter[str] = Counter(kind for b in bad for kind in b.kinds())
+        return {
+            "schema_version": SCHEMA_VERSION,
+            **head,
+            "rows_read": rows_read,
+            "rows": sum(s["rows"] for s in splits.values()),
+            "splits": splits,
+            "images": {
+                "unique": len(set().union(*self.split_images.values())),
+                "files_checked": self.checker.files_checked,
+                "decoded_check": self.checker.check,
+                **{k: self.image_stats[k] for k in ("embedded", "uri", "remote_unchecked")},
+            },
+            "normalised": dict(sorted(self.ctx.norm.counts.items())),
+            "filtered": dict(sorted(self.ctx.filtered.items())),
+            "skipped": {"count": len(bad), "by_reason": dict(sorted(reasons.items())),
+                        "rows": [asdict(b) for b in bad]},
+        }
+
+
 def prepare(
     fmt: str,
     source: Path | str,
@@ -172,113 +262,40 @@ def prepare(
     checker = ImageChecker(check=check_images, workers=workers)
     staging = out.parent / f".{out.name}.partial-{os.getpid()}"
     shutil.rmtree(staging, ignore_errors=True)
-    writers: dict[str, ShardWriter] = {}
+    dataset = options.dataset or spec.dataset
+    run = _Conversion(dataset, ctx, checker, staging, images=images, rows_per_shard=rows_per_shard,
+                      row_group_rows=row_group_rows)
     bad: list[BadRow] = []
-    seen: dict[tuple[str, str], str] = {}
-    stats: dict[str, Counter[str]] = defaultdict(Counter)
-    split_images: dict[str, set[str]] = defaultdict(set)
-    image_stats: Counter[str] = Counter()
-    total = 0
+    rows_read = 0
     try:
         for chunk in _chunks(spec.read(ctx), _CHUNK):
             checker.prefetch(r.image.path for r in chunk if r.image.path is not None and not r.problems)
             for row in chunk:
-                total += 1
-                problems = list(row.problems)
-                image = row.image
-                if image.problem:
-                    problems.append(image.problem)
-                elif image.path is not None and (problem := checker.problem(image.path)):
-                    problems.append(f"{problem}: {ctx.rel(image.path)}")
-                elif image.data is not None and (problem := checker.check_bytes(image.data)):
-                    problems.append(f"{problem}: {image.ref}")
-                key = (row.split or "", row.id or "")
-                if row.id is not None and key in seen:
-                    problems.append(f"duplicate id: also at {seen[key]} in split {row.split}")
+                rows_read += 1
+                problems = run.problems(row)
                 if problems:
                     bad.append(BadRow(row.file, row.index, row.id, row.split, "; ".join(problems)))
-                    continue
-                seen[key] = f"{row.file} row {row.index}"
-                if on_bad == "error" and bad:
-                    continue  # keep scanning to count every bad row, but write nothing more
-                assert row.split is not None and row.id is not None
-                if image.data is not None:
-                    data, uri, image_key = image.data, None, hashlib.blake2b(image.data, digest_size=16).hexdigest()
-                elif image.path is not None:
-                    embed = images == "embed"
-                    data = image.path.read_bytes() if embed else None
-                    uri, image_key = (None if embed else str(image.path)), str(image.path)
-                else:
-                    data, uri, image_key = None, image.uri, str(image.uri)
-                    image_stats["remote_unchecked"] += 1
-                image_stats["embedded" if data is not None else "uri"] += 1
-                split_images[row.split].add(image_key)
-                writer = writers.get(row.split)
-                if writer is None:
-                    writer = writers[row.split] = ShardWriter(staging / row.split, rows_per_shard, row_group_rows)
-                writer.add({
-                    "id": row.id, "dataset": options.dataset or spec.dataset, "split": row.split,
-                    "task": row.task, "image": data, "image_uri": uri, "question": row.question,
-                    "answer": row.answer, "answer_type": row.answer_type, "extra": row.extra,
-                })
-                stats[row.split]["rows"] += 1
-                stats[row.split][f"answer_type.{row.answer_type}"] += 1
-                stats[row.split][f"task.{row.task}"] += 1
-        if total == 0:
+                elif not (on_bad == "error" and bad):  # after a bad row in error mode: only count
+                    run.write(row)
+        if rows_read == 0:
             raise ValueError(f"{source}: no rows found for format {fmt} (filtered: {dict(ctx.filtered) or 'none'})")
         if bad and on_bad == "error":
             raise BadRowsError(bad, source, fmt)
-        for writer in writers.values():
+        for writer in run.writers.values():
             writer.close()
-        manifest = _manifest(spec.name, options.dataset or spec.dataset, source, options, on_bad, images, total,
-                             writers, stats, split_images, image_stats, checker, ctx, bad)
+        head = {"format": spec.name, "dataset": dataset, "source": str(source),
+                "options": {**_options_dict(options), "on_bad": on_bad, "images": images}}
+        manifest = run.manifest(head, rows_read, bad)
         staging.mkdir(parents=True, exist_ok=True)
         (staging / MANIFEST).write_text(json.dumps(manifest, indent=2, ensure_ascii=False) + "\n")
         if out.exists():
-            shutil.rmtree(out)
+            shutil.rmtree(out)  # an empty folder, or an earlier prepare output with --overwrite
         staging.rename(out)
         return manifest
     finally:
-        for writer in writers.values():
+        for writer in run.writers.values():
             writer.abort()
         shutil.rmtree(staging, ignore_errors=True)
-
-
-def _manifest(
-    fmt: str, dataset: str, source: Path, options: ReadOptions, on_bad: str, images: str, total: int,
-    writers: dict[str, ShardWriter], stats: dict[str, Counter[str]], split_images: dict[str, set[str]],
-    image_stats: Counter[str], checker: ImageChecker, ctx: ReadContext, bad: list[BadRow],
-) -> dict[str, Any]:
-    splits = {}
-    for split in sorted(writers, key=lambda s: (SPLITS.index(s) if s in SPLITS else len(SPLITS), s)):
-        c = stats[split]
-        splits[split] = {
-            "rows": c["rows"],
-            "answer_type": {t: c[f"answer_type.{t}"] for t in ("closed", "open")},
-            "task": {k.split(".", 1)[1]: v for k, v in sorted(c.items()) if k.startswith("task.")},
-            "images": len(split_images[split]),
-            "shards": writers[split].shards,
-        }
-    reasons: Counter[str] = Counter(kind for b in bad for kind in b.kinds())
-    return {
-        "schema_version": SCHEMA_VERSION,
-        "format": fmt,
-        "dataset": dataset,
-        "source": str(source),
-        "options": {**_options_dict(options), "on_bad": on_bad, "images": images},
-        "rows_read": total,
-        "rows": sum(s["rows"] for s in splits.values()),
-        "splits": splits,
-        "images": {
-            "unique": len(set().union(*split_images.values())) if split_images else 0,
-            "files_checked": checker.files_checked,
-            "decoded_check": checker.check,
-            **{k: image_stats[k] for k in ("embedded", "uri", "remote_unchecked")},
-        },
-        "normalised": dict(sorted(ctx.norm.counts.items())),
-        "filtered": dict(sorted(ctx.filtered.items())),
-        "skipped": {"count": len(bad), "by_reason": dict(sorted(reasons.items())), "rows": [asdict(b) for b in bad]},
-    }
 
 
 def read_manifest(data_dir: Path | str) -> dict[str, Any]:

@@ -37,8 +37,9 @@ EncoderFactory = Callable[[], Encoder]
 class FamilyEncoderFactory:
     """Builds a model family's encoder lazily, inside the worker (only these plain fields are pickled).
 
-    Expects ``raymed.models.get_family(family)`` to return an object with
-    ``load_processor(model_ref)`` and ``encode(processor, rows, *, train, max_length)``.
+    ``model_ref`` is what ``raymed.models.resolve`` accepts (a preset name or a local HF directory);
+    the processor comes from ``raymed.models.load_processor`` and rows go through
+    ``family.encode(processor, rows, train=..., max_length=...)``.
     """
 
     family: str
@@ -47,12 +48,12 @@ class FamilyEncoderFactory:
     train: bool = True
 
     def __call__(self) -> Encoder:
-        try:
-            from raymed.models import get_family, load_processor
-        except ImportError as err:
-            raise ImportError(f"FamilyEncoderFactory needs raymed.models.get_family ({err})") from err
-        family = get_family(self.family)
-        processor = load_processor(self.model_ref)  # a preset name or a model directory
+        from raymed.models import load_processor, resolve
+
+        ref = resolve(self.model_ref)
+        if ref.family.name != self.family:
+            raise ValueError(f"model {self.model_ref!r} belongs to family {ref.family.name!r}, not {self.family!r}")
+        family, processor = ref.family, load_processor(ref)
         train, max_length = self.train, self.max_length
         return lambda rows: family.encode(processor, rows, train=train, max_length=max_length)
 
