@@ -35,10 +35,15 @@ def _gathered(engine: Any, params: list[torch.nn.Parameter]) -> contextlib.Abstr
     return contextlib.nullcontext()
 
 
-def save_checkpoint(engine: Any, acc: Accounting, cfg: Config, out: Path, rank: int, state: dict[str, Any]) -> None:
-    """Write this rank's part of a checkpoint into `out` (every rank must call it)."""
+def save_checkpoint(
+    engine: Any, acc: Accounting, cfg: Config, out: Path, rank: int, state: dict[str, Any], full: bool = False
+) -> None:
+    """Write this rank's part of a checkpoint into `out` (every rank must call it).
+
+    `full=True` also writes every parameter to `model/full.safetensors` (for audits: frozen ones unchanged).
+    """
     model = engine.module
-    named = [(n, p) for n, p in model.named_parameters() if p.requires_grad]
+    named = [(n, p) for n, p in model.named_parameters() if p.requires_grad or full]
     with _gathered(engine, [p for _, p in named]):
         if rank == 0:
             (out / "model").mkdir(parents=True)
@@ -46,7 +51,10 @@ def save_checkpoint(engine: Any, acc: Accounting, cfg: Config, out: Path, rank: 
             empty = [n for n, t in tensors.items() if t.numel() == 0]
             if empty:  # the known ZeRO-3 failure mode: partitioned placeholders of shape [0]
                 raise RuntimeError(f"refusing to save empty tensors (ZeRO-3 gather failed): {empty[:5]}")
-            save_file(tensors, out / "model" / "trainable.safetensors")
+            trainable = {n: tensors[n] for n, p in named if p.requires_grad}
+            save_file(trainable, out / "model" / "trainable.safetensors")
+            if full:
+                save_file(tensors, out / "model" / "full.safetensors")
             meta = {"model": cfg.model.name, "method": cfg.method.name, "towers": cfg.method.towers,
                     "options": cfg.method.options, "accounting": acc.to_dict(), "config": cfg.model_dump(mode="json")}
             meta["accounting"].pop("unused_names", None)

@@ -33,6 +33,8 @@ class _Section(BaseModel):
 class ModelConfig(_Section):
     name: str = "tiny-llava"
     """Preset name (`python -m raymed.params --list`) or a local HF model directory."""
+    family: Literal["llava", "miss"] | None = None
+    """Family of a model directory, to validate configs before the directory exists (e.g. on a laptop)."""
     gradient_checkpointing: bool = False
     """Recompute activations in backward (non-reentrant: works when the first layers are frozen)."""
 
@@ -107,6 +109,8 @@ class RunConfig(_Section):
     keep_checkpoints: int = Field(2, ge=1)
     fail_at_step: int | None = Field(None, ge=1)
     """Fault injection for tests: the last worker dies once at this optimizer step."""
+    save_full_model: bool = False
+    """Also save every parameter (gathered) in the last checkpoint: `model/full.safetensors` (debugging, audits)."""
     metrics_export: bool = True
     """Export training metrics with ray.util.metrics (Ray dashboard / Prometheus)."""
 
@@ -123,7 +127,7 @@ class Config(_Section):
     def hash(self) -> str:
         """Hash of everything that affects the result (not the run's name or storage)."""
         d = self.model_dump(mode="json")
-        d["run"] = {k: v for k, v in d["run"].items() if k not in ("name", "storage", "metrics_export")}
+        d["run"] = {k: v for k, v in d["run"].items() if k not in ("name", "storage", "metrics_export", "save_full_model")}
         return hashlib.sha256(json.dumps(d, sort_keys=True).encode()).hexdigest()[:12]
 
     def run_name(self) -> str:
@@ -192,7 +196,7 @@ def _format(err: Mapping[str, Any]) -> str:
     return f"{loc}: {err['msg']} (got {value!r})"
 
 
-def validate(data: Mapping[str, Any], source: str = "config") -> Config:
+def validate(data: Mapping[str, Any], source: str = "config", check_paths: bool = True) -> Config:
     """A Config, or a ConfigError listing every problem: schema first, then semantics."""
     errors: list[str] = []
     data = copy.deepcopy(dict(data))
@@ -204,7 +208,7 @@ def validate(data: Mapping[str, Any], source: str = "config") -> Config:
             errors += [_format(err) for err in e.errors()]
             for err in e.errors():
                 _drop(data, err["loc"])
-    errors += semantic_errors(cfg)
+    errors += semantic_errors(cfg, check_paths)
     if errors:
         raise ConfigError(errors, source)
     return cfg
@@ -220,30 +224,44 @@ def _drop(data: dict[str, Any], loc: tuple[Any, ...]) -> None:
         _drop(data, loc[:-1])
 
 
-def semantic_errors(cfg: Config) -> list[str]:
-    """Cross-field checks that need the model registry (cheap: no weights are loaded)."""
+def semantic_errors(cfg: Config, check_paths: bool = True) -> list[str]:
+    """Cross-field checks that need the model registry (cheap: no weights are loaded).
+
+    `check_paths=False` skips the existence of model and data directories (validating shipped configs).
+    """
     from .methods import MethodError, check_towers, get_method
-    from .models import ModelLoadError, resolve
+    from .models import PRESETS, ModelLoadError, get_family, resolve
 
     errors = []
-    try:
-        ref = resolve(cfg.model.name)
-        if ref.preset is not None and ref.preset.meta_only:
-            errors.append(f"model.name: {cfg.model.name!r} is an accounting-only architecture; "
-                          "train a converted checkpoint directory or a tiny preset")
-    except ModelLoadError as e:
-        errors.append(f"model.name: {e}")
-        ref = None
+    family = None
+    if not check_paths and cfg.model.name not in PRESETS:
+        if cfg.model.family is None:
+            errors.append(f"model.family: needed for model directory {cfg.model.name!r} (llava or miss)")
+        else:
+            family = get_family(cfg.model.family)
+    else:
+        try:
+            ref = resolve(cfg.model.name)
+            family = ref.family
+            if ref.preset is not None and ref.preset.meta_only:
+                errors.append(f"model.name: {cfg.model.name!r} is an accounting-only architecture; "
+                              "train a converted checkpoint directory or a tiny preset")
+            if cfg.model.family is not None and cfg.model.family != family.name:
+                errors.append(f"model.family: {cfg.model.family!r} but {cfg.model.name!r} is a {family.name!r} model")
+        except ModelLoadError as e:
+            errors.append(f"model.name: {e}")
     try:
         get_method(cfg.method.name)
-        if ref is not None:
-            check_towers(ref.family, cfg.method.name, cfg.method.towers)
+        if family is not None:
+            check_towers(family, cfg.method.name, cfg.method.towers)
     except MethodError as e:
         errors.append(f"method: {e}")
     if cfg.deepspeed.offload_param and cfg.deepspeed.zero_stage != 3:
         errors.append(f"deepspeed.offload_param: needs zero_stage 3 (got {cfg.deepspeed.zero_stage})")
     if cfg.deepspeed.precision == "bf16" and not cfg.scaling.use_gpu:
         errors.append("deepspeed.precision: bf16 needs scaling.use_gpu=true (CPU runs train in fp32)")
+    if not check_paths:
+        return errors
     if cfg.data.path is not None and "://" not in cfg.data.path and not Path(cfg.data.path).exists():
         errors.append(f"data.path: {cfg.data.path!r} does not exist (run `python -m raymed.data prepare` first)")
     for name, path in cfg.data.eval_sets.items():
@@ -252,10 +270,12 @@ def semantic_errors(cfg: Config) -> list[str]:
     return errors
 
 
-def load_config(path: str | Path | None = None, overrides: Iterable[str] | Mapping[str, Any] = ()) -> Config:
+def load_config(
+    path: str | Path | None = None, overrides: Iterable[str] | Mapping[str, Any] = (), check_paths: bool = True
+) -> Config:
     """Defaults <- YAML file (with inherits) <- dotted overrides, validated."""
     data = read_yaml(Path(path)) if path else {}
     items = overrides.items() if isinstance(overrides, Mapping) else map(parse_override, overrides)
     for key, value in items:
         data = set_dotted(data, key, value)
-    return validate(data, str(path) if path else "config")
+    return validate(data, str(path) if path else "config", check_paths)

@@ -72,7 +72,8 @@ def steps_per_epoch(train_dir: str, cfg: Config) -> int:
 
 # ---- resources ----------------------------------------------------------------------------------
 def required_cpus(cfg: Config) -> float:
-    return cfg.scaling.num_workers * cfg.scaling.cpus_per_worker + cfg.data.preprocess_actors * PREPROCESS_CPUS
+    """Logical CPUs of one run: workers + preprocessing actors + one Parquet read task."""
+    return cfg.scaling.num_workers * cfg.scaling.cpus_per_worker + (cfg.data.preprocess_actors + 1) * PREPROCESS_CPUS
 
 
 def init_ray(cfg: Config) -> None:

@@ -99,6 +99,8 @@ def train_loop(loop_config: dict[str, Any]) -> None:
             engine.backward(loss)
             engine.step()
             losses.append(loss.item())
+            if len(losses) == 1:
+                log(f"epoch {epoch + 1}: first step done")
             stats["samples"] += batch["input_ids"].shape[0] * world
             stats["tokens"] += int(batch["attention_mask"].sum()) * world
             _maybe_inject_fault(cfg, plan, engine.global_steps, rank, world)
@@ -111,6 +113,7 @@ def train_loop(loop_config: dict[str, Any]) -> None:
             "loss": _mean_across(losses, device),
             "lr": engine.get_lr()[0],
             "trainable": acc.trainable,
+            "total_params": acc.total,
             "samples_per_s": stats["samples"] / max(stats["train_s"], 1e-9),
             "tokens_per_s": stats["tokens"] / max(stats["train_s"], 1e-9),
             "peak_mem_mb": _peak_memory_mb(device),
@@ -122,8 +125,10 @@ def train_loop(loop_config: dict[str, Any]) -> None:
             f"{metrics['samples_per_s']:.1f} samples/s")
         history.append({k: v for k, v in metrics.items() if not k.startswith("zeroshot/")})
         with tempfile.TemporaryDirectory() as tmp:
-            save_checkpoint(engine, acc, cfg, Path(tmp), rank, {"epoch": epoch, "history": history,
-                                                                  "zero_shot": zero_shot})
+            last = epoch + 1 == cfg.train.epochs
+            save_checkpoint(engine, acc, cfg, Path(tmp), rank,
+                            {"epoch": epoch, "history": history, "zero_shot": zero_shot},
+                            full=cfg.run.save_full_model and last)
             ray.train.report(metrics, checkpoint=ray.train.Checkpoint.from_directory(tmp),
                              checkpoint_dir_name=f"epoch-{epoch + 1:04d}")
 

@@ -1,0 +1,284 @@
+"""`python -m raymed.tune [--config SWEEP.yaml] [--out DIR] [--resume] [key=value ...]`: a Ray Tune sweep.
+
+Each trial is one training run of the recipe (a Tune function trainable that builds and fits the Ray Train
+`TorchTrainer`; worker reports reach ASHA through `TuneReportCallback`). At the end, the comparison report
+(`results.json`, `results.csv`, `report.md`, `frontier.png`) is written into the experiment folder.
+With no `--config`, the built-in default sweep runs: tiny models on the synthetic Med-VQA data.
+
+Sweep files: `train:` holds training-config keys (or `train_config:` names a training YAML), `search:`
+maps dotted training keys to a list (grid) or `{loguniform: [lo, hi]}` / `{choice: [...]}` (sampled).
+Dotted command-line overrides set training keys (`train.epochs=2`) or sweep keys (`sweep.metric=...`).
+"""
+
+from __future__ import annotations
+
+import argparse
+import itertools
+import json
+import math
+import os
+import sys
+import time
+from pathlib import Path
+from typing import Any, Literal
+
+from pydantic import Field
+
+from .config import Config, ConfigError, _Section, _format, deep_merge, parse_override, read_yaml, set_dotted, validate
+from .train import ResourceError, build_trainer, required_cpus, summarize
+
+DEFAULT_SWEEP = Path(__file__).parent / "defaults" / "sweep.yaml"
+VQA_METRICS = ("closed_acc", "open_acc", "open_recall", "overall_acc", "n_closed", "n_open")
+REPORT_METRICS = ("bleu1", "bleu2", "bleu3", "bleu4", "rouge_l", "meteor", "cider")
+TRAIN_METRICS = ("loss", "epoch", "step", "samples_per_s", "tokens_per_s", "peak_mem_mb")
+
+
+class SchedulerConfig(_Section):
+    type: Literal["asha", "fifo"] = "asha"
+    grace_period: int = Field(1, ge=1)
+    """Epochs every trial runs before ASHA may stop it."""
+    reduction_factor: float = Field(2.0, gt=1)
+
+
+class SweepConfig(_Section):
+    name: str = "sweep"
+    train: dict[str, Any] = Field(default_factory=dict)
+    train_config: str | None = None
+    search: dict[str, Any] = Field(default_factory=dict)
+    metric: str = "eval/test/overall_acc"
+    mode: Literal["max", "min"] = "max"
+    scheduler: SchedulerConfig = SchedulerConfig()
+    num_samples: int = Field(1, ge=1)
+    max_concurrent: int | None = Field(None, ge=1)
+    trial_cpus: float = Field(0.05, gt=0)
+    """Logical CPUs of each trial's driver (it only waits on its TorchTrainer)."""
+
+
+# ---- loading and validation (all before any trial starts) ---------------------------------------
+def load_sweep(
+    path: str | Path | None, overrides: list[str], check_paths: bool = True
+) -> tuple[SweepConfig, dict[str, Any]]:
+    """The sweep config and its base training-config dict (validated, with every grid point)."""
+    path = Path(path) if path else DEFAULT_SWEEP
+    raw = read_yaml(path)
+    for item in overrides:
+        key, value = parse_override(item)
+        raw = set_dotted(raw, key[len("sweep."):] if key.startswith("sweep.") else f"train.{key}", value)
+    try:
+        sweep = SweepConfig.model_validate(raw)
+    except Exception as e:  # pydantic.ValidationError
+        errors = [_format(err) for err in e.errors()] if hasattr(e, "errors") else [str(e)]
+        raise ConfigError([f"sweep {m}" for m in errors], str(path)) from None
+    base = read_yaml(path.parent / sweep.train_config) if sweep.train_config else {}
+    base = deep_merge(base, sweep.train)
+    check_sweep(sweep, base, str(path), check_paths)
+    return sweep, base
+
+
+def _space(sweep: SweepConfig) -> tuple[dict[str, list], dict[str, Any]]:
+    """(grid axes, sampled axes) of the search space."""
+    grid, sampled = {}, {}
+    for key, value in sweep.search.items():
+        if isinstance(value, list):
+            grid[key] = value
+        elif isinstance(value, dict) and len(value) == 1 and next(iter(value)) in ("loguniform", "uniform", "choice"):
+            sampled[key] = value
+        else:
+            raise ConfigError([f"search.{key}: expected a list (grid) or one of {{loguniform|uniform|choice: [...]}}, "
+                               f"got {value!r}"])
+    return grid, sampled
+
+
+def points(sweep: SweepConfig) -> list[dict[str, Any]]:
+    """Every grid point (sampled axes at a representative value) as dotted overrides."""
+    grid, sampled = _space(sweep)
+    reps = {k: (v.get("choice") or v.get("loguniform") or v.get("uniform"))[0] for k, v in sampled.items()}
+    keys = list(grid)
+    return [{**dict(zip(keys, combo)), **reps} for combo in itertools.product(*grid.values())]
+
+
+def expected_metrics(cfg: Config, eval_sets: list[str]) -> set[str]:
+    """Every metric name a trial of `cfg` can report."""
+    names = set(TRAIN_METRICS) | {"trainable", "total_params"}
+    for s in eval_sets:
+        for prefix in ("eval", "zeroshot"):
+            names |= {f"{prefix}/{s}/{m}" for m in (*VQA_METRICS, *REPORT_METRICS)}
+    return names
+
+
+def check_sweep(sweep: SweepConfig, base: dict[str, Any], source: str, check_paths: bool = True) -> None:
+    """Every problem with the search space and metric, at once, before any trial starts."""
+    errors: list[str] = []
+    if not sweep.search:
+        errors.append("search: the search space is empty; give at least one key, e.g. search: {method.name: [ln, lora]}")
+    for key, value in sweep.search.items():
+        if isinstance(value, list) and not value:
+            errors.append(f"search.{key}: empty list: nothing to try")
+    if errors:
+        raise ConfigError(errors, source)
+    reported: set[str] = set()
+    for point in points(sweep):
+        data = base
+        for key, value in point.items():
+            data = set_dotted(data, key, value)
+        try:
+            cfg = validate(data, source, check_paths)
+        except ConfigError as e:
+            errors += [f"search point {point}: {m}" for m in e.errors if m not in errors]
+            continue
+        eval_sets = [cfg.data.eval_split, *cfg.data.eval_sets, *(["ood"] if cfg.data.path is None
+                                                                 and cfg.data.synth_ood_style else [])]
+        reported |= expected_metrics(cfg, eval_sets)
+    if not errors and sweep.metric not in reported:
+        errors.append(f"metric {sweep.metric!r} is reported by no trial; trials report: "
+                      + ", ".join(sorted(m for m in reported if not m.startswith("zeroshot/"))))
+    if errors:
+        raise ConfigError(sorted(set(errors), key=errors.index), source)
+
+
+# ---- the trial -----------------------------------------------------------------------------------
+def trial(config: dict[str, Any]) -> None:
+    """Tune function trainable: one run of the recipe on a Ray Train `TorchTrainer`."""
+    import ray.tune
+    from ray.tune.integration.ray_train import TuneReportCallback
+
+    data = config["base"]
+    for key, value in config["overrides"].items():
+        data = set_dotted(data, key, value)
+    trial_name = f"trial-{ray.tune.get_context().get_trial_id()}"
+    data = set_dotted(data, "run.name", trial_name)
+    cfg = validate(data, trial_name)
+    t0 = time.time()
+    trainer = build_trainer(cfg, storage=config["storage"], extra_callbacks=[TuneReportCallback()])
+    result = trainer.fit()
+    summary = summarize(cfg, result, time.time() - t0)
+    (Path(result.path) / "result.json").write_text(json.dumps(summary, indent=2))
+
+
+def _search_space(sweep: SweepConfig) -> dict[str, Any]:
+    from ray import tune
+
+    grid, sampled = _space(sweep)
+    space: dict[str, Any] = {k: tune.grid_search(v) for k, v in grid.items()}
+    for key, spec in sampled.items():
+        kind, args = next(iter(spec.items()))
+        space[key] = tune.choice(args) if kind == "choice" else getattr(tune, kind)(*args)
+    return space
+
+
+def trial_cpus(base_cfg: Config, sweep: SweepConfig) -> float:
+    return sweep.trial_cpus + required_cpus(base_cfg)
+
+
+def run_sweep(sweep: SweepConfig, base: dict[str, Any], out: Path, resume: bool = False) -> Any:
+    """Run (or resume) the sweep; returns Tune's ResultGrid."""
+    import ray
+    from ray import tune
+    from ray.tune.schedulers import ASHAScheduler, FIFOScheduler
+
+    base_cfg = validate(base)
+    need = trial_cpus(base_cfg, sweep)
+    if not ray.is_initialized():
+        env = {"env_vars": {"TRANSFORMERS_VERBOSITY": "error", "RAY_TRAIN_ENABLE_V2_MIGRATION_WARNINGS": "0"}}
+        if os.environ.get("RAY_ADDRESS"):
+            ray.init(runtime_env=env)
+        else:  # logical CPUs: a 2-core machine runs two light trials side by side
+            ray.init(num_cpus=max(os.cpu_count() or 1, math.ceil(2 * need)), runtime_env=env, include_dashboard=False)
+    cluster_cpus = ray.cluster_resources().get("CPU", 0)
+    if cluster_cpus < need and not os.environ.get("RAYMED_AUTOSCALING"):
+        raise ResourceError(f"each trial needs {need:g} CPUs (driver {sweep.trial_cpus:g} + "
+                            f"{base_cfg.scaling.num_workers} workers x {base_cfg.scaling.cpus_per_worker:g} + data) "
+                            f"but the cluster has {cluster_cpus:g}; lower scaling.cpus_per_worker or num_workers")
+    if base_cfg.scaling.use_gpu and not ray.cluster_resources().get("GPU") and not os.environ.get("RAYMED_AUTOSCALING"):
+        raise ResourceError("scaling.use_gpu=true but the cluster has no GPU (set RAYMED_AUTOSCALING=1 if it "
+                            "autoscales GPU nodes)")
+    concurrency = sweep.max_concurrent or max(1, int(cluster_cpus // need))
+    trainable = tune.with_resources(trial, {"cpu": sweep.trial_cpus})
+    storage = str(out.resolve())
+    if resume:
+        if not tune.Tuner.can_restore(str(out / sweep.name)):
+            raise ConfigError([f"--resume: no sweep to resume at {out / sweep.name}"])
+        tuner = tune.Tuner.restore(str(out / sweep.name), trainable=trainable, resume_unfinished=True,
+                                   resume_errored=True)
+    else:
+        epochs = base_cfg.train.epochs
+        scheduler = (ASHAScheduler(time_attr="epoch", max_t=epochs, grace_period=sweep.scheduler.grace_period,
+                                   reduction_factor=sweep.scheduler.reduction_factor)
+                     if sweep.scheduler.type == "asha" else FIFOScheduler())
+        tuner = tune.Tuner(
+            trainable,
+            param_space={"base": base, "overrides": _search_space(sweep), "storage": str(out.resolve() / sweep.name / "runs")},
+            tune_config=tune.TuneConfig(metric=sweep.metric, mode=sweep.mode, scheduler=scheduler,
+                                        num_samples=sweep.num_samples, max_concurrent_trials=concurrency),
+            run_config=tune.RunConfig(name=sweep.name, storage_path=storage),
+        )
+    print(f"[raymed] sweep {sweep.name}: {len(points(sweep)) * sweep.num_samples} trials, "
+          f"{concurrency} at a time, metric {sweep.metric} ({sweep.mode}) -> {out}", flush=True)
+    return tuner.fit()
+
+
+def rows_from_results(results: Any, base: dict[str, Any]) -> list[dict[str, Any]]:
+    """One report row per trial that reported, from Tune's results (stopped trials included)."""
+    rows = []
+    for r in results:
+        m = dict(r.metrics or {})
+        if "epoch" not in m:
+            continue  # errored before its first report
+        data = base
+        for key, value in r.config["overrides"].items():
+            data = set_dotted(data, key, value)
+        cfg = validate(data)
+        rows.append({
+            "trial_id": m.get("trial_id") or r.path.rsplit("/", 1)[-1],
+            "method": cfg.method.name,
+            "towers": cfg.method.towers,
+            "lr": cfg.train.lr,
+            "overrides": r.config["overrides"],
+            "params": {"trainable": m["trainable"], "total": m["total_params"],
+                       "percent": 100.0 * m["trainable"] / m["total_params"]},
+            "metrics": {k: v for k, v in m.items() if k.startswith(("eval/", "zeroshot/"))},
+            "epochs": m["epoch"],
+            "steps": m.get("step"),
+            "wall_s": m.get("time_total_s"),
+            "peak_mem_mb": m.get("peak_mem_mb"),
+            "samples_per_s": m.get("samples_per_s"),
+            "stopped_early": m["epoch"] < cfg.train.epochs and r.error is None,
+            "error": str(r.error) if r.error else None,
+            "config_hash": cfg.hash(),
+        })
+    return rows
+
+
+def main(argv: list[str] | None = None) -> int:
+    ap = argparse.ArgumentParser(prog="python -m raymed.tune", description=__doc__,
+                                 formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--config", help=f"sweep YAML (default: the built-in {DEFAULT_SWEEP.name})")
+    ap.add_argument("--out", type=Path, default=Path("experiments"), help="experiment folder (default: ./experiments)")
+    ap.add_argument("--resume", action="store_true", help="resume an interrupted sweep in --out")
+    ap.add_argument("overrides", nargs="*", help="dotted overrides: training keys, or sweep.KEY=VALUE")
+    args = ap.parse_args(argv)
+    from .report import build_report
+
+    try:
+        sweep, base = load_sweep(args.config, args.overrides)
+        out = args.out / sweep.name
+        results = run_sweep(sweep, base, args.out, resume=args.resume)
+    except (ConfigError, ResourceError) as e:
+        print(f"error: {e}", file=sys.stderr)
+        return 2
+    rows = rows_from_results(results, base)
+    errored = [r for r in results if r.error is not None]
+    if not rows:
+        print(f"error: no trial reported a result ({len(errored)} errored); see {out}", file=sys.stderr)
+        return 1
+    paths = build_report(rows, out, metric=sweep.metric, mode=sweep.mode)
+    print((out / "report.md").read_text())
+    print(f"[raymed] report: {', '.join(str(p) for p in paths.values())}")
+    if errored:
+        print(f"warning: {len(errored)} trial(s) errored: " + "; ".join(str(r.error)[:200] for r in errored),
+              file=sys.stderr)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

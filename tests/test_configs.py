@@ -1,0 +1,89 @@
+"""Every shipped config parses and validates; config errors are specific and reported all at once."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import pytest
+
+from raymed.config import ConfigError, load_config
+from raymed.tune import DEFAULT_SWEEP, load_sweep
+
+ROOT = Path(__file__).resolve().parents[1] / "configs"
+ALL = sorted(ROOT.rglob("*.yaml"))
+
+
+def test_configs_exist():
+    assert {p.parent.name for p in ALL} >= {"models", "methods", "data", "train", "sweeps"}
+
+
+@pytest.mark.parametrize("path", ALL + [DEFAULT_SWEEP], ids=lambda p: str(p.relative_to(p.parents[1])))
+def test_every_config_validates(path):
+    if path.parent.name == "sweeps" or path == DEFAULT_SWEEP:
+        sweep, base = load_sweep(path, [], check_paths=False)
+        assert sweep.search and sweep.metric.startswith("eval/")
+    elif path.parent.name == "methods":  # a fragment: valid for at least one family
+        errors = []
+        for model in ("tiny-llava", "tiny-miss"):
+            try:
+                load_config(path, [f"model.name={model}"], check_paths=False)
+            except ConfigError as e:
+                errors.append(e)
+        assert len(errors) < 2, errors
+    else:
+        cfg = load_config(path, check_paths=False)
+        assert cfg.model.name
+
+
+def test_paper_sweeps_cover_the_study():
+    names = {p.stem for p in (ROOT / "sweeps").glob("*.yaml")}
+    assert {"miss-vqa-rad", "miss-slake", "llava-med-vqa-rad", "llava-med-slake", "llava-med-pathvqa",
+            "llava-med-iu-xray"} <= names
+    sweep, _ = load_sweep(DEFAULT_SWEEP, [])
+    assert {"full", "ln", "attn", "ffn", "lora", "ia3", "prefix"} <= set(sweep.search["method.name"])
+    assert len(sweep.search["train.lr"]) >= 2
+
+
+def test_overrides_and_inherit(tmp_path):
+    cfg = load_config(ROOT / "train" / "tiny-llava-ln.yaml", ["train.lr=1e-4", "method.towers=[language]"])
+    assert cfg.method.name == "ln" and cfg.model.name == "tiny-llava"
+    assert cfg.train.lr == 1e-4 and cfg.method.towers == ["language"]
+    assert cfg.hash() != load_config(ROOT / "train" / "tiny-llava-ln.yaml").hash()
+
+
+def test_all_errors_at_once():
+    with pytest.raises(ConfigError) as e:
+        load_config(None, ["train.lrr=1", "train.epochs=0", "method.name=nope", "deepspeed.zero_stage=5",
+                           "model.name=miss-base", "method.towers=[text_encoder]", "data.path=/no/such/dir"])
+    msg = str(e.value)
+    assert "train.lrr: unknown key; allowed: epochs" in msg
+    assert "train.epochs: Input should be greater than or equal to 1 (got 0)" in msg
+    assert "unknown method 'nope'" in msg
+    assert "deepspeed.zero_stage" in msg
+    assert "'miss-base' is an accounting-only architecture" in msg
+    assert "data.path: '/no/such/dir' does not exist" in msg
+    assert len(e.value.errors) == 6
+
+
+def test_tower_error_names_family():
+    with pytest.raises(ConfigError, match=r"family 'llava', method 'ln': unknown tower\(s\) \['text_encoder'\]"):
+        load_config(None, ["method.towers=[text_encoder]"])
+
+
+def test_sweep_errors(tmp_path):
+    def sweep(text: str) -> Path:
+        p = tmp_path / "s.yaml"
+        p.write_text(text)
+        return p
+
+    with pytest.raises(ConfigError, match="search space is empty"):
+        load_sweep(sweep("name: x\n"), [])
+    with pytest.raises(ConfigError, match="search.train.lr: empty list"):
+        load_sweep(sweep("search: {train.lr: []}\n"), [])
+    with pytest.raises(ConfigError, match=r"train.lrr: unknown key"):
+        load_sweep(sweep("search: {train.lrr: [1, 2]}\n"), [])
+    with pytest.raises(ConfigError, match=r"metric 'eval/tset/overall_acc' is reported by no trial; trials report: "
+                                          r".*eval/test/overall_acc"):
+        load_sweep(sweep("search: {train.lr: [0.1]}\nmetric: eval/tset/overall_acc\n"), [])
+    with pytest.raises(ConfigError, match="sweep schedulr: unknown key"):
+        load_sweep(sweep("search: {train.lr: [0.1]}\nschedulr: {}\n"), [])
