@@ -236,7 +236,7 @@ def rows_from_results(results: Any, base: dict[str, Any]) -> list[dict[str, Any]
             "overrides": r.config["overrides"],
             "params": {"trainable": m["trainable"], "total": m["total_params"],
                        "percent": 100.0 * m["trainable"] / m["total_params"]},
-            "metrics": {k: v for k, v in m.items() if k.startswith(("eval/", "zeroshot/"))},
+            "metrics": {k: v for k, v in m.items() if k.startswith(("eval/", "zeroshot/")) or k == "loss"},
             "epochs": m["epoch"],
             "steps": m.get("step"),
             "wall_s": m.get("time_total_s"),

@@ -60,15 +60,18 @@ def block_bytes_for_cluster() -> int | None:
 
 
 def read_split(data_dir: Path | str, split: str, *, columns: Sequence[str] | None = None,
-               block_bytes: int | None = None) -> "ray.data.Dataset":
+               block_bytes: int | None = None, read_cpus: float = 0.25) -> "ray.data.Dataset":
     """A lazy Ray Dataset over one split's shards; images stay compressed bytes.
 
     ``block_bytes`` bounds the size of each block read (default: :func:`block_bytes_for_cluster`).
+    ``read_cpus``: logical CPUs per read task; fractional, so reads still schedule when training
+    workers hold most CPUs of a small cluster (a 1-CPU read task can wait forever there).
     """
     import ray.data
 
     quiet_data_context()
-    ds = ray.data.read_parquet(shard_paths(data_dir, split), columns=list(columns) if columns else None)
+    ds = ray.data.read_parquet(shard_paths(data_dir, split), columns=list(columns) if columns else None,
+                               ray_remote_args={"num_cpus": read_cpus})
     block_bytes = block_bytes or block_bytes_for_cluster()
     if block_bytes:
         ds.context.target_max_block_size = block_bytes

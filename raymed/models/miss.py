@@ -43,6 +43,9 @@ def tiny_miss_config(vocab_size: int, pad_id: int, bos_id: int, sep_id: int) -> 
         vision_config=dict(
             hidden_size=32, intermediate_size=64, num_hidden_layers=2, num_attention_heads=2,
             image_size=32, patch_size=8,
+            # BLIP's vision default (1e-10) is for loading pretrained weights; from scratch it leaves the
+            # vision tower near-constant, with gradients ~1e-28 that no optimizer step can register.
+            initializer_range=0.02,
         ),
         text_config=dict(
             vocab_size=vocab_size, hidden_size=32, intermediate_size=64, num_hidden_layers=2,

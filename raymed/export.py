@@ -1,0 +1,72 @@
+"""`python -m raymed.export --run DIR --out DIR`: a plain HF model directory with the fine-tuned
+parameters merged into the base (LoRA / IA3 / LN-tuning adapters merged; intrinsic methods copied in).
+
+`--run` is a run directory (`<storage>/<name>`, its latest checkpoint is used) or one checkpoint directory.
+Prompt-learning methods (prefix, prompt) cannot be merged: their checkpoint's `model/adapter/` is the
+artefact to use with peft.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+from pathlib import Path
+
+from .checkpoint import load_trainable
+
+
+def find_checkpoint(run: Path) -> Path:
+    """The checkpoint directory for `run`: itself, result.json's checkpoint, or the latest epoch-*."""
+    if (run / "model" / "raymed.json").is_file():
+        return run
+    result = run / "result.json"
+    if result.is_file():
+        ckpt = Path(json.loads(result.read_text()).get("checkpoint", ""))
+        if (ckpt / "model" / "raymed.json").is_file():
+            return ckpt
+    epochs = sorted(p for p in run.glob("epoch-*") if (p / "model" / "raymed.json").is_file())
+    if not epochs:
+        raise FileNotFoundError(f"{run}: no raymed checkpoint (expected epoch-*/model/raymed.json)")
+    return epochs[-1]
+
+
+def export(run: Path, out: Path) -> Path:
+    from peft import PeftModel
+
+    ckpt = find_checkpoint(run)
+    model, processor, meta = load_trainable(ckpt / "model")
+    for host_name in ("", "text_encoder"):
+        host = model.get_submodule(host_name) if host_name else model
+        if isinstance(host, PeftModel):
+            if host.peft_config["default"].is_prompt_learning:
+                raise ValueError(f"method {meta['method']!r} (prompt learning) cannot be merged into the base "
+                                 f"model; use the peft adapter in {ckpt / 'model' / 'adapter'}")
+            merged = host.merge_and_unload()
+            if host_name:
+                setattr(model, host_name, merged)
+            else:
+                model = merged
+    model.save_pretrained(out, safe_serialization=True)
+    processor.save_pretrained(out)
+    (out / "raymed.json").write_text(json.dumps({"exported_from": str(ckpt), **meta}, indent=2))
+    return out
+
+
+def main(argv: list[str] | None = None) -> int:
+    ap = argparse.ArgumentParser(prog="python -m raymed.export", description=__doc__,
+                                 formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--run", required=True, type=Path, help="run directory or checkpoint directory")
+    ap.add_argument("--out", required=True, type=Path)
+    args = ap.parse_args(argv)
+    try:
+        path = export(args.run, args.out)
+    except (FileNotFoundError, ValueError) as e:
+        print(f"error: {e}", file=sys.stderr)
+        return 2
+    print(f"wrote {path}")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
