@@ -63,7 +63,8 @@ class DataConfig(_Section):
     synth_ood_style: str | None = "shifted"
     """Style of the built-in out-of-distribution eval set (None: no OOD set)."""
     max_eval_rows: int | None = Field(None, ge=1)
-    preprocess_actors: int = Field(1, ge=1)
+    preprocess_actors: int = Field(1, ge=0)
+    """Ray Data actors that decode + encode; 0: Ray tasks (no actor start-up, encoder cached per process)."""
 
 
 class TrainConfig(_Section):

@@ -73,7 +73,7 @@ def steps_per_epoch(train_dir: str, cfg: Config) -> int:
 # ---- resources ----------------------------------------------------------------------------------
 def required_cpus(cfg: Config) -> float:
     """Logical CPUs of one run: workers + preprocessing actors + one Parquet read task."""
-    return cfg.scaling.num_workers * cfg.scaling.cpus_per_worker + (cfg.data.preprocess_actors + 1) * PREPROCESS_CPUS
+    return cfg.scaling.num_workers * cfg.scaling.cpus_per_worker + (max(cfg.data.preprocess_actors, 1) + 1) * PREPROCESS_CPUS
 
 
 def init_ray(cfg: Config) -> None:

@@ -24,6 +24,7 @@ import torch.distributed as dist
 from .config import Config
 from .methods import apply_method
 from .models import load_model, load_processor, resolve
+from .models.base import enable_activation_checkpointing
 
 
 def train_loop(loop_config: dict[str, Any]) -> None:
@@ -55,8 +56,7 @@ def train_loop(loop_config: dict[str, Any]) -> None:
     model = load_model(ref, seed=cfg.train.seed)
     model, acc = apply_method(model, ref, cfg.method.name, cfg.method.towers, cfg.method.options)
     if cfg.model.gradient_checkpointing:
-        # Non-reentrant checkpointing needs no input that requires grad, so frozen first layers are fine.
-        model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+        enable_activation_checkpointing(model)
     _seed_everything(cfg.train.seed + rank)
 
     # 2. Data: this worker's shard of the Ray Data stream (decoded + encoded in the stream).

@@ -11,6 +11,7 @@ from safetensors.torch import save_file
 from raymed.convert import main as convert_main
 from raymed.methods import METHODS, apply_method
 from raymed.models import load_model, load_processor, resolve
+from raymed.models.base import enable_activation_checkpointing
 from tests.conftest import make_rows, tiny_batch
 
 TINY = ("tiny-llava", "tiny-miss")
@@ -118,3 +119,22 @@ def test_converter_rejects_unknown_keys(tmp_path):
     save_file({"something.else": torch.zeros(2)}, tmp_path / "x.safetensors")
     assert convert_main(["--family", "miss", "--input", str(tmp_path / "x.safetensors"),
                          "--config-from", "tiny-miss", "--out", str(tmp_path / "o")]) == 2
+
+
+@pytest.mark.parametrize("model_name,towers", [("tiny-llava", ["language"]), ("tiny-miss", ["text_decoder"])])
+def test_gradient_checkpointing_with_frozen_first_layers(model_name, towers):
+    """Non-reentrant checkpointing still gives gradients when everything before the trained tower is frozen."""
+    ref = resolve(model_name)
+    batch = tiny_batch(model_name)
+    grads = []
+    for checkpointing in (False, True):
+        model, _ = apply_method(load_model(ref), ref, "ln", towers)
+        if checkpointing:
+            enable_activation_checkpointing(model)
+            assert model.is_activation_checkpointing
+        model.train()
+        model(**batch).loss.backward()
+        grads.append({n: p.grad.clone() for n, p in model.named_parameters() if p.requires_grad})
+    assert grads[0].keys() == grads[1].keys() and grads[0]
+    for name, g in grads[0].items():
+        assert torch.allclose(g, grads[1][name], atol=1e-6), name

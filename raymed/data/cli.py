@@ -31,7 +31,8 @@ def _columns(text: str) -> dict[str, str]:
 def _parser() -> argparse.ArgumentParser:
     from raymed.data.synth import STYLES
 
-    parser = argparse.ArgumentParser(prog="python -m raymed.data", description=__doc__.splitlines()[0])
+    parser = argparse.ArgumentParser(prog="python -m raymed.data",
+                                     description="Convert, generate and inspect raymed datasets.")
     sub = parser.add_subparsers(dest="command", required=True)
 
     p = sub.add_parser("prepare", help="convert a published dataset into Parquet shards + manifest.json")
@@ -42,7 +43,7 @@ def _parser() -> argparse.ArgumentParser:
                    help="error (default): stop before writing anything; skip: write the rest, record skips")
     p.add_argument("--images", choices=("embed", "uri"), default="embed",
                    help="embed the compressed image bytes (default) or store their absolute path")
-    p.add_argument("--rows-per-shard", type=int, default=1000)
+    p.add_argument("--rows-per-shard", type=int, default=1000, help="rows per Parquet file (default 1000)")
     p.add_argument("--dataset", help="value of the dataset column (default: the format's name)")
     p.add_argument("--image-root", type=Path, help="folder that image paths are relative to")
     p.add_argument("--no-check-images", dest="check_images", action="store_false",

@@ -179,3 +179,15 @@ def read_model_type(path: Path) -> str:
     except (json.JSONDecodeError, KeyError) as e:
         raise ModelLoadError(f"{cfg}: not a valid transformers config ({e})") from e
     return str(model_type)
+
+
+def enable_activation_checkpointing(model: nn.Module) -> None:
+    """Non-reentrant activation checkpointing, which needs no input that requires grad.
+
+    So frozen first layers (an LN-only language tower behind a frozen vision tower) are fine, and the
+    input-grad hook transformers adds for reentrant checkpointing is removed: on BLIP it marks the
+    embedding output (a leaf) as requiring grad, and BLIP's in-place `embeddings += ...` then fails.
+    """
+    model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+    if hasattr(model, "disable_input_require_grads") and getattr(model, "_require_grads_hook", None) is not None:
+        model.disable_input_require_grads()
