@@ -108,7 +108,8 @@ def test_duplicate_ids_within_a_split_are_bad(vqa_rad_dir: Path, tmp_path: Path)
     rows[1]["qid"] = rows[0]["qid"]
     (tmp_path / "dup" / "trainset.json").write_text(json.dumps(rows))
     manifest = prepare("vqa-rad", tmp_path / "dup", tmp_path / "out", on_bad="skip")
-    assert [r["reason"] for r in manifest["skipped"]["rows"]] == ["duplicate id: also at trainset.json row 0 in split train"]
+    reasons = [r["reason"] for r in manifest["skipped"]["rows"]]
+    assert reasons == ["duplicate id: also at trainset.json row 0 in split train"]
 
 
 def test_out_folder_rules(vqa_rad_dir: Path, tmp_path: Path) -> None:

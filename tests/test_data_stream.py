@@ -35,7 +35,8 @@ class TinyEncoder:
         return out
 
     def __call__(self, rows: dict[str, list[Any]]) -> dict[str, np.ndarray]:
-        pixels = np.stack([np.asarray(im.resize((self.image_size,) * 2), dtype=np.float32) / 255 for im in rows["image"]])
+        size = (self.image_size, self.image_size)
+        pixels = np.stack([np.asarray(im.resize(size), dtype=np.float32) / 255 for im in rows["image"]])
         input_ids = self.tokens(rows["question"])
         return {"pixel_values": pixels.transpose(0, 3, 1, 2), "input_ids": input_ids,
                 "attention_mask": (input_ids > 0).astype(np.int64), "labels": self.tokens(rows["answer"])}
@@ -153,7 +154,14 @@ def ray_cluster():
 
     # Ray workers cannot import this test module: ship its encoder and train loop by value.
     ray.cloudpickle.register_pickle_by_value(sys.modules[__name__])
-    ray.init(num_cpus=4, object_store_memory=OBJECT_STORE, include_dashboard=False, log_to_driver=False)
+    for attempt in (1, 2):  # Ray gives its raylet a fixed 30 s to register: a shared, overloaded host can miss it
+        try:
+            ray.init(num_cpus=4, object_store_memory=OBJECT_STORE, include_dashboard=False, log_to_driver=False)
+            break
+        except Exception as err:  # noqa: BLE001 - Ray raises a bare Exception here
+            ray.shutdown()
+            if attempt == 2 or "timed out during startup" not in str(err):
+                raise
     yield ray
     ray.shutdown()
 

@@ -80,7 +80,8 @@ def test_closed_questions_are_learnable(tmp_path: Path) -> None:
     for question_type, min_gain in (("PRES", 0.1), ("POS", 0.2)):
         data = {}
         for split in ("train", "test"):
-            rows = [r for r in json.loads((root / f"{split}set.json").read_text()) if r["question_type"] == question_type]
+            source = json.loads((root / f"{split}set.json").read_text())
+            rows = [r for r in source if r["question_type"] == question_type]
             data[split] = (np.stack([_histograms(root / "VQA_RAD Image Folder" / r["image_name"]) for r in rows]),
                            np.array([r["answer"] for r in rows]))
         (x, y), (x_test, y_test) = data["train"], data["test"]

@@ -85,7 +85,8 @@ def _prepare(args: argparse.Namespace, parser: argparse.ArgumentParser) -> int:
     wrong = [f"{_FORMAT_FLAGS[n]}" for n in given if n not in allowed]
     if wrong:
         users = {flag: [f for f, spec in FORMATS.items() if n in spec.options] for n, flag in _FORMAT_FLAGS.items()}
-        parser.error("; ".join(f"{flag} applies to format {', '.join(users[flag])}, not {args.format}" for flag in wrong))
+        parser.error("; ".join(f"{flag} applies to format {', '.join(users[flag])}, not {args.format}"
+                               for flag in wrong))
     options = ReadOptions(dataset=args.dataset, image_root=args.image_root.resolve() if args.image_root else None,
                           **given)
     manifest = prepare(args.format, args.input, args.out, options=options, on_bad=args.on_bad, images=args.images,
@@ -119,7 +120,8 @@ def _inspect(args: argparse.Namespace) -> int:
         table = pq.read_table(args.data_dir / split / info["shards"][0]["file"]).slice(0, args.rows)
         for row in table.to_pylist():
             size = f"{len(row['image'])} B" if row["image"] is not None else row["image_uri"]
-            print(f"  [{split}] {row['id']}: {row['question']!r} -> {row['answer'][:60]!r} ({row['answer_type']}, {size})")
+            answer = row["answer"][:60]
+            print(f"  [{split}] {row['id']}: {row['question']!r} -> {answer!r} ({row['answer_type']}, {size})")
     return 0
 
 

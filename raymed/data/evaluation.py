@@ -34,8 +34,16 @@ def references(data_dir: Path | str, split: str) -> dict[str, dict[str, Any]]:
     return {row["id"]: row for row in read_rows(data_dir, split, columns=TEXT_COLUMNS)}
 
 
-def eval_batches(data_dir: Path | str, split: str, encoder_factory: EncoderFactory, *, batch_size: int,
-                 rank: int = 0, world_size: int = 1, max_image_side: int | None = None) -> Iterator[dict[str, np.ndarray]]:
+def eval_batches(
+    data_dir: Path | str,
+    split: str,
+    encoder_factory: EncoderFactory,
+    *,
+    batch_size: int,
+    rank: int = 0,
+    world_size: int = 1,
+    max_image_side: int | None = None,
+) -> Iterator[dict[str, np.ndarray]]:
     """Encoded batches of this rank's eval rows, in-process (no Ray), each with its ``id`` array.
 
     ``encoder_factory`` is the same factory the training stream uses (``lambda: encoder`` works too).

@@ -114,7 +114,7 @@ def read_generic(ctx: ReadContext) -> Iterator[SourceRow]:
         for index, record in enumerate(records):
             if not isinstance(record, dict):
                 problem = "invalid record: not valid JSON" if record is None else "invalid record: not an object"
-                yield SourceRow(ctx.rel(path), index, None, None, opts.task, "", "", "open", "{}", ImageRef(), [problem])
+                yield SourceRow.invalid(ctx.rel(path), index, None, opts.task, problem)
                 continue
             split_key, split_value = lookup(record, *fields["split"])
             raw_split = split_value if split_key is not None else file_split

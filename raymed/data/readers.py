@@ -16,7 +16,9 @@ Accepted layouts (``--input`` is the dataset folder, or one of its JSON files):
 - ``r2gen``: R2Gen ``annotation.json`` = ``{train|val|test: [{id, report, image_path: [..]}]}``
   (IU-Xray, MIMIC-CXR); images under ``images/``. ``--views first`` (default) keeps the first view
   of each study, ``--views all`` writes one row per view with id ``{id}/{k}``.
-- ``generic``: see :mod:`raymed.data.generic`.
+- ``generic``: see :mod:`raymed.data.generic`. Hugging Face Parquet copies (e.g. of VQA-RAD or
+  PathVQA, with an ``image`` struct of bytes) read as ``generic``: the split comes from the file name
+  and, without an ``answer_type`` column, yes/no answers are closed and all others open.
 """
 
 from __future__ import annotations
@@ -30,7 +32,6 @@ from raymed.data.generic import read_generic
 from raymed.data.schema import canonical_split
 from raymed.data.source import (
     IMAGE_SUFFIXES,
-    ImageRef,
     ReadContext,
     SourceRow,
     build_row,
@@ -75,12 +76,14 @@ def image_dirs(ctx: ReadContext, base: Path, names: tuple[str, ...]) -> list[Pat
     return found or [base]
 
 
-def _records(ctx: ReadContext, path: Path, split: str | None, make_row: Callable[..., SourceRow]) -> Iterator[SourceRow]:
+def _records(
+    ctx: ReadContext, path: Path, split: str | None, make_row: Callable[..., SourceRow]
+) -> Iterator[SourceRow]:
     """Rows of one record file; non-object records become rows with a problem."""
     for index, record in enumerate(load_records(path)):
         if not isinstance(record, dict):
-            kind = "invalid record: not valid JSON" if record is None else f"invalid record: a {type(record).__name__}, not an object"
-            yield SourceRow(ctx.rel(path), index, None, split, "vqa", "", "", "open", "{}", ImageRef(), [kind])
+            kind = "not valid JSON" if record is None else f"a {type(record).__name__}, not an object"
+            yield SourceRow.invalid(ctx.rel(path), index, split, "vqa", f"invalid record: {kind}")
             continue
         yield make_row(record, file=ctx.rel(path), index=index, split=split)
 
@@ -90,7 +93,9 @@ def _records(ctx: ReadContext, path: Path, split: str | None, make_row: Callable
 VQA_RAD_PUBLIC = "VQA_RAD Dataset Public.json"
 VQA_RAD_SPLIT_FILES = {"trainset.json": "train", "testset.json": "test"}
 PHRASE_TYPE_SPLIT = {"freeform": "train", "para": "train", "test_freeform": "test", "test_para": "test"}
-VQA_RAD_CATEGORICAL = ("image_organ", "question_type", "phrase_type", "evaluation", "question_relation", "question_frame")
+VQA_RAD_CATEGORICAL = (
+    "image_organ", "question_type", "phrase_type", "evaluation", "question_relation", "question_frame",
+)
 
 
 def _vqa_rad_files(ctx: ReadContext) -> list[tuple[Path, str | None]]:
@@ -151,7 +156,8 @@ def read_slake(ctx: ReadContext) -> Iterator[SourceRow]:
     for path, split in files:
 
         def make_row(record: dict[str, Any], **where: Any) -> SourceRow:
-            return build_row(ctx, record, image=lambda ref: find_image(ref, dirs), categorical=SLAKE_CATEGORICAL, **where)
+            return build_row(ctx, record, image=lambda ref: find_image(ref, dirs), categorical=SLAKE_CATEGORICAL,
+                             **where)
 
         for row in _records(ctx, path, split, make_row):
             row_lang = json.loads(row.extra).get("q_lang")
@@ -180,7 +186,7 @@ def read_pathvqa(ctx: ReadContext) -> Iterator[SourceRow]:
         if not files:
             raise DataFormatError(f"{root}: no PathVQA annotations found; expected train/val/test .jsonl or .json")
     for path, split in files:
-        dirs = [ctx.options.image_root] if ctx.options.image_root else [base / "images" / (split or ""), base / "images", base]
+        dirs = image_dirs(ctx, base, (f"images/{split}", "images", "."))
 
         def make_row(record: dict[str, Any], **where: Any) -> SourceRow:
             return build_row(
@@ -214,7 +220,7 @@ def read_r2gen(ctx: ReadContext) -> Iterator[SourceRow]:
         file = f"{ctx.rel(path)}:{key}"
         for index, entry in enumerate(entries):
             if not isinstance(entry, dict):
-                yield SourceRow(file, index, None, split, "report", "", "", "open", "{}", ImageRef(), ["invalid record: not an object"])
+                yield SourceRow.invalid(file, index, split, "report", "invalid record: not an object")
                 continue
             views = entry.get("image_path")
             views = [views] if isinstance(views, str) else list(views or [])
@@ -251,7 +257,8 @@ FORMATS: dict[str, Format] = {
     for f in (
         Format("vqa-rad", read_vqa_rad, "vqa-rad", "VQA-RAD: trainset/testset.json or the public release JSON",
                frozenset({"source", "image_root"})),
-        Format("slake", read_slake, "slake", "SLAKE: train/validate/test.json + imgs/", frozenset({"lang", "image_root"})),
+        Format("slake", read_slake, "slake", "SLAKE: train/validate/test.json + imgs/",
+               frozenset({"lang", "image_root"})),
         Format("pathvqa", read_pathvqa, "pathvqa", "PathVQA: {split}.jsonl|json + images/", frozenset({"image_root"})),
         Format("r2gen", read_r2gen, "r2gen", "IU-Xray / MIMIC-CXR report generation: R2Gen annotation.json",
                frozenset({"views", "image_root"})),

@@ -66,6 +66,11 @@ class SourceRow:
     image: ImageRef
     problems: list[str] = field(default_factory=list)
 
+    @classmethod
+    def invalid(cls, file: str, index: int, split: str | None, task: str, problem: str) -> SourceRow:
+        """A record that is not even an object (bad JSON line, a list...): only its problem is known."""
+        return cls(file, index, None, split, task, "", "", "open", "{}", ImageRef(), [problem])
+
     def where(self) -> str:
         """``file row N (id 'x')``: how messages name this row."""
         ident = f" (id {self.id!r})" if self.id is not None else ""
