@@ -199,11 +199,13 @@ def machine() -> dict[str, Any]:
     except OSError:
         pass
     versions = {"python": platform.python_version(), "torch": torch.__version__}
-    for mod in ("ray", "transformers", "deepspeed", "peft"):
+    from importlib.metadata import PackageNotFoundError, version
+
+    for dist in ("ray", "transformers", "deepspeed", "peft"):
         try:
-            versions[mod] = __import__(mod).__version__
-        except Exception:  # noqa: BLE001 - a missing optional library is just not reported
-            versions[mod] = None
+            versions[dist] = version(dist)  # no import: deepspeed alone takes seconds
+        except PackageNotFoundError:
+            versions[dist] = None
     mem_gb = os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES") / 2**30
     try:
         commit = subprocess.run(["git", "rev-parse", "--short", "HEAD"], capture_output=True, text=True,

@@ -160,7 +160,7 @@ def render(doc: dict[str, Any]) -> str:
 
 def add_arguments(ap: Any) -> None:
     ap.add_argument("--model", default=BENCH_MODEL, help=f"preset, model directory or {BENCH_MODEL} (default)")
-    ap.add_argument("--variants", default=",".join(DEFAULT_VARIANTS).replace(",", " "),
+    ap.add_argument("--variants", default=" ".join(DEFAULT_VARIANTS),
                     help="space-separated METHOD or METHOD@TOWER,TOWER (default: %(default)s)")
     ap.add_argument("--batch-size", type=int, default=4)
     ap.add_argument("--max-length", type=int, default=None, help="default: image tokens + 40")
