@@ -12,14 +12,16 @@ from safetensors.torch import load_file
 
 from raymed.checkpoint import load_trainable
 from raymed.config import load_config
+from raymed.export import main as export_main
 from raymed.methods import apply_method
 from raymed.models import load_model, resolve
 from raymed.train import fit
+from tests.conftest import tiny_batch
 
 pytestmark = pytest.mark.integration
 
 BASE = [
-    "data.synth_n=20", "data.max_eval_rows=4", "data.synth_ood_style=null",
+    "data.synth_n=20", "data.max_eval_rows=4", "data.synth_ood_style=null", "data.preprocess_actors=0",
     "train.epochs=2", "train.batch_size=8", "train.lr=5e-3", "train.zero_shot=false", "train.eval_every=2",
     "scaling.num_workers=2", "scaling.cpus_per_worker=0.5", "run.metrics_export=false",
 ]
@@ -79,16 +81,25 @@ def test_method_matrix(ray_cluster, model_name, stage, method):
         assert (ckpt / "adapter" / "adapter_config.json").is_file()
 
 
-def test_ln_checkpoint_rebuilds_the_model(ray_cluster):
-    summary = run(ray_cluster, "rebuild", "model.name=tiny-miss", "method.name=ln", "deepspeed.zero_stage=3",
-                  "train.epochs=1", "train.eval_every=1")
+@pytest.mark.parametrize("method", ["ln", "lora"])
+def test_checkpoint_rebuilds_and_exports_the_model(ray_cluster, tmp_path, method):
+    summary = run(ray_cluster, f"rebuild-{method}", "model.name=tiny-miss", f"method.name={method}",
+                  "deepspeed.zero_stage=3", "train.epochs=1", "train.eval_every=1")
     model, _, meta = load_trainable(Path(summary["checkpoint"]) / "model")
-    assert meta["method"] == "ln"
+    assert meta["method"] == method
     trained = load_file(Path(summary["checkpoint"]) / "model" / "trainable.safetensors")
     params = dict(model.named_parameters())
     assert all(torch.equal(params[n], t) for n, t in trained.items())
-    result = json.loads((Path(ray_cluster) / "rebuild" / "result.json").read_text())
-    assert result["params"]["trainable"] == 1280 and result["config_hash"] == summary["config_hash"]
+    result = json.loads((Path(ray_cluster) / f"rebuild-{method}" / "result.json").read_text())
+    assert result["params"]["trainable"] == (1280 if method == "ln" else 19_456)
+    assert result["config_hash"] == summary["config_hash"]
+
+    assert export_main(["--run", str(Path(ray_cluster) / f"rebuild-{method}"), "--out", str(tmp_path / "hf")]) == 0
+    exported = load_model(str(tmp_path / "hf")).eval()
+    assert not any("lora" in n for n, _ in exported.named_parameters())
+    batch = tiny_batch("tiny-miss")
+    with torch.no_grad():
+        assert torch.allclose(model.eval()(**batch).loss, exported(**batch).loss, atol=1e-5)
 
 
 def test_resume_continues_from_the_last_epoch(ray_cluster):
