@@ -31,13 +31,13 @@ def dir_bytes(path: Path) -> int:
     return sum(f.stat().st_size for f in path.rglob("*") if f.is_file()) if path.exists() else 0
 
 
-def init_single_process_group() -> None:
-    """A 1-process gloo group for DeepSpeed outside Ray (what Ray Train sets up for each worker)."""
+def init_single_process_group(backend: str = "gloo") -> None:
+    """A 1-process group for DeepSpeed outside Ray (what Ray Train sets up for each worker)."""
     import torch.distributed as dist
 
     if dist.is_initialized():
         return
-    os.environ.setdefault("DS_ACCELERATOR", "cpu")
+    os.environ.setdefault("DS_ACCELERATOR", "cpu" if backend == "gloo" else "cuda")
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
         port = s.getsockname()[1]
@@ -46,7 +46,7 @@ def init_single_process_group() -> None:
         os.environ.setdefault(key, value)
     import deepspeed
 
-    deepspeed.init_distributed(dist_backend="gloo", verbose=False)
+    deepspeed.init_distributed(dist_backend=backend, verbose=False)
 
 
 def measure(model: str, model_name: str, method: str, batch: dict[str, Any], zero_stage: int, steps: int,

@@ -67,13 +67,13 @@ def run_child(spec: dict[str, Any], workdir: Path, timeout: float | None = None)
 
 def run(model: str = BENCH_MODEL, variants: tuple[str, ...] = DEFAULT_VARIANTS, batch_size: int = 4,
         max_length: int | None = None, steps: int = 5, warmup: int = 2, repeats: int = 3, threads: int = 2,
-        gradient_checkpointing: bool = False) -> dict[str, Any]:
+        gradient_checkpointing: bool = False, fused_adamw: bool = False) -> dict[str, Any]:
     started = time.time()
     if "full" not in variants:
         variants = ("full", *variants)  # every ratio is to `full`
     config = {"model": model, "variants": list(variants), "batch_size": batch_size, "steps": steps,
               "warmup": warmup, "repeats": repeats, "threads": threads,
-              "gradient_checkpointing": gradient_checkpointing}
+              "gradient_checkpointing": gradient_checkpointing, "fused_adamw": fused_adamw}
     runs: dict[str, list[dict[str, Any]]] = {v: [] for v in variants}
     loads = []
     with tempfile.TemporaryDirectory(prefix="raymed-bench-") as tmp:
@@ -85,7 +85,7 @@ def run(model: str = BENCH_MODEL, variants: tuple[str, ...] = DEFAULT_VARIANTS, 
                 method, towers = parse_variant(v)
                 spec = {"model": model, "method": method, "towers": towers, "batch": str(workdir / "batch.pt"),
                         "steps": steps, "warmup": warmup, "threads": threads,
-                        "gradient_checkpointing": gradient_checkpointing}
+                        "gradient_checkpointing": gradient_checkpointing, "fused_adamw": fused_adamw}
                 out = run_child(spec, workdir)
                 out["round"] = r
                 loads.append(os.getloadavg()[0])
@@ -119,12 +119,17 @@ def summarize(runs: dict[str, list[dict[str, Any]]]) -> list[dict[str, Any]]:
         first = ok[0]
         full0 = next(iter(full.values()), None)
         step_s = median([median(o["step_s"]) for o in ok])
+        cpu_ratios = [ratio(median(o["cpu_s"]), median(full[o["round"]]["cpu_s"])) for o in ok if o["round"] in full]
+        phases = [median([p[i] for o in ok for p in o["phases_s"]]) for i in range(3)]
         rows.append({
             "variant": v, "method": first["method"], "towers": first["towers"],
             "trainable": first["trainable"], "total": first["total"],
             "trainable_pct": 100.0 * first["trainable"] / first["total"],
             "step_s": step_s, "step_s_all": [s for o in ok for s in o["step_s"]],
             "step_ratio": median(step_ratios) if step_ratios else None, "step_ratio_rounds": step_ratios,
+            "cpu_s": median([median(o["cpu_s"]) for o in ok]),
+            "cpu_ratio": median(cpu_ratios) if cpu_ratios else None, "cpu_ratio_rounds": cpu_ratios,
+            "forward_s": phases[0], "backward_s": phases[1], "optimizer_s": phases[2],
             "flops_ratio": ratio(first["step_flops"], full0["step_flops"]) if full0 else None,
             "tokens_per_s": first["tokens"] / step_s,
             "train_mem_mb": median([o["train_mem_mb"] for o in ok]),
@@ -140,7 +145,8 @@ def summarize(runs: dict[str, list[dict[str, Any]]]) -> list[dict[str, Any]]:
 
 COLUMNS = [
     ("variant", "method@towers"), ("trainable", "trainable"), ("trainable_pct", "%"), ("step_s", "step s"),
-    ("step_ratio", "x full"), ("flops_ratio", "theory"), ("train_mem_mb", "train MB"), ("mem_ratio", "x full"),
+    ("step_ratio", "x full"), ("cpu_ratio", "cpu x full"), ("flops_ratio", "theory"), ("forward_s", "fwd s"),
+    ("backward_s", "bwd s"), ("optimizer_s", "adamw s"), ("train_mem_mb", "train MB"), ("mem_ratio", "x full"),
     ("saved_activation_mb", "saved act MB"), ("adamw_state_mb", "grad+adam MB"),
 ]
 
@@ -169,9 +175,10 @@ def add_arguments(ap: Any) -> None:
     ap.add_argument("--repeats", type=int, default=3, help="interleaved rounds (fresh process each)")
     ap.add_argument("--threads", type=int, default=2)
     ap.add_argument("--gradient-checkpointing", action="store_true")
+    ap.add_argument("--fused-adamw", action="store_true", help="torch AdamW(fused=True) instead of the default")
 
 
 def from_args(args: Any) -> dict[str, Any]:
     return run(model=args.model, variants=tuple(args.variants.split()), batch_size=args.batch_size,
                max_length=args.max_length, steps=args.steps, warmup=args.warmup, repeats=args.repeats,
-               threads=args.threads, gradient_checkpointing=args.gradient_checkpointing)
+               threads=args.threads, gradient_checkpointing=args.gradient_checkpointing, fused_adamw=args.fused_adamw)

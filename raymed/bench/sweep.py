@@ -1,0 +1,241 @@
+"""Suite `sweep`: ASHA vs the full grid on the default sweep — trial-epochs spent, and the best method.
+
+`real` mode runs the sweep twice through `raymed.tune.run_sweep` (the recipe's own trials): once with its
+ASHA scheduler, once with FIFO (every grid point trains all epochs). Trial-epochs = the sum over trials
+of the epochs each one trained; the best trial is ranked as `raymed.report` ranks it (metric at the
+trial's last report, stopped trials included).
+
+`replay` mode runs only the grid and replays ASHA on its recorded learning curves, with Ray's own
+`_Bracket` deciding at each rung, trials advancing one epoch per time unit `concurrency` at a time
+(equal epoch durations: an approximation of the real asynchronous order). One grid run then prices any
+(reduction factor, grace period, max epochs) setting, which shows what a sweep needs for a given budget.
+"""
+
+from __future__ import annotations
+
+import math
+import os
+import tempfile
+import time
+from pathlib import Path
+from types import SimpleNamespace
+from typing import Any
+
+from .common import header, ratio, result, table, target, targets_table
+
+QUICK_SEARCH = {"method.name": ["full", "ln", "lora", "prefix"], "train.lr": [3.0e-2]}
+QUICK_TRAIN = ["data.synth_n=60", "data.max_eval_rows=24"]
+
+
+def load(config: str | None, overrides: list[str], quick: bool, epochs: int | None,
+         methods: list[str] | None) -> tuple[Any, dict[str, Any]]:
+    """The sweep and its base training dict, shrunk for `--quick` / `--epochs` / `--methods`."""
+    from raymed.tune import check_sweep, load_sweep
+
+    extra = [*QUICK_TRAIN] if quick else []
+    if epochs:
+        extra.append(f"train.epochs={epochs}")
+    sweep, base = load_sweep(config, [*extra, *overrides])
+    search = dict(sweep.search)
+    if quick:
+        search.update(QUICK_SEARCH)
+    if methods:
+        search["method.name"] = methods
+    if search != sweep.search:
+        sweep = sweep.model_copy(update={"search": search})
+        check_sweep(sweep, base, "bench sweep")
+    return sweep, base
+
+
+def trials_of(results: Any, base: dict[str, Any], metric: str) -> list[dict[str, Any]]:
+    """Per trial: method, lr, epochs trained, optimizer steps, metric per epoch, final metric."""
+    from raymed.tune import rows_from_results
+
+    rows = {r["trial_id"]: r for r in rows_from_results(results, base)}
+    out = []
+    for res in results:
+        df = res.metrics_dataframe
+        tid = (res.metrics or {}).get("trial_id") or res.path.rsplit("/", 1)[-1]
+        row = rows.get(tid)
+        if row is None or df is None or "epoch" not in df:
+            out.append({"trial_id": tid, "error": str(res.error) if res.error else "no report"})
+            continue
+        df = df.sort_values("epoch")
+        curve = [float(v) for v in df[metric]] if metric in df else []
+        out.append({
+            "trial_id": tid, "method": row["method"], "lr": row["lr"], "epochs": int(row["epochs"]),
+            "steps": int(row["steps"] or 0), "curve": curve, "final": curve[-1] if curve else float("nan"),
+            "stopped_early": bool(row["stopped_early"]), "wall_s": row.get("wall_s"),
+        })
+    return out
+
+
+def best(trials: list[dict[str, Any]], mode: str) -> dict[str, Any]:
+    """Best trial by its last-reported metric (ties: every method tied at the top is listed)."""
+    ok = [t for t in trials if "error" not in t and not math.isnan(t["final"])]
+    if not ok:
+        return {"method": None, "lr": None, "value": None, "tied_methods": []}
+    sign = 1 if mode == "max" else -1
+    top = max(sign * t["final"] for t in ok)
+    tied = [t for t in ok if sign * t["final"] == top]
+    return {"method": tied[0]["method"], "lr": tied[0]["lr"], "value": tied[0]["final"],
+            "tied_methods": sorted({t["method"] for t in tied})}
+
+
+def replay_asha(curves: dict[str, list[float]], max_t: int, grace: int, rf: float, mode: str,
+                concurrency: int) -> dict[str, int]:
+    """Epochs each trial would train under ASHA (Ray's `_Bracket` rules) given its learning curve."""
+    from ray.tune.schedulers.async_hyperband import _Bracket
+
+    bracket = _Bracket(grace, max_t, rf, 0)
+    sign = 1.0 if mode == "max" else -1.0
+    pending, running, done = list(curves), {}, {}
+    while pending or running:
+        while pending and len(running) < concurrency:
+            running[pending.pop(0)] = 0
+        for tid in list(running):
+            running[tid] += 1
+            epoch = running[tid]
+            value = curves[tid][epoch - 1]
+            stop = epoch >= max_t or bracket.on_result(SimpleNamespace(trial_id=tid), epoch, sign * value) == "STOP"
+            if stop:
+                done[tid] = epoch
+                del running[tid]
+    return done
+
+
+def replay(grid: list[dict[str, Any]], max_t: int, settings: list[tuple[float, int]], mode: str,
+           concurrencies: list[int]) -> list[dict[str, Any]]:
+    """ASHA replayed on the grid's curves for each (rf, grace) x concurrency: trial-epochs and best method."""
+    ok = [t for t in grid if "error" not in t and len(t["curve"]) >= max_t]
+    curves = {t["trial_id"]: t["curve"][:max_t] for t in ok}
+    by_id = {t["trial_id"]: t for t in ok}
+    grid_best = best([{**t, "final": t["curve"][max_t - 1]} for t in ok], mode)
+    rows = []
+    for rf, grace in settings:
+        for c in concurrencies:
+            epochs = replay_asha(curves, max_t, grace, rf, mode, c)
+            sim = [{**by_id[tid], "final": curves[tid][e - 1], "epochs": e} for tid, e in epochs.items()]
+            b = best(sim, mode)
+            spent = sum(epochs.values())
+            rows.append({"scheduler": f"ASHA replay rf={rf:g} grace={grace} max_t={max_t} conc={c}",
+                         "trials": len(curves), "trial_epochs": spent, "grid_trial_epochs": max_t * len(curves),
+                         "ratio": ratio(spent, max_t * len(curves)), "best_method": b["method"],
+                         "best_value": b["value"], "same_best": b["method"] == grid_best["method"]})
+    return rows
+
+
+def run(config: str | None = None, overrides: tuple[str, ...] = (), quick: bool = False, mode: str = "real",
+        epochs: int | None = None, methods: list[str] | None = None,
+        replay_settings: tuple[tuple[float, int], ...] = ((2, 1), (3, 1), (4, 1)),
+        out: str | None = None) -> dict[str, Any]:
+    import ray
+
+    from raymed.tune import run_sweep
+
+    started = time.time()
+    sweep, base = load(config, list(overrides), quick, epochs, methods)
+    from raymed.config import validate
+
+    max_t = validate(base).train.epochs
+    started_ray = not ray.is_initialized()
+    runs: dict[str, dict[str, Any]] = {}
+    tmp = None if out else tempfile.TemporaryDirectory(prefix="raymed-bench-sweep-")
+    root = Path(out or tmp.name)
+    try:
+        kinds = ("asha", "fifo") if mode == "real" else ("fifo",)
+        for kind in kinds:
+            s = sweep.model_copy(update={"name": f"{sweep.name}-{kind}",
+                                         "scheduler": sweep.scheduler.model_copy(update={"type": kind})})
+            t0 = time.time()
+            results = run_sweep(s, base, root)
+            trials = trials_of(results, base, sweep.metric)
+            runs[kind] = {"wall_s": time.time() - t0, "trials": trials,
+                          "concurrency": s.max_concurrent or _concurrency(s, base)}
+            print(f"[bench sweep] {kind}: {sum(t.get('epochs', 0) for t in trials)} trial-epochs over "
+                  f"{len(trials)} trials in {runs[kind]['wall_s']:.0f} s", flush=True)
+    finally:
+        if started_ray:
+            ray.shutdown()
+        if tmp is not None:
+            tmp.cleanup()
+    grid = runs["fifo"]["trials"]
+    grid_spent = sum(t.get("epochs", 0) for t in grid)
+    grid_best = best(grid, sweep.mode)
+    rows = [_row("grid (FIFO)", grid, grid_spent, grid_spent, grid_best, grid_best, runs["fifo"]["wall_s"])]
+    targets = []
+    if "asha" in runs:
+        asha = runs["asha"]["trials"]
+        spent = sum(t.get("epochs", 0) for t in asha)
+        asha_best = best(asha, sweep.mode)
+        rows.append(_row(f"ASHA rf={sweep.scheduler.reduction_factor:g} grace={sweep.scheduler.grace_period}", asha,
+                         spent, grid_spent, asha_best, grid_best, runs["asha"]["wall_s"]))
+        targets = [target("ASHA / grid trial-epochs", rows[-1]["ratio"], 0.35, "<=", f"max_t={max_t}"),
+                   {"name": "same best method as the grid", "value": rows[-1]["same_best"], "target": "== True",
+                    "met": bool(rows[-1]["same_best"]),
+                    "note": f"grid {grid_best['method']} (tied {grid_best['tied_methods']}), ASHA {asha_best['method']}"}]
+    conc = runs["fifo"]["concurrency"]
+    replayed = replay(grid, max_t, list(replay_settings), sweep.mode, sorted({conc, 1, len(grid)}))
+    config_doc = {"sweep": sweep.name, "config": config or "raymed/defaults/sweep.yaml", "overrides": list(overrides),
+                  "quick": quick, "mode": mode, "search": sweep.search, "metric": sweep.metric, "max_t": max_t,
+                  "scheduler": sweep.scheduler.model_dump(), "concurrency": conc, "load_1min_end": os.getloadavg()[0]}
+    return result("sweep", config_doc, rows, targets, started, replay=replayed,
+                  runs={k: {**v, "trials": v["trials"]} for k, v in runs.items()})
+
+
+def _concurrency(sweep: Any, base: dict[str, Any]) -> int:
+    import ray
+
+    from raymed.config import validate
+    from raymed.tune import trial_cpus
+
+    cpus = ray.cluster_resources().get("CPU", 1) if ray.is_initialized() else os.cpu_count() or 1
+    return max(1, int(cpus // trial_cpus(validate(base), sweep)))
+
+
+def _row(name: str, trials: list[dict[str, Any]], spent: int, grid_spent: int, b: dict[str, Any],
+         grid_best: dict[str, Any], wall_s: float) -> dict[str, Any]:
+    return {"scheduler": name, "trials": len(trials), "errored": sum("error" in t for t in trials),
+            "stopped_early": sum(bool(t.get("stopped_early")) for t in trials), "trial_epochs": spent,
+            "grid_trial_epochs": grid_spent, "ratio": ratio(spent, grid_spent),
+            "trial_steps": sum(t.get("steps", 0) for t in trials), "best_method": b["method"], "best_lr": b["lr"],
+            "best_value": b["value"], "tied_methods": b["tied_methods"], "same_best": b["method"] == grid_best["method"],
+            "wall_s": wall_s}
+
+
+COLUMNS = [("scheduler", "scheduler"), ("trials", "trials"), ("stopped_early", "stopped"),
+           ("trial_epochs", "trial-epochs"), ("ratio", "x grid"), ("best_method", "best method"),
+           ("best_value", "best metric"), ("same_best", "same best"), ("wall_s", "wall s")]
+
+
+def render(doc: dict[str, Any]) -> str:
+    c = doc["config"]
+    return "\n".join(x for x in [
+        header(doc),
+        f"sweep {c['sweep']} ({c['config']}{', quick' if c['quick'] else ''}): search {c['search']}, "
+        f"metric {c['metric']}, {c['max_t']} epochs, {c['concurrency']} trials at a time",
+        table(doc["rows"], COLUMNS),
+        "ASHA replayed on the grid's learning curves (equal epoch times):",
+        table(doc["replay"], COLUMNS[:-1]),
+        targets_table(doc["targets"]),
+    ] if x)
+
+
+def add_arguments(ap: Any) -> None:
+    ap.add_argument("--config", default=None, help="sweep YAML (default: the built-in default sweep)")
+    ap.add_argument("--quick", action="store_true",
+                    help=f"4 methods x 1 lr on a smaller synthetic set ({QUICK_SEARCH}, {QUICK_TRAIN})")
+    ap.add_argument("--mode", choices=("real", "replay"), default="real",
+                    help="real: ASHA and grid sweeps; replay: grid only, ASHA replayed on its curves")
+    ap.add_argument("--epochs", type=int, default=None, help="train.epochs of every trial (ASHA's max_t)")
+    ap.add_argument("--methods", default=None, help="space-separated methods (replaces the search's method.name)")
+    ap.add_argument("--replay", default="2:1 3:1 4:1", help="replayed ASHA settings RF:GRACE (default: %(default)s)")
+    ap.add_argument("--keep", default=None, help="experiment folder to keep (default: a temporary one)")
+    ap.add_argument("overrides", nargs="*", help="dotted overrides, as for python -m raymed.tune")
+
+
+def from_args(args: Any) -> dict[str, Any]:
+    settings = tuple((float(s.split(":")[0]), int(s.split(":")[1])) for s in args.replay.split())
+    return run(config=args.config, overrides=tuple(args.overrides), quick=args.quick, mode=args.mode,
+               epochs=args.epochs, methods=args.methods.split() if args.methods else None,
+               replay_settings=settings, out=args.keep)
