@@ -103,20 +103,21 @@ def test_gpu_suite_skips_without_cuda():
 def test_methods_suite_tiny():
     from raymed.bench import methods
 
-    doc = methods.run(model="tiny-llava", variants=("full", "ln", "ln@language"), steps=2, warmup=1, repeats=1)
+    doc = methods.run(model="tiny-llava", variants=("ln", "full", "ln@language"), steps=2, warmup=1, repeats=1)
     check_document(doc, "methods")
     rows = {r["variant"]: r for r in doc["rows"]}
     assert set(rows) == {"full", "ln", "ln@language"} and not any("error" in r for r in rows.values())
     assert rows["full"]["trainable"] == accounting("tiny-llava", "full")
     assert rows["ln"]["trainable"] == accounting("tiny-llava", "ln")
     assert rows["ln@language"]["trainable"] == accounting("tiny-llava", "ln", ["language"])
-    runs = doc["runs"]
-    for v, row in rows.items():
-        run = runs[v][0]
-        assert len(run["step_s"]) == 2 and all(s > 0 for s in run["step_s"])
+    memory, rounds = doc["memory"], doc["timing"][0]["rounds"]
+    assert len(doc["timing"]) == 1 and len(rounds) == 2
+    for i, (v, row) in enumerate(rows.items()):
+        assert len(memory[v]["step_s"]) == 2 and all(s > 0 for s in memory[v]["step_s"])
         assert row["train_mem_mb"] >= 0 and row["loaded_mb"] > 0
-        assert row["step_ratio"] == pytest.approx(common.median(run["step_s"]) / common.median(runs["full"][0]["step_s"]))
-        assert row["mem_ratio"] == pytest.approx(run["train_mem_mb"] / runs["full"][0]["train_mem_mb"])
+        assert row["step_s"] == pytest.approx(common.median([rd[i]["wall"] for rd in rounds]))
+        assert row["step_ratio"] == pytest.approx(common.median([rd[i]["wall"] / rd[0]["wall"] for rd in rounds]))
+        assert row["mem_ratio"] == pytest.approx(memory[v]["train_mem_mb"] / memory["full"]["train_mem_mb"])
         assert row["adamw_state_mb"] == pytest.approx(12 * row["trainable"] / 2**20)
     # Cost model: full needs every gradient; ln all input gradients but no weight gradients; ln on the
     # language tower alone needs no backward through the vision tower.

@@ -1,10 +1,11 @@
 """Suite `methods`: what one training step costs under each method, on identical batches.
 
-Every (method, towers) variant runs `warmup + steps` steps of a plain PyTorch loop in a fresh process
-(`raymed.bench.step`), `repeats` rounds interleaved (full, ln, attn, ... then again), so slow phases of a
-shared machine hit all methods alike. Reported per variant: median step time, its ratio to `full`
-(median of the per-round paired ratios), training memory (peak RSS minus the loaded model) and its
-ratio, trainable parameters, and the cost model of DESIGN.md §5 computed from the profiled forward
+A plain PyTorch loop (`raymed.bench.step`). Step time: every (method, towers) variant is built in one
+process and the variants take one step each in turn (order rotating), `steps` rounds in each of `repeats`
+processes, so a load change on a shared machine hits all of them alike; ratios to `full` are paired by
+round. Memory: each variant in its own fresh process, so peaks do not mix. Reported per variant: median
+step time and its ratio to `full` (also in CPU time and for forward+backward alone), training memory
+(peak RSS minus the loaded model) and its ratio, trainable parameters, and the cost model of DESIGN.md §5 computed from the profiled forward
 pass: expected step FLOPs relative to `full`, AdamW state (12 B per trainable parameter on top of the
 4 B weight), and the bytes autograd saves for backward.
 """
@@ -51,7 +52,7 @@ def make_batch(model: str, batch_size: int, max_length: int | None, path: Path, 
 
 
 def run_child(spec: dict[str, Any], workdir: Path, timeout: float | None = None) -> dict[str, Any]:
-    """One variant in a fresh interpreter; its result line, or an `error` entry."""
+    """`raymed.bench.step` in a fresh interpreter; its result, or an `error` entry."""
     spec_path = workdir / f"spec-{os.getpid()}-{time.monotonic_ns()}.json"
     spec_path.write_text(json.dumps(spec))
     threads = str(spec["threads"])
@@ -66,87 +67,90 @@ def run_child(spec: dict[str, Any], workdir: Path, timeout: float | None = None)
 
 
 def run(model: str = BENCH_MODEL, variants: tuple[str, ...] = DEFAULT_VARIANTS, batch_size: int = 4,
-        max_length: int | None = None, steps: int = 5, warmup: int = 2, repeats: int = 3, threads: int = 2,
-        gradient_checkpointing: bool = False, fused_adamw: bool = False) -> dict[str, Any]:
+        max_length: int | None = None, steps: int = 6, warmup: int = 2, repeats: int = 2, memory_steps: int = 2,
+        threads: int = 2, gradient_checkpointing: bool = False, fused_adamw: bool = False) -> dict[str, Any]:
+    """Memory: one fresh process per variant. Time: `repeats` processes, each interleaving every variant's steps."""
     started = time.time()
-    if "full" not in variants:
-        variants = ("full", *variants)  # every ratio is to `full`
+    variants = ("full", *(v for v in variants if v != "full"))  # every ratio is to `full`, variant 0
     config = {"model": model, "variants": list(variants), "batch_size": batch_size, "steps": steps,
-              "warmup": warmup, "repeats": repeats, "threads": threads,
+              "warmup": warmup, "repeats": repeats, "memory_steps": memory_steps, "threads": threads,
               "gradient_checkpointing": gradient_checkpointing, "fused_adamw": fused_adamw}
-    runs: dict[str, list[dict[str, Any]]] = {v: [] for v in variants}
+    specs = {v: dict(zip(("method", "towers"), parse_variant(v))) for v in variants}
+    memory: dict[str, dict[str, Any]] = {}
+    timing: list[dict[str, Any]] = []
     loads = []
     with tempfile.TemporaryDirectory(prefix="raymed-bench-") as tmp:
         workdir = Path(tmp)
         config.update(make_batch(model, batch_size, max_length, workdir / "batch.pt"))
+        base = {"model": model, "batch": str(workdir / "batch.pt"), "threads": threads,
+                "gradient_checkpointing": gradient_checkpointing, "fused_adamw": fused_adamw}
+        for v in variants:
+            memory[v] = run_child({**base, "mode": "memory", "variants": [specs[v]], "steps": memory_steps,
+                                   "warmup": 1}, workdir)
+            loads.append(os.getloadavg()[0])
+            out = memory[v]
+            print(f"[bench methods] memory {v}: " + (out.get("error") or f"{out['train_mem_mb']:.0f} MB, "
+                                                   f"{out['trainable']:,} trainable"), flush=True)
         for r in range(repeats):
-            order = list(variants[r % len(variants):]) + list(variants[: r % len(variants)])  # rotate each round
-            for v in order:
-                method, towers = parse_variant(v)
-                spec = {"model": model, "method": method, "towers": towers, "batch": str(workdir / "batch.pt"),
-                        "steps": steps, "warmup": warmup, "threads": threads,
-                        "gradient_checkpointing": gradient_checkpointing, "fused_adamw": fused_adamw}
-                out = run_child(spec, workdir)
-                out["round"] = r
-                loads.append(os.getloadavg()[0])
-                runs[v].append(out)
-                msg = out.get("error") or (f"median step {median(out['step_s']):.3f} s, "
-                                           f"train mem {out['train_mem_mb']:.0f} MB")
-                print(f"[bench methods] round {r + 1}/{repeats} {v}: {msg}", flush=True)
-    rows = summarize(runs)
+            out = run_child({**base, "mode": "timing", "variants": [specs[v] for v in variants], "steps": steps,
+                             "warmup": warmup}, workdir)
+            loads.append(os.getloadavg()[0])
+            if "error" in out:
+                raise RuntimeError(f"methods timing process {r + 1} failed: {out['error']}")
+            timing.append(out)
+            full = [rd[0]["wall"] for rd in out["rounds"]]
+            print(f"[bench methods] timing process {r + 1}/{repeats}: full {median(full):.2f} s/step", flush=True)
+    rows = summarize(list(variants), memory, timing)
     targets = []
     by = {row["variant"]: row for row in rows}
     if "ln" in by and by["ln"].get("step_ratio") is not None:
         targets += [
-            target("ln/full step time", by["ln"]["step_ratio"], 0.72, "<=", "plain loop, median of paired rounds"),
+            target("ln/full step time", by["ln"]["step_ratio"], 0.72, "<=", "plain loop, paired interleaved steps"),
             target("ln/full training memory", by["ln"]["mem_ratio"], 0.62, "<=", "peak RSS - loaded model"),
         ]
     config["load_1min_during"] = spread(loads)
-    return result("methods", config, rows, targets, started, runs=runs)
+    return result("methods", config, rows, targets, started, memory=memory, timing=timing)
 
 
-def summarize(runs: dict[str, list[dict[str, Any]]]) -> list[dict[str, Any]]:
-    """One row per variant: medians over rounds, and ratios to `full` paired by round."""
-    full = {o["round"]: o for o in runs.get("full", []) if "error" not in o}
+def summarize(variants: list[str], memory: dict[str, dict[str, Any]],
+              timing: list[dict[str, Any]]) -> list[dict[str, Any]]:
+    """One row per variant: medians over the interleaved rounds, ratios to `full` paired by round."""
+    rounds = [rd for proc in timing for rd in proc["rounds"]]  # rd[i]: variant i's step in that round
+    full_mem = memory.get("full", {})
     rows = []
-    for v, outs in runs.items():
-        ok = [o for o in outs if "error" not in o]
-        if not ok:
-            rows.append({"variant": v, "error": outs[0].get("error") if outs else "not run"})
+    for i, v in enumerate(variants):
+        mem = memory.get(v, {})
+        if "error" in mem or not mem:
+            rows.append({"variant": v, "error": mem.get("error", "not run")})
             continue
-        step_ratios = [ratio(median(o["step_s"]), median(full[o["round"]]["step_s"])) for o in ok if o["round"] in full]
-        mem_ratios = [ratio(o["train_mem_mb"], full[o["round"]]["train_mem_mb"]) for o in ok if o["round"] in full]
-        first = ok[0]
-        full0 = next(iter(full.values()), None)
-        step_s = median([median(o["step_s"]) for o in ok])
-        cpu_ratios = [ratio(median(o["cpu_s"]), median(full[o["round"]]["cpu_s"])) for o in ok if o["round"] in full]
-        phases = [median([p[i] for o in ok for p in o["phases_s"]]) for i in range(3)]
-        rows.append({
-            "variant": v, "method": first["method"], "towers": first["towers"],
-            "trainable": first["trainable"], "total": first["total"],
-            "trainable_pct": 100.0 * first["trainable"] / first["total"],
-            "step_s": step_s, "step_s_all": [s for o in ok for s in o["step_s"]],
-            "step_ratio": median(step_ratios) if step_ratios else None, "step_ratio_rounds": step_ratios,
-            "cpu_s": median([median(o["cpu_s"]) for o in ok]),
-            "cpu_ratio": median(cpu_ratios) if cpu_ratios else None, "cpu_ratio_rounds": cpu_ratios,
-            "forward_s": phases[0], "backward_s": phases[1], "optimizer_s": phases[2],
-            "flops_ratio": ratio(first["step_flops"], full0["step_flops"]) if full0 else None,
-            "tokens_per_s": first["tokens"] / step_s,
-            "train_mem_mb": median([o["train_mem_mb"] for o in ok]),
-            "mem_ratio": median(mem_ratios) if mem_ratios else None, "mem_ratio_rounds": mem_ratios,
-            "loaded_mb": median([o["loaded_mb"] for o in ok]),
-            "saved_activation_mb": first["saved_activation_mb"],
-            "adamw_state_mb": 12 * first["trainable"] / 2**20,  # fp32 grads 4 B + two moments 8 B per trainable
-            "loss_first_last": [first["losses"][0], first["losses"][-1]],
-            "peak_reset": all(o["peak_reset"] for o in ok),
-        })
+        wall = [rd[i]["wall"] for rd in rounds]
+        step_s = median(wall)
+        row = {
+            "variant": v, "method": mem["method"], "towers": mem["towers"], "trainable": mem["trainable"],
+            "total": mem["total"], "trainable_pct": 100.0 * mem["trainable"] / mem["total"],
+            "step_s": step_s, "step_ratio": median([rd[i]["wall"] / rd[0]["wall"] for rd in rounds]),
+            "step_ratio_rounds": [rd[i]["wall"] / rd[0]["wall"] for rd in rounds],
+            "cpu_s": median([rd[i]["cpu"] for rd in rounds]),
+            "cpu_ratio": median([rd[i]["cpu"] / rd[0]["cpu"] for rd in rounds]),
+            "forward_s": median([rd[i]["phases"][0] for rd in rounds]),
+            "backward_s": median([rd[i]["phases"][1] for rd in rounds]),
+            "optimizer_s": median([rd[i]["phases"][2] for rd in rounds]),
+            "fwd_bwd_ratio": median([sum(rd[i]["phases"][:2]) / sum(rd[0]["phases"][:2]) for rd in rounds]),
+            "flops_ratio": ratio(mem["step_flops"], full_mem["step_flops"]) if "step_flops" in full_mem else None,
+            "tokens_per_s": mem["tokens"] / step_s,
+            "train_mem_mb": mem["train_mem_mb"], "mem_ratio": ratio(mem["train_mem_mb"], full_mem.get("train_mem_mb", 0)),
+            "loaded_mb": mem["loaded_mb"], "saved_activation_mb": mem["saved_activation_mb"],
+            "adamw_state_mb": 12 * mem["trainable"] / 2**20,  # fp32 grads 4 B + two moments 8 B per trainable
+            "loss_first_last": [mem["losses"][0], mem["losses"][-1]], "peak_reset": mem["peak_reset"],
+        }
+        rows.append(row)
     return rows
 
 
 COLUMNS = [
     ("variant", "method@towers"), ("trainable", "trainable"), ("trainable_pct", "%"), ("step_s", "step s"),
-    ("step_ratio", "x full"), ("cpu_ratio", "cpu x full"), ("flops_ratio", "theory"), ("forward_s", "fwd s"),
-    ("backward_s", "bwd s"), ("optimizer_s", "adamw s"), ("train_mem_mb", "train MB"), ("mem_ratio", "x full"),
+    ("step_ratio", "x full"), ("cpu_ratio", "cpu x full"), ("fwd_bwd_ratio", "fwd+bwd x"), ("flops_ratio", "theory"),
+    ("forward_s", "fwd s"), ("backward_s", "bwd s"), ("optimizer_s", "adamw s"), ("train_mem_mb", "train MB"), ("mem_ratio", "x full"),
     ("saved_activation_mb", "saved act MB"), ("adamw_state_mb", "grad+adam MB"),
 ]
 
@@ -154,8 +158,9 @@ COLUMNS = [
 def render(doc: dict[str, Any]) -> str:
     c = doc["config"]
     lines = [header(doc),
-             f"model {c['model']}, batch {c['batch_size']} x {c['max_length']} tokens, {c['threads']} threads, "
-             f"{c['steps']} timed steps after {c['warmup']} warm-up, {c['repeats']} interleaved rounds; "
+             f"model {c['model']}, batch {c['batch_size']} x {c['max_length']} tokens, {c['threads']} threads; time: "
+             f"{c['repeats']} process(es) x {c['steps']} rounds (after {c['warmup']}) of one step per variant, "
+             f"interleaved; memory: one process per variant; "
              f"1-min load during the run {c['load_1min_during']}",
              table(doc["rows"], COLUMNS),
              "theory = expected step FLOPs / full (linear+conv layers: forward + input grads where autograd needs "
@@ -170,9 +175,10 @@ def add_arguments(ap: Any) -> None:
                     help="space-separated METHOD or METHOD@TOWER,TOWER (default: %(default)s)")
     ap.add_argument("--batch-size", type=int, default=4)
     ap.add_argument("--max-length", type=int, default=None, help="default: image tokens + 40")
-    ap.add_argument("--steps", type=int, default=5, help="timed steps per round")
-    ap.add_argument("--warmup", type=int, default=2)
-    ap.add_argument("--repeats", type=int, default=3, help="interleaved rounds (fresh process each)")
+    ap.add_argument("--steps", type=int, default=6, help="timed rounds per timing process (one step per variant)")
+    ap.add_argument("--warmup", type=int, default=2, help="untimed rounds first")
+    ap.add_argument("--repeats", type=int, default=2, help="timing processes")
+    ap.add_argument("--memory-steps", type=int, default=2, help="steps of each memory process (after 1 warm-up)")
     ap.add_argument("--threads", type=int, default=2)
     ap.add_argument("--gradient-checkpointing", action="store_true")
     ap.add_argument("--fused-adamw", action="store_true", help="torch AdamW(fused=True) instead of the default")
@@ -181,4 +187,5 @@ def add_arguments(ap: Any) -> None:
 def from_args(args: Any) -> dict[str, Any]:
     return run(model=args.model, variants=tuple(args.variants.split()), batch_size=args.batch_size,
                max_length=args.max_length, steps=args.steps, warmup=args.warmup, repeats=args.repeats,
+               memory_steps=args.memory_steps,
                threads=args.threads, gradient_checkpointing=args.gradient_checkpointing, fused_adamw=args.fused_adamw)

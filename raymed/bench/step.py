@@ -1,14 +1,17 @@
-"""One method's training steps in a fresh process: `python -m raymed.bench.step SPEC.json`.
+"""Training steps of a plain PyTorch loop in a fresh process: `python -m raymed.bench.step SPEC.json`.
 
-A plain PyTorch loop (forward, backward, AdamW over the trainable parameters only, `zero_grad`) on one
-fixed batch. Each method runs in its own process so that peak-memory figures do not mix: training
-memory = peak RSS during the steps minus RSS of the loaded model (+ method + batch) just before them.
+A step is forward, backward, AdamW over the trainable parameters only, `zero_grad` — on one fixed batch.
+Two modes, because the two measurements need opposite things:
 
-Before timing, one profiled forward pass (autograd on, no backward) records what the cost model of
-DESIGN.md §5 needs: the FLOPs of every linear/conv call and whether autograd will compute its input
-gradient (input requires grad) and its weight gradient (weight trainable), and the bytes autograd saves
-for backward (activations; parameters excluded). The expected step cost is then
-`sum(F) + sum(F if input needs grad) + sum(F if weight trainable)` over those calls.
+- `memory` (one method per process, so peaks do not mix): training memory = peak RSS during the steps
+  minus RSS of the loaded model (+ method + batch + optimizer object) just before them. Before that, one
+  profiled forward pass (autograd on, no backward) records what the cost model of DESIGN.md §5 needs:
+  the FLOPs of every linear/conv call, whether autograd will compute its input gradient (input requires
+  grad) and its weight gradient (weight trainable), and the bytes autograd saves for backward.
+  Expected step cost = `sum(F) + sum(F if input needs grad) + sum(F if weight trainable)`.
+- `timing` (every method in one process, one step of each in turn, the order rotating every round): on a
+  shared machine the load drifts over seconds to minutes, so steps of different methods taken seconds
+  apart are compared under the same load; per-round ratios to `full` are then paired.
 """
 
 from __future__ import annotations
@@ -32,7 +35,6 @@ def profile_pass(model: Any, batch: Mapping[str, Any]) -> dict[str, float]:
     saved: dict[int, int] = {}
 
     def hook(module: nn.Module, inputs: tuple, output: Any) -> None:
-        x = inputs[0]
         out = output[0] if isinstance(output, tuple) else output
         if isinstance(module, nn.Linear):
             f = 2.0 * out.numel() * module.in_features
@@ -40,7 +42,7 @@ def profile_pass(model: Any, batch: Mapping[str, Any]) -> dict[str, float]:
             k = module.kernel_size[0] * module.kernel_size[1] * module.in_channels // module.groups
             f = 2.0 * out.numel() * k
         flops["forward"] += f
-        if x.requires_grad:
+        if inputs[0].requires_grad:
             flops["input_grad"] += f
         if module.weight.requires_grad:
             flops["weight_grad"] += f
@@ -63,65 +65,100 @@ def profile_pass(model: Any, batch: Mapping[str, Any]) -> dict[str, float]:
     return {**flops, "step_flops": cost, "saved_activation_mb": sum(saved.values()) / 2**20}
 
 
-def run(spec: Mapping[str, Any]) -> dict[str, Any]:
-    """Build, apply the method, profile, then time `warmup + steps` training steps on one batch."""
-    import torch
+class Trainer:
+    """One method applied to a fresh copy of the model, with its optimizer."""
 
-    torch.set_num_threads(int(spec["threads"]))
-    from raymed.bench.common import model_ref, peak_rss_mb, release_memory, reset_peak_rss, rss_mb
-    from raymed.methods import apply_method
-    from raymed.models import load_model
+    def __init__(self, spec: Mapping[str, Any], variant: Mapping[str, Any]) -> None:
+        import torch
 
-    t0 = time.perf_counter()
-    ref = model_ref(spec["model"])
-    model = load_model(ref, seed=int(spec.get("seed", 0)))
-    model, acc = apply_method(model, ref, spec["method"], spec.get("towers"), spec.get("options"))
-    if spec.get("gradient_checkpointing"):
-        model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
-    batch = torch.load(spec["batch"])
-    model.train()
-    trainable = [p for p in model.parameters() if p.requires_grad]
-    # torch's default AdamW (the for-each-tensor CPU path), as the recipe's client optimizer; `fused` on request.
-    optimizer = torch.optim.AdamW(trainable, lr=float(spec.get("lr", 1e-4)), fused=bool(spec.get("fused_adamw")) or None)
-    profile = profile_pass(model, batch)
-    build_s = time.perf_counter() - t0
+        from raymed.bench.common import model_ref
+        from raymed.methods import apply_method
+        from raymed.models import load_model
 
-    release_memory()
-    loaded = rss_mb()
-    peak_reset = reset_peak_rss()
-    times, cpu, phases, losses = [], [], [], []
-    for _ in range(int(spec["warmup"]) + int(spec["steps"])):
+        ref = model_ref(spec["model"])
+        model = load_model(ref, seed=int(spec.get("seed", 0)))
+        self.model, self.acc = apply_method(model, ref, variant["method"], variant.get("towers"), variant.get("options"))
+        if spec.get("gradient_checkpointing"):
+            self.model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+        self.model.train()
+        self.trainable = [p for p in self.model.parameters() if p.requires_grad]
+        # torch's default AdamW (the for-each-tensor CPU path, as the recipe's client optimizer); fused on request.
+        self.optimizer = torch.optim.AdamW(self.trainable, lr=float(spec.get("lr", 1e-4)),
+                                           fused=bool(spec.get("fused_adamw")) or None)
+
+    def step(self, batch: Mapping[str, Any]) -> dict[str, Any]:
+        """One training step: wall time, CPU time of all threads, and its forward/backward/AdamW phases."""
         t, c = time.perf_counter(), time.process_time()
-        loss = model(**batch).loss
+        loss = self.model(**batch).loss
         t1 = time.perf_counter()
         loss.backward()
         t2 = time.perf_counter()
-        optimizer.step()
-        optimizer.zero_grad(set_to_none=True)
+        self.optimizer.step()
+        self.optimizer.zero_grad(set_to_none=True)
         t3 = time.perf_counter()
-        times.append(t3 - t)
-        cpu.append(time.process_time() - c)  # all threads; less sensitive than wall time to other load
-        phases.append([t1 - t, t2 - t1, t3 - t2])
-        losses.append(float(loss.detach()))
+        return {"wall": t3 - t, "cpu": time.process_time() - c, "phases": [t1 - t, t2 - t1, t3 - t2],
+                "loss": float(loss.detach())}
+
+    def facts(self) -> dict[str, Any]:
+        return {"trainable": self.acc.trainable, "total": self.acc.total,
+                "trainable_bytes": sum(p.numel() * p.element_size() for p in self.trainable)}
+
+
+def run_memory(spec: Mapping[str, Any]) -> dict[str, Any]:
+    """One variant: profile, then the peak RSS of `warmup + steps` steps above the loaded state."""
+    import torch
+
+    from raymed.bench.common import peak_rss_mb, release_memory, reset_peak_rss, rss_mb
+
+    t0 = time.perf_counter()
+    variant = spec["variants"][0]
+    trainer = Trainer(spec, variant)
+    batch = torch.load(spec["batch"])
+    profile = profile_pass(trainer.model, batch)
+    build_s = time.perf_counter() - t0
+    release_memory()
+    loaded = rss_mb()
+    peak_reset = reset_peak_rss()
+    steps = [trainer.step(batch) for _ in range(int(spec["warmup"]) + int(spec["steps"]))]
     peak = peak_rss_mb()
-    tokens = int(batch["attention_mask"].sum())
     return {
-        "method": spec["method"], "towers": spec.get("towers"), "trainable": acc.trainable, "total": acc.total,
-        "trainable_bytes": sum(p.numel() * p.element_size() for p in trainable),
-        "step_s": times[int(spec["warmup"]):], "warmup_s": times[: int(spec["warmup"])],
-        "cpu_s": cpu[int(spec["warmup"]):], "phases_s": phases[int(spec["warmup"]):],
+        "method": variant["method"], "towers": variant.get("towers"), **trainer.facts(), **profile,
         "loaded_mb": loaded, "peak_mb": peak, "train_mem_mb": peak - loaded, "peak_reset": peak_reset,
-        "build_s": build_s, "losses": losses, "batch_size": int(batch["input_ids"].shape[0]),
-        "seq_len": int(batch["input_ids"].shape[1]), "tokens": tokens, "threads": torch.get_num_threads(),
-        **profile,
+        "build_s": build_s, "step_s": [s["wall"] for s in steps[int(spec["warmup"]):]],
+        "losses": [s["loss"] for s in steps], "batch_size": int(batch["input_ids"].shape[0]),
+        "seq_len": int(batch["input_ids"].shape[1]), "tokens": int(batch["attention_mask"].sum()),
+        "threads": torch.get_num_threads(),
     }
 
 
+def run_timing(spec: Mapping[str, Any]) -> dict[str, Any]:
+    """All variants in this process; each round takes one step of every variant, order rotating."""
+    import torch
+
+    batch = torch.load(spec["batch"])
+    trainers = [Trainer(spec, v) for v in spec["variants"]]
+    n = len(trainers)
+    rounds = []
+    for r in range(int(spec["warmup"]) + int(spec["steps"])):
+        order = [(r + i) % n for i in range(n)]
+        out: list[Any] = [None] * n
+        for i in order:
+            out[i] = trainers[i].step(batch)
+        if r >= int(spec["warmup"]):
+            rounds.append(out)
+    return {"variants": [{**v, **t.facts()} for v, t in zip(spec["variants"], trainers)], "rounds": rounds,
+            "threads": torch.get_num_threads()}
+
+
 def main(argv: list[str] | None = None) -> int:
+    import torch
+
     argv = sys.argv[1:] if argv is None else argv
     with open(argv[0]) as f:
         spec = json.load(f)
-    print(MARK + json.dumps(run(spec)), flush=True)
+    torch.set_num_threads(int(spec["threads"]))
+    out = run_memory(spec) if spec["mode"] == "memory" else run_timing(spec)
+    print(MARK + json.dumps(out), flush=True)
     return 0
 
 
