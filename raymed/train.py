@@ -76,11 +76,12 @@ def required_cpus(cfg: Config) -> float:
     return cfg.scaling.num_workers * cfg.scaling.cpus_per_worker + (max(cfg.data.preprocess_actors, 1) + 1) * PREPROCESS_CPUS
 
 
-def init_ray(cfg: Config) -> None:
-    """Connect to the cluster (`RAY_ADDRESS`, e.g. under `ray job submit`) or start a local one.
+def init_ray(min_cpus: float) -> None:
+    """Connect to the cluster named by `RAY_ADDRESS` (set by `ray job submit`; `auto` for a `ray start`
+    cluster on this machine) or start a new local one.
 
-    A local cluster gets logical CPUs = max(cores, what the run asks for): on a 2-core machine a
-    2-worker run plus its data actors still schedules (DESIGN.md §6).
+    A local cluster gets logical CPUs = max(cores, `min_cpus`): on a 2-core machine a 2-worker run plus
+    its data tasks (or two light sweep trials) still schedule (DESIGN.md §6).
     """
     import ray
 
@@ -88,10 +89,10 @@ def init_ray(cfg: Config) -> None:
         return
     env = {"env_vars": {"TRANSFORMERS_VERBOSITY": "error", "RAY_TRAIN_ENABLE_V2_MIGRATION_WARNINGS": "0"}}
     if os.environ.get("RAY_ADDRESS"):
-        ray.init(runtime_env=env, log_to_driver=True)
+        ray.init(runtime_env=env)
     else:
-        cpus = max(os.cpu_count() or 1, math.ceil(required_cpus(cfg) + 1))
-        ray.init(num_cpus=cpus, runtime_env=env, include_dashboard=False)
+        cpus = max(os.cpu_count() or 1, math.ceil(min_cpus))
+        ray.init(address="local", num_cpus=cpus, runtime_env=env, include_dashboard=False)
 
 
 def check_resources(cfg: Config) -> None:
@@ -210,7 +211,7 @@ def machine() -> dict[str, Any]:
 
 def fit(cfg: Config) -> dict[str, Any]:
     """Run training to completion (resuming a same-named run) and write `<storage>/<name>/result.json`."""
-    init_ray(cfg)
+    init_ray(required_cpus(cfg) + 1)
     check_resources(cfg)
     t0 = time.time()
     trainer = build_trainer(cfg)

@@ -15,7 +15,6 @@ from __future__ import annotations
 import argparse
 import itertools
 import json
-import math
 import os
 import sys
 import time
@@ -25,7 +24,7 @@ from typing import Any, Literal
 from pydantic import Field
 
 from .config import Config, ConfigError, _Section, _format, deep_merge, parse_override, read_yaml, set_dotted, validate
-from .train import ResourceError, build_trainer, required_cpus, summarize
+from .train import ResourceError, build_trainer, init_ray, required_cpus, summarize
 
 DEFAULT_SWEEP = Path(__file__).parent / "defaults" / "sweep.yaml"
 VQA_METRICS = ("closed_acc", "open_acc", "open_recall", "overall_acc", "n_closed", "n_open")
@@ -178,12 +177,7 @@ def run_sweep(sweep: SweepConfig, base: dict[str, Any], out: Path, resume: bool 
 
     base_cfg = validate(base)
     need = trial_cpus(base_cfg, sweep)
-    if not ray.is_initialized():
-        env = {"env_vars": {"TRANSFORMERS_VERBOSITY": "error", "RAY_TRAIN_ENABLE_V2_MIGRATION_WARNINGS": "0"}}
-        if os.environ.get("RAY_ADDRESS"):
-            ray.init(runtime_env=env)
-        else:  # logical CPUs: a 2-core machine runs two light trials side by side
-            ray.init(num_cpus=max(os.cpu_count() or 1, math.ceil(2 * need)), runtime_env=env, include_dashboard=False)
+    init_ray(2 * need)  # a local cluster runs two trials side by side
     cluster_cpus = ray.cluster_resources().get("CPU", 0)
     if cluster_cpus < need and not os.environ.get("RAYMED_AUTOSCALING"):
         raise ResourceError(f"each trial needs {need:g} CPUs (driver {sweep.trial_cpus:g} + "

@@ -20,6 +20,9 @@ from tests.test_tune import ROOT, SWEEP, _check_report
 
 pytestmark = pytest.mark.integration
 ENV = {**{k: v for k, v in os.environ.items() if k != "RAY_ADDRESS"}, "TRANSFORMERS_VERBOSITY": "error"}
+# Ray 2.60 enables token authentication on clusters it starts; its clients send the token
+# (~/.ray/auth_token) only in token mode.
+CLIENT_ENV = {**ENV, "RAY_AUTH_MODE": "token"}
 
 
 def _free_port() -> int:
@@ -42,16 +45,25 @@ def head_node(tmp_path):
     address = f"http://127.0.0.1:{dash}"
     deadline = time.time() + 120
     while time.time() < deadline:
-        ok = subprocess.run([ray_bin, "job", "list", "--address", address], env=env, capture_output=True)
+        ok = subprocess.run([ray_bin, "job", "list", "--address", address], env=CLIENT_ENV, capture_output=True)
         if ok.returncode == 0:
             break
         time.sleep(2)
     else:
-        os.killpg(proc.pid, signal.SIGTERM)
+        _stop(proc)
         pytest.fail("ray head node did not come up")
-    yield address, env, ray_bin
-    os.killpg(proc.pid, signal.SIGTERM)
-    proc.wait(timeout=60)
+    yield address, CLIENT_ENV, ray_bin
+    _stop(proc)
+
+
+def _stop(proc: subprocess.Popen) -> None:
+    """Stop our head node: `ray start --block` shuts its cluster down on SIGINT (not on SIGTERM)."""
+    proc.send_signal(signal.SIGINT)
+    try:
+        proc.wait(timeout=60)
+    except subprocess.TimeoutExpired:
+        os.killpg(proc.pid, signal.SIGKILL)
+        proc.wait(timeout=30)
 
 
 def test_ray_job_submit(head_node, tmp_path):
