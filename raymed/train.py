@@ -92,7 +92,22 @@ def init_ray(min_cpus: float) -> None:
         ray.init(runtime_env=env)
     else:
         cpus = max(os.cpu_count() or 1, math.ceil(min_cpus))
-        ray.init(address="local", num_cpus=cpus, runtime_env=env, include_dashboard=False)
+        start_local_ray(num_cpus=cpus, runtime_env=env, include_dashboard=False)
+
+
+def start_local_ray(attempts: int = 3, **kwargs: Any) -> None:
+    """`ray.init` of a new local cluster, retried when the node misses Ray's fixed start-up deadline
+    (seen on overloaded 2-core machines: "The current node timed out during startup")."""
+    import ray
+
+    for attempt in range(attempts):
+        try:
+            ray.init(address="local", **kwargs)
+            return
+        except Exception as err:  # Ray raises a bare Exception here
+            ray.shutdown()
+            if attempt == attempts - 1 or "timed out during startup" not in str(err):
+                raise
 
 
 def check_resources(cfg: Config) -> None:

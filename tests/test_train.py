@@ -15,7 +15,7 @@ from raymed.config import load_config
 from raymed.export import main as export_main
 from raymed.methods import apply_method
 from raymed.models import load_model, resolve
-from raymed.train import fit
+from raymed.train import fit, start_local_ray
 from tests.conftest import tiny_batch
 
 pytestmark = pytest.mark.integration
@@ -31,8 +31,8 @@ BASE = [
 def ray_cluster(tmp_path_factory):
     import ray
 
-    ray.init(num_cpus=4, include_dashboard=False, log_to_driver=False,
-             runtime_env={"env_vars": {"TRANSFORMERS_VERBOSITY": "error"}})
+    start_local_ray(num_cpus=4, include_dashboard=False, log_to_driver=False,
+                    runtime_env={"env_vars": {"TRANSFORMERS_VERBOSITY": "error"}})
     yield tmp_path_factory.mktemp("runs")
     ray.shutdown()
 

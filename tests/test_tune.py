@@ -7,6 +7,7 @@ from pathlib import Path
 
 import pytest
 
+from raymed.train import start_local_ray
 from raymed.tune import main as tune_main
 from tests.test_report import _md_tables, _num
 
@@ -19,8 +20,8 @@ SWEEP = ROOT / "configs" / "sweeps" / "tiny-cpu.yaml"
 def ray_cluster():
     import ray
 
-    ray.init(num_cpus=4, include_dashboard=False, log_to_driver=False,
-             runtime_env={"env_vars": {"TRANSFORMERS_VERBOSITY": "error"}})
+    start_local_ray(num_cpus=4, include_dashboard=False, log_to_driver=False,
+                    runtime_env={"env_vars": {"TRANSFORMERS_VERBOSITY": "error"}})
     yield
     ray.shutdown()
 
