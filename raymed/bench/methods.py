@@ -93,7 +93,7 @@ def run(model: str = BENCH_MODEL, variants: tuple[str, ...] = DEFAULT_VARIANTS, 
                                                    f"{out['trainable']:,} trainable"), flush=True)
         for r in range(repeats):
             out = run_child({**base, "mode": "timing", "variants": [specs[v] for v in variants], "steps": steps,
-                             "warmup": warmup}, workdir)
+                             "warmup": warmup, "progress": str(workdir / f"timing-{r + 1}.log")}, workdir)
             loads.append(os.getloadavg()[0])
             if "error" in out:
                 raise RuntimeError(f"methods timing process {r + 1} failed: {out['error']}")

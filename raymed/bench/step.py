@@ -146,6 +146,9 @@ def run_timing(spec: Mapping[str, Any]) -> dict[str, Any]:
             out[i] = trainers[i].step(batch)
         if r >= int(spec["warmup"]):
             rounds.append(out)
+        if spec.get("progress"):  # a long run on a busy machine: `tail -f` this file to follow it
+            with open(spec["progress"], "a") as f:
+                f.write(f"round {r + 1}: " + " ".join(f"{o['wall']:.2f}" for o in out) + "\n")
     return {"variants": [{**v, **t.facts()} for v, t in zip(spec["variants"], trainers)], "rounds": rounds,
             "threads": torch.get_num_threads()}
 
