@@ -16,9 +16,15 @@ from PIL import Image
 from raymed.models import load_processor, resolve
 
 
+# Benchmark smoke tests run each suite end to end (minutes on 2 cores): `slow` tier, `pytest -m slow`.
+SLOW_MODULES = ("test_bench.py",)
+
+
 def pytest_collection_modifyitems(items):
     """Tests without a tier marker are unit tests; gpu tests skip without CUDA."""
     for item in items:
+        if item.path.name in SLOW_MODULES:
+            item.add_marker(pytest.mark.slow)
         if not any(item.get_closest_marker(m) for m in ("integration", "gpu", "slow")):
             item.add_marker(pytest.mark.unit)
         if item.get_closest_marker("gpu") and not torch.cuda.is_available():
