@@ -16,8 +16,8 @@ from PIL import Image
 from raymed.models import load_processor, resolve
 
 
-# Benchmark smoke tests run each suite end to end (minutes on 2 cores): `slow` tier, `pytest -m slow`.
-SLOW_MODULES = ("test_bench.py",)
+# Benchmark and pretraining smoke tests run end to end (minutes on 2 cores): `slow` tier, `pytest -m slow`.
+SLOW_MODULES = ("test_bench.py", "test_pretrain.py")
 
 
 def pytest_collection_modifyitems(items):
