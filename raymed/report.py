@@ -10,6 +10,7 @@ Row format (one JSON object per run, the ``result.json`` of a training run)::
     metrics        dict, required       flat {name: number}; "eval/<set>/<name>" after training
                                         (e.g. "eval/test/closed_acc", "eval/ood/open_recall"),
                                         "zeroshot/<set>/<name>" before it; other keys are kept too
+    model          str | None           base model (preset or path); labels carry it when trials differ
     towers         list[str] | None     towers the method was applied to (None: the method's default)
     lr             float | None
     params         {"trainable": int, "total": int, "percent": float}   percent in 0..100
@@ -254,14 +255,17 @@ def _towers(t: Mapping[str, Any]) -> str:
 
 
 def _labels(trials: Sequence[Mapping[str, Any]]) -> dict[str, str]:
-    """Label per trial: the method, plus its towers when the method ran with several tower choices."""
+    """Label per trial: the method, plus its towers when the method ran with several tower choices, prefixed
+    by the base model when the sweep compared several models."""
     choices: dict[str, set[str]] = {}
     for t in trials:
         choices.setdefault(t["method"], set()).add(_towers(t))
-    return {
-        t["trial_id"]: t["method"] if len(choices[t["method"]]) == 1 else f"{t['method']} [{_towers(t)}]"
-        for t in trials
-    }
+    several_models = len({t.get("model") for t in trials}) > 1
+    labels = {}
+    for t in trials:
+        label = t["method"] if len(choices[t["method"]]) == 1 else f"{t['method']} [{_towers(t)}]"
+        labels[t["trial_id"]] = f"{t.get('model')} · {label}" if several_models else label
+    return labels
 
 
 def _metric_columns(available: Sequence[str], metric: str) -> list[str]:

@@ -224,6 +224,7 @@ def rows_from_results(results: Any, base: dict[str, Any]) -> list[dict[str, Any]
         cfg = validate(data)
         rows.append({
             "trial_id": m.get("trial_id") or r.path.rsplit("/", 1)[-1],
+            "model": cfg.model.name,
             "method": cfg.method.name,
             "towers": cfg.method.towers,
             "lr": cfg.train.lr,

@@ -155,8 +155,10 @@ def ray_cluster():
     ray = pytest.importorskip("ray")
     if ray.is_initialized():
         pytest.skip("a Ray cluster is already initialised in this process")
-    ray.init(num_cpus=4, include_dashboard=False, log_to_driver=False,
-             runtime_env={"env_vars": {"TRANSFORMERS_VERBOSITY": "error"}})
+    from raymed.train import start_local_ray
+
+    start_local_ray(num_cpus=4, include_dashboard=False, log_to_driver=False,
+                    runtime_env={"env_vars": {"TRANSFORMERS_VERBOSITY": "error"}})
     yield ray
     ray.shutdown()
 

@@ -17,6 +17,7 @@ from PIL import Image
 from raymed.data import ReadOptions, generate, prepare
 from raymed.data.evaluation import eval_batches, match_predictions, read_rows, references
 from raymed.data.transform import DecodeAndEncode
+from raymed.train import start_local_ray
 
 IMAGE, MAX_LEN = 16, 8
 
@@ -154,14 +155,8 @@ def ray_cluster():
 
     # Ray workers cannot import this test module: ship its encoder and train loop by value.
     ray.cloudpickle.register_pickle_by_value(sys.modules[__name__])
-    for attempt in (1, 2):  # Ray gives its raylet a fixed 30 s to register: a shared, overloaded host can miss it
-        try:
-            ray.init(num_cpus=4, object_store_memory=OBJECT_STORE, include_dashboard=False, log_to_driver=False)
-            break
-        except Exception as err:  # noqa: BLE001 - Ray raises a bare Exception here
-            ray.shutdown()
-            if attempt == 2 or "timed out during startup" not in str(err):
-                raise
+    # A fresh local cluster (never one left by `ray start` in another test), retried on a missed start-up deadline.
+    start_local_ray(num_cpus=4, object_store_memory=OBJECT_STORE, include_dashboard=False, log_to_driver=False)
     yield ray
     ray.shutdown()
 

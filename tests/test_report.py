@@ -162,6 +162,15 @@ def test_methods_with_several_tower_choices_are_separate(tmp_path: Path) -> None
     assert summary["best_per_method"] == {"ln [vision_tower+language_model]": "b", "ln [language_model]": "a"}
 
 
+def test_several_base_models_are_compared_per_model(tmp_path: Path) -> None:
+    rows = [_row("a", "ln", 1e-3, 10, 0.6, model="tiny-llava-med"), _row("b", "ln", 1e-3, 20, 0.7, model="tiny-miss-med"),
+            _row("c", "ln", 3e-3, 10, 0.5, model="tiny-llava-med")]
+    summary = json.loads(build_report(rows, tmp_path)["results_json"].read_text())
+    assert summary["best_per_method"] == {"tiny-miss-med · ln": "b", "tiny-llava-med · ln": "a"}
+    one_model = json.loads(build_report(rows[::2], tmp_path / "one")["results_json"].read_text())
+    assert one_model["best_per_method"] == {"ln": "a"}
+
+
 def test_unknown_metric_names_it_and_lists_available(tmp_path: Path) -> None:
     with pytest.raises(ValueError) as err:
         build_report(ROWS, tmp_path, metric="eval/test/overal_acc")

@@ -49,9 +49,13 @@ def _safetensors_data_bytes(path: Path) -> int:
     return path.stat().st_size - 8 - header_len
 
 
-@pytest.mark.parametrize("stage", [2, 3])
-@pytest.mark.parametrize("model_name", ["tiny-llava", "tiny-miss"])
-@pytest.mark.parametrize("method", ["ln", "attn", "lora", "full"])
+# Pairwise cover of method x family x ZeRO stage: every method on both families and both stages, every family
+# on both stages (8 runs instead of 16: each Ray Train run costs ~30 s of CI on 2 cores).
+MATRIX = [("ln", "tiny-llava", 2), ("ln", "tiny-miss", 3), ("attn", "tiny-llava", 3), ("attn", "tiny-miss", 2),
+          ("lora", "tiny-llava", 2), ("lora", "tiny-miss", 3), ("full", "tiny-llava", 3), ("full", "tiny-miss", 2)]
+
+
+@pytest.mark.parametrize(("method", "model_name", "stage"), MATRIX)
 def test_method_matrix(ray_cluster, model_name, stage, method):
     summary = run(ray_cluster, f"{model_name}-{method}-z{stage}", f"model.name={model_name}",
                   f"method.name={method}", f"deepspeed.zero_stage={stage}", "run.save_full_model=true")

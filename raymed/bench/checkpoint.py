@@ -10,6 +10,7 @@ peft adapter) and `resume/` (DeepSpeed engine state: trainable weights, fp32 par
 from __future__ import annotations
 
 import os
+import shutil
 import socket
 import tempfile
 import time
@@ -87,6 +88,7 @@ def measure(model: str, model_name: str, method: str, batch: dict[str, Any], zer
     }
     resume_files = {str(f.relative_to(out / "resume")): f.stat().st_size
                     for f in sorted((out / "resume").rglob("*")) if f.is_file()}
+    shutil.rmtree(out)  # a full-model checkpoint of bench-llava is ~1 GB
     del engine, net
     torch.distributed.barrier()
     return {
