@@ -7,7 +7,6 @@ engine) -> dataset shard -> DeepSpeed engine -> resume -> [zero-shot eval] -> tr
 
 from __future__ import annotations
 
-import json
 import math
 import os
 import random

@@ -16,8 +16,8 @@ from PIL import Image
 from raymed.models import load_processor, resolve
 
 
-# Benchmark and pretraining smoke tests run end to end (minutes on 2 cores): `slow` tier, `pytest -m slow`.
-SLOW_MODULES = ("test_bench.py", "test_pretrain.py")
+# Benchmark smoke tests run every suite end to end (minutes on 2 cores): `slow` tier, `pytest -m slow`.
+SLOW_MODULES = ("test_bench.py",)
 
 
 def pytest_collection_modifyitems(items):

@@ -14,7 +14,6 @@ import math
 import os
 import tempfile
 import time
-from pathlib import Path
 from typing import Any
 
 from .common import (

@@ -8,7 +8,8 @@ what modality, describe the image). Everything a question asks is visible, so a 
 A :class:`Style` is data: modalities (how intensities, noise and blur render), organs, the lesion
 count distribution and the question templates with weights. ``base`` is the default training set,
 ``shifted`` an out-of-distribution variant (other contrast, noise and phrasing, one unseen organ),
-``pretrain`` a caption-heavy mix for pretraining tiny bases. Output is byte-identical per seed: one
+``pretrain`` a caption-heavy ct/mri mix for pretraining tiny bases (it holds out the x-ray modality and the size
+question that ``base`` adds). Output is byte-identical per seed: one
 seeded ``numpy`` generator per image, fixed PNG encoder settings, no timestamps.
 
 "Left"/"right" mean the image's left and right halves (not the patient's side).
@@ -102,10 +103,12 @@ STYLES: dict[str, Style] = {
                Question("side", ("on which side is the abnormality, left or right?",), 2),
                Question("size", ("is the abnormality small or large?",), 1),
                Question("count", ("how many abnormalities are present?",), 2), ORGAN, MODALITY)),
-        Style("pretrain", "caption-heavy mix of all organs and modalities, for pretraining tiny bases",
-              ((CT, 1), (MRI, 1), (XRAY, 1)), (BRAIN, LUNG, LIVER, KIDNEY),
+        # Pretraining holds out what the downstream `base` task adds: the x-ray modality and the size question.
+        Style("pretrain", "caption-heavy ct/mri of all organs, no x-ray and no size question (for pretraining "
+              "tiny bases; `base` adds both)",
+              ((CT, 1), (MRI, 1)), (BRAIN, LUNG, LIVER, KIDNEY),
               (Question("caption", CAPTION.texts + ("what does this image show?",), 4),
-               PRESENCE, SIDE, SIZE, COUNT, ORGAN, MODALITY), questions_per_image=4),
+               PRESENCE, SIDE, COUNT, ORGAN, MODALITY), questions_per_image=4),
     )
 }
 

@@ -12,7 +12,7 @@ import json
 from collections.abc import Iterator, Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Callable
+from typing import Any, Callable, ClassVar
 
 import numpy as np
 import torch
@@ -117,17 +117,39 @@ class Family:
         return infos
 
     # ---- loading -------------------------------------------------------------------------------
+    model_class: ClassVar[Any] = None  # the transformers model class of the family (set by subclasses)
+    processor_class: ClassVar[Any] = None
+
     def build(self, preset: Preset, device: str = "cpu", seed: int = 0) -> nn.Module:
-        raise NotImplementedError
+        """A preset's model: on `meta` (accounting only), its shipped weights, or seeded random weights."""
+        if device == "meta":
+            with torch.device("meta"):
+                return self.model_class(preset.build_config())
+        if preset.shipped_dir:
+            from ..pretrained import shipped_path
+
+            return self.load_pretrained(shipped_path(preset.shipped_dir)).eval()
+        cfg = preset.build_config()
+        torch.manual_seed(seed)
+        return self.model_class(cfg).eval()
 
     def load_pretrained(self, path: Path, dtype: torch.dtype = torch.float32) -> nn.Module:
-        raise NotImplementedError
+        return self.model_class.from_pretrained(path, dtype=dtype, use_safetensors=True)
 
     def build_processor(self, preset: Preset) -> Any:
+        """A preset's processor: the shipped one, or one built locally from the preset's config."""
+        if preset.shipped_dir:
+            from ..pretrained import shipped_path
+
+            return self.load_processor(shipped_path(preset.shipped_dir))
+        return self.new_processor(preset.build_config())
+
+    def new_processor(self, config: Any) -> Any:
+        """A processor (tokenizer + image processor) built locally for a model config."""
         raise NotImplementedError
 
     def load_processor(self, path: Path) -> Any:
-        raise NotImplementedError
+        return self.processor_class.from_pretrained(path)
 
     def convert_original(self, state_dict: Mapping[str, torch.Tensor]) -> dict[str, torch.Tensor]:
         """Map a checkpoint in the original release's naming to the transformers layout."""

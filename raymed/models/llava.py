@@ -9,7 +9,6 @@ from __future__ import annotations
 
 import re
 from collections.abc import Mapping, Sequence
-from pathlib import Path
 from typing import Any
 
 import numpy as np
@@ -25,12 +24,15 @@ from transformers import (
     MistralConfig,
 )
 
+from ..pretrained import shipped_path
 from .base import Family, Preset
 from .vocab import build_llava_tokenizer
 
 # The conversation template of the tiny presets (LLaVA "plain v1" style). The answer follows directly.
 PROMPT = "USER: <image>\n{question} ASSISTANT:"
 REPORT_INSTRUCTION = "describe the findings of this image."
+# Shipped pretrained base (relative to the package), made by `python -m raymed.pretrain --family llava`.
+TINY_LLAVA_MED = "pretrained/tiny-llava-med"
 
 
 def _llava_med_v15() -> LlavaConfig:
@@ -85,6 +87,9 @@ def tiny_llava_config(vocab_size: int, image_token_id: int, pad_token_id: int) -
 
 
 class LlavaFamily(Family):
+    model_class = LlavaForConditionalGeneration
+    processor_class = LlavaProcessor
+
     def __init__(self) -> None:
         super().__init__(
             name="llava",
@@ -107,6 +112,8 @@ class LlavaFamily(Family):
                    _llava_med_v10, meta_only=True),
             Preset("tiny-llava", "llava", "random-weight tiny LLaVA with a locally built processor (tests)",
                    self._tiny_config),
+            Preset("tiny-llava-med", "llava", "tiny LLaVA pretrained by raymed on synthetic scans (shipped weights)",
+                   lambda: LlavaConfig.from_pretrained(shipped_path(TINY_LLAVA_MED)), shipped_dir=TINY_LLAVA_MED),
         ):
             self.presets[p.name] = p
 
@@ -131,19 +138,7 @@ class LlavaFamily(Family):
         tok = build_llava_tokenizer()
         return tiny_llava_config(len(tok), tok.convert_tokens_to_ids("<image>"), tok.pad_token_id)
 
-    def build(self, preset: Preset, device: str = "cpu", seed: int = 0) -> nn.Module:
-        cfg = preset.build_config()
-        if device == "meta":
-            with torch.device("meta"):
-                return LlavaForConditionalGeneration(cfg)
-        torch.manual_seed(seed)
-        return LlavaForConditionalGeneration(cfg).eval()
-
-    def load_pretrained(self, path: Path, dtype: torch.dtype = torch.float32) -> nn.Module:
-        return LlavaForConditionalGeneration.from_pretrained(path, dtype=dtype, use_safetensors=True)
-
-    def build_processor(self, preset: Preset) -> LlavaProcessor:
-        cfg = preset.build_config()
+    def new_processor(self, cfg: LlavaConfig) -> LlavaProcessor:
         size = cfg.vision_config.image_size
         image_processor = CLIPImageProcessorPil(
             size={"shortest_edge": size}, crop_size={"height": size, "width": size}
@@ -156,9 +151,6 @@ class LlavaFamily(Family):
             num_additional_image_tokens=1,
             image_token="<image>",
         )
-
-    def load_processor(self, path: Path) -> LlavaProcessor:
-        return LlavaProcessor.from_pretrained(path)
 
     def convert_original(self, state_dict: Mapping[str, torch.Tensor]) -> dict[str, torch.Tensor]:
         """LLaVA-Med `llava_mistral` / original LLaVA naming → HF `LlavaForConditionalGeneration` keys."""

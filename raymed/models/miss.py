@@ -9,7 +9,6 @@ from __future__ import annotations
 
 import re
 from collections.abc import Mapping, Sequence
-from pathlib import Path
 from typing import Any
 
 import numpy as np
@@ -17,10 +16,13 @@ import torch
 from torch import nn
 from transformers import BlipConfig, BlipForQuestionAnswering, BlipImageProcessorPil, BlipProcessor
 
+from ..pretrained import shipped_path
 from .base import Family, Preset
 from .vocab import build_bert_tokenizer
 
 NUM_BEAMS = 3
+# Shipped pretrained base (relative to the package), made by `python -m raymed.pretrain --family miss`.
+TINY_MISS_MED = "pretrained/tiny-miss-med"
 
 
 def _miss_base() -> BlipConfig:
@@ -56,6 +58,9 @@ def tiny_miss_config(vocab_size: int, pad_id: int, bos_id: int, sep_id: int) -> 
 
 
 class MissFamily(Family):
+    model_class = BlipForQuestionAnswering
+    processor_class = BlipProcessor
+
     def __init__(self) -> None:
         super().__init__(
             name="miss",
@@ -72,6 +77,8 @@ class MissFamily(Family):
                    _miss_base, meta_only=True),
             Preset("tiny-miss", "miss", "random-weight tiny MISS with a locally built processor (tests)",
                    self._tiny_config),
+            Preset("tiny-miss-med", "miss", "tiny MISS pretrained by raymed on synthetic scans (shipped weights)",
+                   lambda: BlipConfig.from_pretrained(shipped_path(TINY_MISS_MED)), shipped_dir=TINY_MISS_MED),
         ):
             self.presets[p.name] = p
 
@@ -79,26 +86,12 @@ class MissFamily(Family):
         tok = build_bert_tokenizer()
         return tiny_miss_config(len(tok), tok.pad_token_id, tok.bos_token_id, tok.sep_token_id)
 
-    def build(self, preset: Preset, device: str = "cpu", seed: int = 0) -> nn.Module:
-        cfg = preset.build_config()
-        if device == "meta":
-            with torch.device("meta"):
-                return BlipForQuestionAnswering(cfg)
-        torch.manual_seed(seed)
-        return BlipForQuestionAnswering(cfg).eval()
-
-    def load_pretrained(self, path: Path, dtype: torch.dtype = torch.float32) -> nn.Module:
-        return BlipForQuestionAnswering.from_pretrained(path, dtype=dtype, use_safetensors=True)
-
-    def build_processor(self, preset: Preset) -> BlipProcessor:
-        size = preset.build_config().vision_config.image_size
+    def new_processor(self, cfg: BlipConfig) -> BlipProcessor:
+        size = cfg.vision_config.image_size
         image_processor = BlipImageProcessorPil(
             size={"height": size, "width": size}, do_normalize=False, do_convert_rgb=True
         )
         return BlipProcessor(image_processor=image_processor, tokenizer=build_bert_tokenizer())
-
-    def load_processor(self, path: Path) -> BlipProcessor:
-        return BlipProcessor.from_pretrained(path)
 
     def convert_original(self, state_dict: Mapping[str, torch.Tensor]) -> dict[str, torch.Tensor]:
         """BLIP/MISS original naming (`visual_encoder.*`, ...) → HF `BlipForQuestionAnswering` keys.
