@@ -92,17 +92,35 @@ def init_ray(min_cpus: float) -> None:
         ray.init(runtime_env=env)
     else:
         cpus = max(os.cpu_count() or 1, math.ceil(min_cpus))
-        start_local_ray(num_cpus=cpus, runtime_env=env, include_dashboard=False)
+        start_local_ray(num_cpus=cpus, runtime_env=env)
 
 
 def start_local_ray(attempts: int = 3, **kwargs: Any) -> None:
     """`ray.init` of a new local cluster, retried when the node misses Ray's fixed start-up deadline
-    (seen on overloaded 2-core machines: "The current node timed out during startup")."""
+    (seen on overloaded 2-core machines: "The current node timed out during startup").
+
+    The cluster always gets its dashboard (on 127.0.0.1, a free port), and every process of the job is
+    told its address (`RAY_API_SERVER_ADDRESS`): Ray Train's `PlacementGroupCleaner` asks the State API
+    whether a run's controller is alive and removes the workers' placement group when it is not. Tune
+    kills a trial's controller when ASHA stops it (or at its last epoch), so without a reachable State
+    API each trial leaks its workers' CPUs until a small cluster deadlocks. Without `RAY_ADDRESS` the
+    State API client would resolve the *latest `ray start` cluster* on the machine, not this one.
+    """
+    import socket
+
     import ray
 
+    kwargs.pop("include_dashboard", None)
     for attempt in range(attempts):
+        with socket.socket() as sock:  # a free port for this cluster's dashboard
+            sock.bind(("127.0.0.1", 0))
+            port = sock.getsockname()[1]
+        runtime_env = dict(kwargs.get("runtime_env") or {})
+        runtime_env["env_vars"] = {**runtime_env.get("env_vars", {}),
+                                   "RAY_API_SERVER_ADDRESS": f"http://127.0.0.1:{port}"}
         try:
-            ray.init(address="local", **kwargs)
+            ray.init(address="local", **{**kwargs, "runtime_env": runtime_env}, include_dashboard=True,
+                     dashboard_host="127.0.0.1", dashboard_port=port)
             return
         except Exception as err:  # Ray raises a bare Exception here
             ray.shutdown()

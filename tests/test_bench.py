@@ -157,7 +157,7 @@ def ray_cluster():
         pytest.skip("a Ray cluster is already initialised in this process")
     from raymed.train import start_local_ray
 
-    start_local_ray(num_cpus=4, include_dashboard=False, log_to_driver=False,
+    start_local_ray(num_cpus=4, log_to_driver=False,
                     runtime_env={"env_vars": {"TRANSFORMERS_VERBOSITY": "error"}})
     yield ray
     ray.shutdown()

@@ -156,7 +156,7 @@ def ray_cluster():
     # Ray workers cannot import this test module: ship its encoder and train loop by value.
     ray.cloudpickle.register_pickle_by_value(sys.modules[__name__])
     # A fresh local cluster (never one left by `ray start` in another test), retried on a missed start-up deadline.
-    start_local_ray(num_cpus=4, object_store_memory=OBJECT_STORE, include_dashboard=False, log_to_driver=False)
+    start_local_ray(num_cpus=4, object_store_memory=OBJECT_STORE, log_to_driver=False)
     yield ray
     ray.shutdown()
 

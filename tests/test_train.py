@@ -31,7 +31,7 @@ BASE = [
 def ray_cluster(tmp_path_factory):
     import ray
 
-    start_local_ray(num_cpus=4, include_dashboard=False, log_to_driver=False,
+    start_local_ray(num_cpus=4, log_to_driver=False,
                     runtime_env={"env_vars": {"TRANSFORMERS_VERBOSITY": "error"}})
     yield tmp_path_factory.mktemp("runs")
     ray.shutdown()

@@ -20,7 +20,7 @@ SWEEP = ROOT / "configs" / "sweeps" / "tiny-cpu.yaml"
 def ray_cluster():
     import ray
 
-    start_local_ray(num_cpus=4, include_dashboard=False, log_to_driver=False,
+    start_local_ray(num_cpus=4, log_to_driver=False,
                     runtime_env={"env_vars": {"TRANSFORMERS_VERBOSITY": "error"}})
     yield
     ray.shutdown()
@@ -53,6 +53,23 @@ def test_sweep_with_asha_writes_the_report(ray_cluster, tmp_path, capsys):
     assert any(t["stopped_early"] for t in rows), "ASHA stopped no trial"
     assert all(t["steps"] > 0 for t in rows)
     assert "report.md" in capsys.readouterr().out or (tmp_path / "tiny-cpu" / "report.md").exists()
+    # Tune kills each trial's Ray Train controller (ASHA stop, last epoch): the workers' placement groups
+    # must still be removed, or every trial leaks its CPUs until a small cluster deadlocks.
+    _assert_all_cpus_return()
+
+
+def _assert_all_cpus_return(timeout_s: float = 60.0) -> None:
+    import time
+
+    import ray
+
+    total = ray.cluster_resources()["CPU"]
+    deadline = time.monotonic() + timeout_s
+    while ray.available_resources().get("CPU", 0.0) < total and time.monotonic() < deadline:
+        time.sleep(1.0)
+    leaked = {pg_id: pg["bundles"] for pg_id, pg in ray.util.placement_group_table().items()
+              if pg["state"] != "REMOVED"}
+    assert ray.available_resources().get("CPU", 0.0) == total, f"CPUs still held by placement groups: {leaked}"
 
 
 def test_resource_request_the_cluster_can_never_satisfy(ray_cluster, tmp_path, capsys):

@@ -144,8 +144,8 @@ def run(model: str = BENCH_MODEL, images: int = 400, image_size: int = 256, batc
               "epochs": epochs, "max_length": max_length, "pipelines": list(pipelines)}
     started_ray = not ray.is_initialized()
     if started_ray:  # the actors' CPUs + read tasks + this driver: logical CPUs, oversubscribed on small machines
-        start_local_ray(num_cpus=max(os.cpu_count() or 1, workers + 1), include_dashboard=False,
-                        log_to_driver=False, runtime_env={"env_vars": {"TRANSFORMERS_VERBOSITY": "error"}})
+        start_local_ray(num_cpus=max(os.cpu_count() or 1, workers + 1), log_to_driver=False,
+                        runtime_env={"env_vars": {"TRANSFORMERS_VERBOSITY": "error"}})
     runs: dict[str, list[list[dict[str, float]]]] = {p: [] for p in pipelines}
     loads = []
     try:
