@@ -4,10 +4,12 @@ Layout of one checkpoint directory (Ray merges the ranks' files into it)::
 
     model/trainable.safetensors   trainable parameters only, full shapes (gathered under ZeRO-3)
     model/raymed.json             model, method, towers, options, accounting, config
-    model/adapter/                peft methods: a standard peft adapter directory
     resume/                       DeepSpeed engine state (optimizer, scheduler, step), frozen weights excluded
     resume/rng-rank{N}.safetensors
     state.json                    epoch, metrics history, zero-shot metrics
+
+Every trainable tensor is stored once (a peft adapter directory would store the same tensors again: 2x
+for LoRA / IA3); `python -m raymed.export --adapter` writes one from a checkpoint when peft needs it.
 """
 
 from __future__ import annotations
@@ -59,9 +61,6 @@ def save_checkpoint(
                     "options": cfg.method.options, "accounting": acc.to_dict(), "config": cfg.model_dump(mode="json")}
             meta["accounting"].pop("unused_names", None)
             (out / "model" / "raymed.json").write_text(json.dumps(meta, indent=2))
-            adapter_host = _peft_host(model)
-            if adapter_host is not None:
-                adapter_host.save_pretrained(out / "model" / "adapter")
             (out / "state.json").write_text(json.dumps({**state, "step": engine.global_steps}, indent=2))
     engine.save_checkpoint(str(out / "resume"), tag=TAG, exclude_frozen_parameters=True, save_latest=True)
     save_file({"torch": torch.get_rng_state()}, out / "resume" / f"rng-rank{rank}.safetensors")
@@ -79,7 +78,7 @@ def load_resume_state(engine: Any, ckpt: Path, rank: int) -> dict[str, Any]:
     return json.loads((ckpt / "state.json").read_text())
 
 
-def _peft_host(model: torch.nn.Module) -> Any:
+def peft_host(model: torch.nn.Module) -> Any:
     """The peft model to save an adapter from: the model itself, or MISS's wrapped text encoder."""
     from peft import PeftModel
 

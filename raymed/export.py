@@ -1,9 +1,9 @@
-"""`python -m raymed.export --run DIR --out DIR`: a plain HF model directory with the fine-tuned
-parameters merged into the base (LoRA / IA3 / LN-tuning adapters merged; intrinsic methods copied in).
+"""`python -m raymed.export --run DIR --out DIR [--adapter]`: a plain HF model directory with the fine-tuned
+parameters merged into the base (LoRA / IA3 / LN-tuning adapters merged; intrinsic methods copied in), or
+with `--adapter` a standard peft adapter directory (peft methods only; for MISS, of the text encoder).
 
 `--run` is a run directory (`<storage>/<name>`, its latest checkpoint is used) or one checkpoint directory.
-Prompt-learning methods (prefix, prompt) cannot be merged: their checkpoint's `model/adapter/` is the
-artefact to use with peft.
+Prompt-learning methods (prefix, prompt) cannot be merged: export them with `--adapter`.
 """
 
 from __future__ import annotations
@@ -13,7 +13,7 @@ import json
 import sys
 from pathlib import Path
 
-from .checkpoint import load_trainable
+from .checkpoint import load_trainable, peft_host
 
 
 def find_checkpoint(run: Path) -> Path:
@@ -31,17 +31,26 @@ def find_checkpoint(run: Path) -> Path:
     return epochs[-1]
 
 
-def export(run: Path, out: Path) -> Path:
+def export(run: Path, out: Path, adapter: bool = False) -> Path:
     from peft import PeftModel
 
     ckpt = find_checkpoint(run)
     model, processor, meta = load_trainable(ckpt / "model")
+    if adapter:
+        host = peft_host(model)
+        if host is None:
+            raise ValueError(f"method {meta['method']!r} is not a peft method: it has no adapter; export "
+                             "without --adapter for a merged model")
+        host.save_pretrained(out)
+        processor.save_pretrained(out)
+        (out / "raymed.json").write_text(json.dumps({"exported_from": str(ckpt), **meta}, indent=2))
+        return out
     for host_name in ("", "text_encoder"):
         host = model.get_submodule(host_name) if host_name else model
         if isinstance(host, PeftModel):
             if host.peft_config["default"].is_prompt_learning:
                 raise ValueError(f"method {meta['method']!r} (prompt learning) cannot be merged into the base "
-                                 f"model; use the peft adapter in {ckpt / 'model' / 'adapter'}")
+                                 "model; export its peft adapter with --adapter")
             merged = host.merge_and_unload()
             if host_name:
                 setattr(model, host_name, merged)
@@ -58,9 +67,10 @@ def main(argv: list[str] | None = None) -> int:
                                  formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--run", required=True, type=Path, help="run directory or checkpoint directory")
     ap.add_argument("--out", required=True, type=Path)
+    ap.add_argument("--adapter", action="store_true", help="write the peft adapter instead of a merged model")
     args = ap.parse_args(argv)
     try:
-        path = export(args.run, args.out)
+        path = export(args.run, args.out, adapter=args.adapter)
     except (FileNotFoundError, ValueError) as e:
         print(f"error: {e}", file=sys.stderr)
         return 2

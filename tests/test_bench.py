@@ -147,7 +147,7 @@ def test_checkpoint_suite_cli(tmp_path: Path):
         assert row["model_bytes"] >= row["tensor_bytes"] + row["adapter_bytes"]
         assert row["resume_bytes"] > 2 * row["trainable_bytes"]  # weights + AdamW moments at least
         assert row["model_ratio"] == pytest.approx(row["model_bytes"] / row["trainable_bytes"])
-    assert rows["lora"]["adapter_bytes"] > 0 and rows["full"]["adapter_bytes"] == 0
+    assert all(r["adapter_bytes"] == 0 for r in rows.values())  # each trainable tensor is stored once
 
 
 @pytest.fixture(scope="module")

@@ -81,8 +81,7 @@ def test_method_matrix(ray_cluster, model_name, stage, method):
             assert torch.equal(tensor, base[name].detach()), f"frozen {name} changed"
     # Only trainable tensors are stored: data bytes are exactly the fp32 trainable bytes.
     assert _safetensors_data_bytes(ckpt / "trainable.safetensors") == 4 * acc.trainable
-    if method == "lora":
-        assert (ckpt / "adapter" / "adapter_config.json").is_file()
+    assert not (ckpt / "adapter").exists()  # each trainable tensor is stored once
 
 
 @pytest.mark.parametrize("method", ["ln", "lora"])
@@ -104,6 +103,18 @@ def test_checkpoint_rebuilds_and_exports_the_model(ray_cluster, tmp_path, method
     batch = tiny_batch("tiny-miss")
     with torch.no_grad():
         assert torch.allclose(model.eval()(**batch).loss, exported(**batch).loss, atol=1e-5)
+
+    # A peft adapter directory on request (peft methods only), with exactly the trained tensors.
+    adapter_args = ["--run", str(Path(ray_cluster) / f"rebuild-{method}"), "--out", str(tmp_path / "adapter"),
+                    "--adapter"]
+    if method == "ln":
+        assert export_main(adapter_args) == 2
+        return
+    assert export_main(adapter_args) == 0
+    from peft import PeftConfig
+
+    assert PeftConfig.from_pretrained(str(tmp_path / "adapter")).peft_type == "LORA"
+    assert len(load_file(tmp_path / "adapter" / "adapter_model.safetensors")) == len(trained)
 
 
 def test_resume_continues_from_the_last_epoch(ray_cluster):

@@ -110,7 +110,7 @@ def run(model: str = BENCH_MODEL, method: str = "full", images: int = 14, batch_
     import ray
 
     from raymed.models import load_processor
-    from raymed.train import init_ray
+    from raymed.train import init_ray, required_cpus
 
     started = time.time()
     if epochs < 2:
@@ -130,8 +130,8 @@ def run(model: str = BENCH_MODEL, method: str = "full", images: int = 14, batch_
     from raymed.config import load_config
 
     started_ray = not ray.is_initialized()
-    init_ray(load_config(None, {"model.name": model_dir, "scaling.num_workers": 1,
-                                "scaling.cpus_per_worker": cpus_per_worker}))
+    init_ray(required_cpus(load_config(None, {"model.name": model_dir, "scaling.num_workers": 1,
+                                              "scaling.cpus_per_worker": cpus_per_worker})) + 1)
     plains, runs, loads = [], {s: [] for s in zero_stages}, []
     try:
         with tempfile.TemporaryDirectory(prefix="raymed-bench-overhead-") as storage:
