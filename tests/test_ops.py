@@ -37,13 +37,14 @@ def head_node(tmp_path):
     port, dash = _free_port(), _free_port()
     ray_bin = str(Path(sys.executable).parent / "ray")
     env = ENV
+    log = open(tmp_path / "ray-head.log", "wb")  # noqa: SIM115 - closed when the node stops
     proc = subprocess.Popen(
         [ray_bin, "start", "--head", "--block", f"--port={port}", "--dashboard-host=127.0.0.1",
          f"--dashboard-port={dash}", "--num-cpus=4", "--include-dashboard=true", "--disable-usage-stats"],
-        env=env, start_new_session=True, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
+        env=env, start_new_session=True, stdout=log, stderr=subprocess.STDOUT,
     )
     address = f"http://127.0.0.1:{dash}"
-    deadline = time.time() + 120
+    deadline = time.time() + 300  # a loaded 2-core machine can take minutes to bring up GCS + dashboard
     while time.time() < deadline:
         ok = subprocess.run([ray_bin, "job", "list", "--address", address], env=CLIENT_ENV, capture_output=True)
         if ok.returncode == 0:
@@ -51,9 +52,13 @@ def head_node(tmp_path):
         time.sleep(2)
     else:
         _stop(proc)
-        pytest.fail("ray head node did not come up")
+        log.close()
+        tail = (tmp_path / "ray-head.log").read_text(errors="replace")[-2000:]
+        pytest.fail(f"ray head node did not come up; last `ray job list` said: {ok.stderr.decode()[-1000:]}\n"
+                    f"head log: {tail}")
     yield address, CLIENT_ENV, ray_bin
     _stop(proc)
+    log.close()
 
 
 def _stop(proc: subprocess.Popen) -> None:
