@@ -104,7 +104,7 @@ def test_pretrain_command_writes_model_and_provenance(tmp_path):
     out = tmp_path / "tiny"
     assert main(["--family", "miss", "--out", str(out), "--seed", "3", "--minutes", "0.01",
                  "--work", str(tmp_path / "work")]) == 0
-    for f in ("config.json", "model.safetensors", "provenance.json", "vocab.txt"):
+    for f in ("config.json", "model.safetensors", "provenance.json", "tokenizer.json", "processor_config.json"):
         assert (out / f).is_file(), f
     prov = json.loads((out / "provenance.json").read_text())
     n, epochs = RECIPES["miss"].plan(0.01)
