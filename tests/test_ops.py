@@ -76,7 +76,7 @@ def test_ray_job_submit(head_node, tmp_path):
     out = tmp_path / "exp"
     job = subprocess.run(
         [ray_bin, "job", "submit", "--address", address, "--working-dir", str(ROOT), "--",
-         "python", "-m", "raymed.tune", "--config", "configs/sweeps/tiny-cpu.yaml", "--out", str(out),
+         sys.executable, "-m", "raymed.tune", "--config", "configs/sweeps/tiny-cpu.yaml", "--out", str(out),
          "train.epochs=1"],
         env=env, capture_output=True, text=True, timeout=900,
     )
