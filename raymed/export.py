@@ -32,31 +32,25 @@ def find_checkpoint(run: Path) -> Path:
 
 
 def export(run: Path, out: Path, adapter: bool = False) -> Path:
-    from peft import PeftModel
-
     ckpt = find_checkpoint(run)
     model, processor, meta = load_trainable(ckpt / "model")
+    host = peft_host(model)
     if adapter:
-        host = peft_host(model)
         if host is None:
             raise ValueError(f"method {meta['method']!r} is not a peft method: it has no adapter; export "
                              "without --adapter for a merged model")
         host.save_pretrained(out)
-        processor.save_pretrained(out)
-        (out / "raymed.json").write_text(json.dumps({"exported_from": str(ckpt), **meta}, indent=2))
-        return out
-    for host_name in ("", "text_encoder"):
-        host = model.get_submodule(host_name) if host_name else model
-        if isinstance(host, PeftModel):
+    else:
+        if host is not None:
             if host.peft_config["default"].is_prompt_learning:
                 raise ValueError(f"method {meta['method']!r} (prompt learning) cannot be merged into the base "
                                  "model; export its peft adapter with --adapter")
             merged = host.merge_and_unload()
-            if host_name:
-                setattr(model, host_name, merged)
-            else:
+            if host is model:
                 model = merged
-    model.save_pretrained(out, safe_serialization=True)
+            else:  # MISS: the wrapped text encoder
+                model.text_encoder = merged
+        model.save_pretrained(out, safe_serialization=True)
     processor.save_pretrained(out)
     (out / "raymed.json").write_text(json.dumps({"exported_from": str(ckpt), **meta}, indent=2))
     return out

@@ -110,7 +110,6 @@ def start_local_ray(attempts: int = 3, **kwargs: Any) -> None:
 
     import ray
 
-    kwargs.pop("include_dashboard", None)
     for attempt in range(attempts):
         with socket.socket() as sock:  # a free port for this cluster's dashboard
             sock.bind(("127.0.0.1", 0))
