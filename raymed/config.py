@@ -65,6 +65,10 @@ class DataConfig(_Section):
     max_eval_rows: int | None = Field(None, ge=1)
     preprocess_actors: int = Field(1, ge=0)
     """Ray Data actors that decode + encode; 0: Ray tasks (no actor start-up, encoder cached per process)."""
+    cache_mb: int = Field(2048, ge=0)
+    """Per worker: keep the encoded training batches in memory after the first epoch when they fit in this many
+    MiB, and replay them in later epochs (no per-epoch restart of the Ray Data pipeline, no re-decoding).
+    Larger shards stream every epoch; 0 always streams."""
 
 
 class TrainConfig(_Section):

@@ -41,7 +41,7 @@ def train_loop(loop_config: dict[str, Any]) -> None:
     import deepspeed  # after DS_ACCELERATOR is set
 
     from .checkpoint import load_resume_state, save_checkpoint
-    from .data.stream import quiet_data_context, torch_batches
+    from .data.stream import quiet_data_context
     from .telemetry import Telemetry
 
     quiet_data_context()
@@ -58,15 +58,16 @@ def train_loop(loop_config: dict[str, Any]) -> None:
         enable_activation_checkpointing(model)
     _seed_everything(cfg.train.seed + rank)
 
-    # 2. Data: this worker's shard of the Ray Data stream (decoded + encoded in the stream).
-    shard = ray.train.get_dataset_shard("train")
+    # 2. Data: this worker's shard of the Ray Data stream (decoded + encoded in the stream), kept in memory
+    # after the first epoch when it fits in `data.cache_mb`.
+    log = _logger(rank, t_start)
+    batches = EpochBatches(ray.train.get_dataset_shard("train"), cfg.train.batch_size, cfg.data.cache_mb, log)
 
     # 3. Engine: optimizer over trainable parameters only; frozen ones get no grads and no state.
     steps_per_epoch = plan["steps_per_epoch"]
     total_steps = steps_per_epoch * cfg.train.epochs
     engine = _engine(deepspeed, model, cfg, bf16, total_steps)
     telemetry = Telemetry(plan["run_name"], cfg.method.name, enabled=cfg.run.metrics_export)
-    log = _logger(rank, t_start)
     log(f"model {ref.name}, method {cfg.method.name}: {acc.trainable:,} trainable of {acc.total:,}; engine ready "
         f"(ZeRO-{cfg.deepspeed.zero_stage}, {'bf16' if bf16 else 'fp32'}, {world} workers)")
 
@@ -90,7 +91,7 @@ def train_loop(loop_config: dict[str, Any]) -> None:
         engine.train()
         losses = []
         t0 = time.perf_counter()
-        for batch in torch_batches(shard, cfg.train.batch_size, drop_last=False):
+        for batch in batches.epoch():
             batch = {k: v.to(device) for k, v in batch.items() if isinstance(v, torch.Tensor)}
             if bf16:
                 batch["pixel_values"] = batch["pixel_values"].to(torch.bfloat16)
@@ -116,6 +117,7 @@ def train_loop(loop_config: dict[str, Any]) -> None:
             "samples_per_s": stats["samples"] / max(stats["train_s"], 1e-9),
             "tokens_per_s": stats["tokens"] / max(stats["train_s"], 1e-9),
             "peak_mem_mb": _peak_memory_mb(device),
+            "data_cached_mb": batches.kept_mb,
             **zero_shot,
         }
         if (epoch + 1) % cfg.train.eval_every == 0 or epoch + 1 == cfg.train.epochs:
@@ -130,6 +132,43 @@ def train_loop(loop_config: dict[str, Any]) -> None:
                             full=cfg.run.save_full_model and last)
             ray.train.report(metrics, checkpoint=ray.train.Checkpoint.from_directory(tmp),
                              checkpoint_dir_name=f"epoch-{epoch + 1:04d}")
+
+
+class EpochBatches:
+    """A worker's training batches, epoch after epoch.
+
+    The first epoch streams this worker's Ray Data shard. While the batches fit in `limit_mb` MiB they are also
+    kept, and every later epoch replays them in the same order: no restart of the Ray Data pipeline (seconds
+    of start-up per epoch), no second decode competing with training for the same cores. A shard over the
+    limit (or `limit_mb=0`) streams every epoch, exactly as before.
+    """
+
+    def __init__(self, shard: Any, batch_size: int, limit_mb: int, log: Any) -> None:
+        self.shard, self.batch_size, self.limit, self.log = shard, batch_size, limit_mb << 20, log
+        self.kept: list[dict[str, Any]] | None = None
+        self.kept_mb = 0.0
+        self.stream_always = limit_mb == 0
+
+    def epoch(self) -> Any:
+        from .data.stream import torch_batches
+
+        if self.kept is not None:
+            yield from self.kept
+            return
+        keep: list[dict[str, Any]] | None = None if self.stream_always else []
+        size = 0
+        for batch in torch_batches(self.shard, self.batch_size, drop_last=False):
+            if keep is not None:
+                size += sum(v.numel() * v.element_size() for v in batch.values() if isinstance(v, torch.Tensor))
+                if size > self.limit:
+                    keep, self.stream_always = None, True
+                    self.log(f"training shard exceeds data.cache_mb={self.limit >> 20}: streaming every epoch")
+                else:
+                    keep.append(batch)
+            yield batch
+        if keep is not None:  # a whole epoch seen (an interrupted one is never replayed)
+            self.kept, self.kept_mb = keep, size / 2**20
+            self.log(f"{len(keep)} batches ({size / 2**20:.1f} MiB) kept in memory for the next epochs")
 
 
 def _engine(deepspeed: Any, model: torch.nn.Module, cfg: Config, bf16: bool, total_steps: int) -> Any:
