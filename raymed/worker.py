@@ -66,10 +66,11 @@ def train_loop(loop_config: dict[str, Any]) -> None:
     # 3. Engine: optimizer over trainable parameters only; frozen ones get no grads and no state.
     steps_per_epoch = plan["steps_per_epoch"]
     total_steps = steps_per_epoch * cfg.train.epochs
-    engine = _engine(deepspeed, model, cfg, bf16, total_steps)
+    engine = _engine(deepspeed, model, cfg, bf16, total_steps, world)
     telemetry = Telemetry(plan["run_name"], cfg.method.name, enabled=cfg.run.metrics_export)
     log(f"model {ref.name}, method {cfg.method.name}: {acc.trainable:,} trainable of {acc.total:,}; engine ready "
-        f"(ZeRO-{cfg.deepspeed.zero_stage}, {'bf16' if bf16 else 'fp32'}, {world} workers)")
+        f"(ZeRO-{engine.zero_optimization_stage()} [asked {cfg.deepspeed.zero_stage}], {'bf16' if bf16 else 'fp32'}, "
+        f"{world} workers)")
 
     # 4. Resume: the latest checkpoint of this run (a restarted worker group or a re-run of the command).
     start_epoch, history, zero_shot = 0, [], {}
@@ -118,6 +119,7 @@ def train_loop(loop_config: dict[str, Any]) -> None:
             "tokens_per_s": stats["tokens"] / max(stats["train_s"], 1e-9),
             "peak_mem_mb": _peak_memory_mb(device),
             "data_cached_mb": batches.kept_mb,
+            "zero_stage": engine.zero_optimization_stage(),
             **zero_shot,
         }
         if (epoch + 1) % cfg.train.eval_every == 0 or epoch + 1 == cfg.train.epochs:
@@ -171,7 +173,14 @@ class EpochBatches:
             self.log(f"{len(keep)} batches ({size / 2**20:.1f} MiB) kept in memory for the next epochs")
 
 
-def _engine(deepspeed: Any, model: torch.nn.Module, cfg: Config, bf16: bool, total_steps: int) -> Any:
+def zero_stage(cfg: Config, world: int, bf16: bool) -> int:
+    """The ZeRO stage to run: the configured one, or 0 for a lone fp32 worker (see `shard_single_worker`)."""
+    ds = cfg.deepspeed
+    lone = world == 1 and not bf16 and not (ds.offload_optimizer or ds.offload_param)
+    return 0 if lone and not ds.shard_single_worker else ds.zero_stage
+
+
+def _engine(deepspeed: Any, model: torch.nn.Module, cfg: Config, bf16: bool, total_steps: int, world: int) -> Any:
     from transformers import get_cosine_schedule_with_warmup
 
     decay, no_decay = [], []
@@ -184,7 +193,7 @@ def _engine(deepspeed: Any, model: torch.nn.Module, cfg: Config, bf16: bool, tot
     def scheduler(opt: torch.optim.Optimizer) -> Any:  # built on DeepSpeed's wrapped optimizer
         return get_cosine_schedule_with_warmup(opt, math.ceil(cfg.train.warmup_ratio * total_steps), max(total_steps, 1))
 
-    zero: dict[str, Any] = {"stage": cfg.deepspeed.zero_stage}
+    zero: dict[str, Any] = {"stage": zero_stage(cfg, world, bf16)}
     if cfg.deepspeed.offload_optimizer:
         zero["offload_optimizer"] = {"device": "cpu"}
     if cfg.deepspeed.offload_param:

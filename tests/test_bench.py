@@ -186,10 +186,13 @@ def test_data_suite_tiny(ray_cluster):
 def test_overhead_suite_tiny(ray_cluster):
     from raymed.bench import overhead
 
-    doc = overhead.run(model="tiny-llava", images=10, batch_size=8, epochs=2, zero_stages=(2,), cpus_per_worker=1)
+    doc = overhead.run(model="tiny-llava", images=10, batch_size=8, epochs=2, zero_stages=("2", "2!"),
+                       cpus_per_worker=1)
     check_document(doc, "overhead")
-    plain, ds = doc["rows"]
-    assert plain["samples_per_s"] > 0 and ds["samples_per_s"] > 0
+    plain, ds, forced = doc["rows"]
+    assert plain["samples_per_s"] > 0 and ds["samples_per_s"] > 0 and forced["samples_per_s"] > 0
+    assert (ds["ran_stage"], forced["ran_stage"]) == (0, 2)  # one fp32 worker runs stage 0 unless forced
+    assert [t["name"] for t in doc["targets"]] == ["raymed ZeRO-2 / plain loop"]
     run = doc["raymed"]["2"][0]
     assert run["trainable"] == doc["plain"][0]["trainable"] == accounting("tiny-llava", "full")
     assert len(run["epoch_rates"]) == 2 and run["samples_per_epoch"] == doc["config"]["train_rows"] == 24

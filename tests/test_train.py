@@ -63,6 +63,7 @@ def test_method_matrix(ray_cluster, model_name, stage, method):
     assert summary["steps"] == 6 and len(losses) == 2
     assert losses[1] < losses[0], f"loss did not decrease: {losses}"
     assert "eval/test/overall_acc" in summary["metrics"]
+    assert summary["history"][-1]["zero_stage"] == stage  # two workers: the stage asked for
 
     ckpt = Path(summary["checkpoint"]) / "model"
     trained = load_file(ckpt / "trainable.safetensors")
@@ -134,6 +135,7 @@ def test_later_epochs_replay_the_first_epochs_batches(ray_cluster):
     streamed = run(ray_cluster, "cache-off", *common, "data.cache_mb=0")
     assert all(h["data_cached_mb"] > 0 for h in cached["history"])
     assert all(h["data_cached_mb"] == 0 for h in streamed["history"])
+    assert cached["history"][-1]["zero_stage"] == 0  # one fp32 worker: ZeRO-2 asked, nothing to partition
     # Replaying from memory trains on exactly what re-streaming the shard gives (one worker: a fixed order).
     assert [h["loss"] for h in cached["history"]] == pytest.approx([h["loss"] for h in streamed["history"]],
                                                                     rel=1e-6)

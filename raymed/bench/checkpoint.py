@@ -63,11 +63,11 @@ def measure(model: str, model_name: str, method: str, batch: dict[str, Any], zer
     from raymed.worker import _engine
 
     cfg = load_config(None, {"model.name": model_name, "method.name": method, "deepspeed.zero_stage": zero_stage,
-                             "scaling.num_workers": 1, "train.lr": 1e-4})
+                             "deepspeed.shard_single_worker": True, "scaling.num_workers": 1, "train.lr": 1e-4})
     ref = model_ref(model)
     net, acc = apply_method(load_model(ref), ref, method)
     trainable_bytes = sum(p.numel() * p.element_size() for p in net.parameters() if p.requires_grad)
-    engine = _engine(deepspeed, net, cfg, bf16=False, total_steps=max(steps, 1))
+    engine = _engine(deepspeed, net, cfg, bf16=False, total_steps=max(steps, 1), world=1)
     engine.train()
     for _ in range(steps):
         loss = engine(**batch).loss

@@ -107,11 +107,11 @@ def measure(spec: dict[str, Any]) -> dict[str, Any]:
         "model": {"name": spec["model"]}, "method": {"name": spec["method"]},
         "train": {"batch_size": spec["batch_size"], "lr": 1e-5},
         "deepspeed": {"zero_stage": spec["zero_stage"], "offload_optimizer": spec["offload_optimizer"],
-                      "precision": "bf16" if cuda else "fp32"},
+                      "precision": "bf16" if cuda else "fp32", "shard_single_worker": True},
         "scaling": {"num_workers": 1, "use_gpu": cuda},
     })
     batch = random_batch(mcfg, spec["batch_size"], spec["text_tokens"], device, dtype)
-    engine = _engine(deepspeed, model, cfg, bf16=cuda, total_steps=spec["warmup"] + spec["steps"])
+    engine = _engine(deepspeed, model, cfg, bf16=cuda, total_steps=spec["warmup"] + spec["steps"], world=1)
     engine.train()
     prof = profile_pass(engine.module, batch)
 
