@@ -171,7 +171,7 @@ def test_data_suite_tiny(ray_cluster):
                    epochs=2)
     check_document(doc, "data")
     rows = {r["key"]: r for r in doc["rows"]}
-    assert set(rows) == {"ray_data", "ray_tasks", "dataloader"}
+    assert set(rows) == {"ray_data", "ray_tasks", "trainer", "dataloader"}
     for key, row in rows.items():
         assert row["rows"] == doc["config"]["train_rows"] == 24
         assert row["images_per_s"] > 0 and row["first_batch_s"] >= 0
@@ -180,6 +180,9 @@ def test_data_suite_tiny(ray_cluster):
         assert passes[-1]["images_per_s"] == pytest.approx(24 / passes[-1]["total_s"])
         assert row["ratio"] == pytest.approx(passes[-1]["images_per_s"] / doc["runs"]["dataloader"][0][-1]["images_per_s"])
     assert rows["dataloader"]["ratio"] == 1.0
+    runs = doc["runs"]
+    assert rows["trainer"]["run_ratio"] == pytest.approx(sum(p["total_s"] for p in runs["dataloader"][0])
+                                                         / sum(p["total_s"] for p in runs["trainer"][0]))
 
 
 @pytest.mark.integration

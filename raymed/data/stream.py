@@ -71,7 +71,7 @@ def read_split(data_dir: Path | str, split: str, *, columns: Sequence[str] | Non
 
     quiet_data_context()
     ds = ray.data.read_parquet(shard_paths(data_dir, split), columns=list(columns) if columns else None,
-                               ray_remote_args={"num_cpus": read_cpus})
+                               num_cpus=read_cpus)
     block_bytes = block_bytes or block_bytes_for_cluster()
     if block_bytes:
         ds.context.target_max_block_size = block_bytes
