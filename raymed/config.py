@@ -98,7 +98,7 @@ class DeepSpeedConfig(_Section):
     """auto: bf16 on GPU, fp32 on CPU."""
     shard_single_worker: bool = False
     """ZeRO partitions across workers; one fp32 worker has nothing to partition, and stages 1-3 then only add
-    flat fp32 copies of weights and gradients (measured: 0.74x plain-loop speed for ZeRO-2 vs 0.94x). So a
+    flat fp32 copies of weights and gradients (profiled: +0.6 s on a 2.6 s CPU step of a 56 M model). So a
     1-worker fp32 run without offload uses stage 0 (logged, and reported as `zero_stage`) unless this is true."""
 
 

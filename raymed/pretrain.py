@@ -181,6 +181,8 @@ def training_overrides(recipe: Recipe, init_dir: Path, work: Path, seed: int, n:
         "train.zero_shot": True, "train.eval_batch_size": 48,
         "train.max_new_tokens": recipe.max_new_tokens,
         "scaling.num_workers": 1, "scaling.cpus_per_worker": 1.0,
+        # The shipped bases were made with ZeRO-2 on this one worker: keep that arithmetic so re-runs reproduce them.
+        "deepspeed.zero_stage": 2, "deepspeed.shard_single_worker": True,
         "run.storage": str(work / "runs"), "run.name": recipe.preset, "run.keep_checkpoints": 1, "run.metrics_export": False,
     }
 
