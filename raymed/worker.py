@@ -180,7 +180,8 @@ def zero_stage(cfg: Config, world: int, bf16: bool) -> int:
     return 0 if lone and not ds.shard_single_worker else ds.zero_stage
 
 
-def _engine(deepspeed: Any, model: torch.nn.Module, cfg: Config, bf16: bool, total_steps: int, world: int) -> Any:
+def _engine(deepspeed: Any, model: torch.nn.Module, cfg: Config, bf16: bool, total_steps: int,
+            world: int) -> Any:
     from transformers import get_cosine_schedule_with_warmup
 
     decay, no_decay = [], []

@@ -117,11 +117,12 @@ def ray_tasks_epochs(data_dir: Path, factory: Any, batch_size: int, workers: int
 def trainer_epochs(data_dir: Path, factory: Any, batch_size: int, workers: int, epochs: int) -> list[dict]:
     """What a raymed worker iterates: `encoded_split` (tasks) streamed on the first epoch, then the batches its
     `EpochBatches` kept in memory (`data.cache_mb`) replayed on the later ones."""
+    from raymed.config import DataConfig
     from raymed.data.stream import encoded_split
     from raymed.worker import EpochBatches
 
     ds = encoded_split(data_dir, "train", factory, batch_size=batch_size, actors=0, num_cpus=1.0)
-    batches = EpochBatches(ds, batch_size, limit_mb=2048, log=lambda msg: None)
+    batches = EpochBatches(ds, batch_size, limit_mb=DataConfig().cache_mb, log=lambda msg: None)
     return [_consume(batches.epoch()) for _ in range(epochs)]
 
 
