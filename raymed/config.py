@@ -265,6 +265,12 @@ def semantic_errors(cfg: Config, check_paths: bool = True) -> list[str]:
             check_towers(family, cfg.method.name, cfg.method.towers)
     except MethodError as e:
         errors.append(f"method: {e}")
+    from .data.synth import STYLES
+
+    for key in ("synth_style", "synth_ood_style"):
+        style = getattr(cfg.data, key)
+        if style is not None and style not in STYLES:
+            errors.append(f"data.{key}: unknown synthetic style {style!r}; known: {', '.join(STYLES)}")
     if cfg.deepspeed.offload_param and cfg.deepspeed.zero_stage != 3:
         errors.append(f"deepspeed.offload_param: needs zero_stage 3 (got {cfg.deepspeed.zero_stage})")
     if cfg.deepspeed.precision == "bf16" and not cfg.scaling.use_gpu:

@@ -54,7 +54,8 @@ def test_overrides_and_inherit(tmp_path):
 def test_all_errors_at_once():
     with pytest.raises(ConfigError) as e:
         load_config(None, ["train.lrr=1", "train.epochs=0", "method.name=nope", "deepspeed.zero_stage=5",
-                           "model.name=miss-base", "method.towers=[text_encoder]", "data.path=/no/such/dir"])
+                           "model.name=miss-base", "method.towers=[text_encoder]", "data.path=/no/such/dir",
+                           "data.synth_style=xray-only"])
     msg = str(e.value)
     assert "train.lrr: unknown key; allowed: epochs" in msg
     assert "train.epochs: Input should be greater than or equal to 1 (got 0)" in msg
@@ -62,7 +63,8 @@ def test_all_errors_at_once():
     assert "deepspeed.zero_stage" in msg
     assert "'miss-base' is an accounting-only architecture" in msg
     assert "data.path: '/no/such/dir' does not exist" in msg
-    assert len(e.value.errors) == 6
+    assert "data.synth_style: unknown synthetic style 'xray-only'; known: base, indomain" in msg
+    assert len(e.value.errors) == 7
 
 
 def test_tower_error_names_family():

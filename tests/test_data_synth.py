@@ -60,6 +60,20 @@ def test_shifted_style_differs_from_base(tmp_path: Path) -> None:
     assert np.abs(pixels[0] - pixels[1]).mean() > 5  # other contrast / noise for the same scene seed
 
 
+def test_downstream_styles_against_pretraining() -> None:
+    """What the shipped bases never saw: `indomain` adds only the size question, `base` also the x-ray modality."""
+    def modalities(style: str) -> set[str]:
+        return {m.name for m, _ in STYLES[style].modalities}
+
+    def kinds(style: str) -> set[str]:
+        return {q.kind for q in STYLES[style].questions}
+
+    assert modalities("indomain") == modalities("pretrain") == {"ct", "mri"}
+    assert modalities("base") - modalities("pretrain") == {"x-ray"}
+    assert kinds("indomain") - kinds("pretrain") == kinds("base") - kinds("pretrain") == {"size"}
+    assert "caption" in kinds("pretrain") and "caption" not in kinds("indomain") | kinds("base")
+
+
 def test_r2gen_layout_reads_as_report_task(tmp_path: Path) -> None:
     generate(tmp_path / "r", n=10, seed=0, layout="r2gen", test_fraction=0.3)
     manifest = prepare("r2gen", tmp_path / "r", tmp_path / "out")

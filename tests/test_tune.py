@@ -7,6 +7,7 @@ from pathlib import Path
 
 import pytest
 
+from raymed.bench import questions
 from raymed.train import start_local_ray
 from raymed.tune import main as tune_main
 from tests.test_report import _md_tables, _num
@@ -53,6 +54,18 @@ def test_sweep_with_asha_writes_the_report(ray_cluster, tmp_path, capsys):
     assert any(t["stopped_early"] for t in rows), "ASHA stopped no trial"
     assert all(t["steps"] > 0 for t in rows)
     assert "report.md" in capsys.readouterr().out or (tmp_path / "tiny-cpu" / "report.md").exists()
+    # Each method's best trial, rebuilt from its checkpoint, answers the sweep's own test questions as the
+    # trial did (one question of slack: greedy ties may break differently with another thread count).
+    doc = questions.run(tmp_path / "tiny-cpu")
+    assert doc["config"]["sweeps_own_test_set"] and doc["config"]["rows"] == 8
+    assert sum(doc["config"]["type_counts"].values()) == 8
+    by = {r["method"]: r for r in doc["rows"]}
+    assert set(by) == {"zero-shot", "full", "attn", "ln"}
+    for name in ("full", "attn", "ln"):
+        r = by[name]
+        assert abs(r["overall"] - r["sweep_acc"]) <= 1 / 8 + 1e-9, r
+        assert r["gained"] - r["lost"] == round((r["overall"] - by["zero-shot"]["overall"]) * 8)
+        assert r["trainable"] == next(t for t in rows if t["method"] == name)["params"]["trainable"]
     # Tune kills each trial's Ray Train controller (ASHA stop, last epoch): the workers' placement groups
     # must still be removed, or every trial leaks its CPUs until a small cluster deadlocks.
     _assert_all_cpus_return()

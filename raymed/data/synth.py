@@ -9,8 +9,9 @@ A :class:`Style` is data: modalities (how intensities, noise and blur render), o
 count distribution and the question templates with weights. ``base`` is the default training set,
 ``shifted`` an out-of-distribution variant (other contrast, noise and phrasing, one unseen organ),
 ``pretrain`` a caption-heavy ct/mri mix for pretraining tiny bases (it holds out the x-ray modality and the size
-question that ``base`` adds). Output is byte-identical per seed: one
-seeded ``numpy`` generator per image, fixed PNG encoder settings, no timestamps.
+question that ``base`` adds), ``indomain`` the ``base`` questions on ``pretrain``'s modalities only (the size
+question is new). Output is byte-identical per seed: one seeded ``numpy`` generator per image, fixed PNG
+encoder settings, no timestamps.
 
 "Left"/"right" mean the image's left and right halves (not the patient's side).
 """
@@ -97,6 +98,10 @@ STYLES: dict[str, Style] = {
     for s in (
         Style("base", "ct/mri/x-ray of brain, lung, liver; mostly closed questions",
               ((CT, 1), (MRI, 1), (XRAY, 1)), (BRAIN, LUNG, LIVER), (PRESENCE, SIDE, SIZE, COUNT, ORGAN, MODALITY)),
+        # `base` without the modality pretraining held out: the same imaging domain as `pretrain`, a new question
+        # type (size) and a closed-question-heavy mix without captions (the paper's in-domain VQA setting).
+        Style("indomain", "ct/mri of brain, lung, liver (pretrain's modalities); adds the size question",
+              ((CT, 1), (MRI, 1)), (BRAIN, LUNG, LIVER), (PRESENCE, SIDE, SIZE, COUNT, ORGAN, MODALITY)),
         Style("shifted", "out-of-distribution: low-contrast ct, speckled mri, kidneys, new phrasings",
               ((CT_LOW, 1), (MRI_SPECKLE, 1)), (BRAIN, LUNG, LIVER, KIDNEY),
               (Question("presence", ("does this scan show any lesion?", "is any abnormality present?"), 3),

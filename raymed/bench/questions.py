@@ -1,0 +1,165 @@
+"""Suite `questions`: what each method of a finished sweep learned, per question type, against the base's
+zero-shot answers on the same questions.
+
+Reads `results.json` of one sweep (`python -m raymed.tune --out DIR` writes `DIR/<name>/results.json`), takes
+the best trial of each method, rebuilds it from its last checkpoint (`raymed.checkpoint.load_trainable`: base +
+method + trained tensors, what `raymed.export` merges) and answers a synthetic test split in-process (greedy,
+the family's own encode and generate, no Ray). By default the split is the sweep's own test set (the overall
+accuracy then repeats the sweep's, a check of the checkpoint); `--n/--seed/--rows` ask a fresh, larger one.
+
+Per method: accuracy per question type (VQA-RAD `question_type`: pres, pos, size, count, organ, modality),
+overall, and the paired comparison with zero-shot on the same rows: questions gained / lost and the exact
+McNemar p-value (two-sided binomial test on the discordant pairs), so "better than zero-shot" is a measured
+statement rather than a difference of two noisy means.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import time
+from collections import defaultdict
+from pathlib import Path
+from typing import Any, Sequence
+
+from .common import header, result, table
+
+ZERO_SHOT = "zero-shot"
+SWEEP_ACC, SWEEP_ZERO_SHOT = "eval/test/overall_acc", "zeroshot/test/overall_acc"  # what the sweep measured
+
+
+def question_type(row: dict[str, Any]) -> str:
+    """The row's VQA-RAD question type (from `extra`), else its answer type."""
+    try:
+        kind = json.loads(row.get("extra") or "{}").get("question_type")
+    except (TypeError, ValueError):
+        kind = None
+    return str(kind or row.get("answer_type") or "unknown").lower()
+
+
+def hits(preds: Sequence[str], rows: Sequence[dict[str, Any]]) -> list[bool]:
+    """Exact match after the metrics' normalisation (what `vqa_metrics` counts)."""
+    from raymed.metrics import normalize_answer
+
+    return [normalize_answer(p) == normalize_answer(r["answer"]) for p, r in zip(preds, rows, strict=True)]
+
+
+def breakdown(correct: Sequence[bool], rows: Sequence[dict[str, Any]]) -> dict[str, Any]:
+    """Overall accuracy and accuracy / count per question type."""
+    by: dict[str, list[bool]] = defaultdict(list)
+    for ok, row in zip(correct, rows, strict=True):
+        by[question_type(row)].append(ok)
+    return {"overall": sum(correct) / len(correct) if correct else float("nan"),
+            "types": {k: {"acc": sum(v) / len(v), "n": len(v)} for k, v in sorted(by.items())}}
+
+
+def mcnemar(base: Sequence[bool], other: Sequence[bool]) -> dict[str, Any]:
+    """Paired comparison on the same questions: gained (base wrong, other right), lost, exact two-sided p."""
+    gained = sum(1 for b, o in zip(base, other, strict=True) if o and not b)
+    lost = sum(1 for b, o in zip(base, other, strict=True) if b and not o)
+    n = gained + lost
+    tail = sum(math.comb(n, k) for k in range(min(gained, lost) + 1)) / 2**n if n else 1.0
+    return {"gained": gained, "lost": lost, "p": min(1.0, 2 * tail)}
+
+
+def answer(model: Any, processor: Any, family: Any, rows: Sequence[dict[str, Any]], max_length: int,
+           max_new_tokens: int, batch_size: int = 60) -> list[str]:
+    import torch
+
+    from raymed.data.transform import DecodeAndEncode
+
+    encode = DecodeAndEncode(lambda: lambda r: family.encode(processor, r, train=False, max_length=max_length))
+    model.eval()
+    out: list[str] = []
+    with torch.no_grad():
+        for start in range(0, len(rows), batch_size):
+            chunk = rows[start:start + batch_size]
+            enc = encode({k: [r[k] for r in chunk] for k in chunk[0]})
+            batch = {k: torch.from_numpy(v) for k, v in enc.items() if k != "id"}
+            out += family.generate(model, processor, batch, max_new_tokens)
+    return out
+
+
+def run(sweep_dir: Path | str, n: int | None = None, seed: int | None = None, rows: int | None = None,
+        style: str | None = None, methods: Sequence[str] | None = None) -> dict[str, Any]:
+    import torch
+
+    from raymed.checkpoint import load_trainable
+    from raymed.data.evaluation import read_rows
+    from raymed.export import find_checkpoint
+    from raymed.models import load_model, load_processor, resolve
+    from raymed.train import synthetic_dataset
+
+    started = time.time()
+    torch.manual_seed(0)
+    sweep_dir = Path(sweep_dir)
+    summary = json.loads((sweep_dir / "results.json").read_text())
+    best = [t for t in summary["best_per_method"] if methods is None or t["method"] in methods]
+    if not best:
+        raise ValueError(f"{sweep_dir}/results.json: no best trial for methods {methods}")
+    checkpoints = {t["trial_id"]: find_checkpoint(sweep_dir / "runs" / f"trial-{t['trial_id']}") / "model"
+                   for t in best}
+    meta = json.loads((next(iter(checkpoints.values())) / "raymed.json").read_text())
+    data = meta["config"]["data"]
+    if data.get("path"):
+        raise ValueError("questions: the sweep trained on a prepared dataset; this suite asks synthetic questions")
+    style = style or data["synth_style"]
+    train_seed = meta["config"]["train"]["seed"]
+    n = n or data["synth_n"]
+    seed = train_seed if seed is None else seed
+    own = (style, n, seed) == (data["synth_style"], data["synth_n"], train_seed)
+    limit = rows or (data["max_eval_rows"] if own else None)  # the sweep's own set: the rows it evaluated
+    test = read_rows(synthetic_dataset(style, n, seed), "test")[:limit]
+    max_length, max_new = data["max_length"], meta["config"]["train"]["max_new_tokens"]
+
+    ref = resolve(meta["model"])
+    base = load_model(ref, seed=train_seed)
+    base_hits = hits(answer(base, load_processor(ref), ref.family, test, max_length, max_new), test)
+    out_rows = [{"method": ZERO_SHOT, "lr": None, "trainable": 0, "sweep_acc": best[0]["metrics"].get(SWEEP_ZERO_SHOT),
+                 **_flat(breakdown(base_hits, test)), "gained": 0, "lost": 0, "p": 1.0}]
+    for t in best:
+        model, processor, _ = load_trainable(checkpoints[t["trial_id"]])
+        h = hits(answer(model, processor, ref.family, test, max_length, max_new), test)
+        out_rows.append({"method": t["method"], "lr": t["lr"], "trainable": t["params"]["trainable"],
+                         "sweep_acc": t["metrics"].get(SWEEP_ACC), **_flat(breakdown(h, test)),
+                         **mcnemar(base_hits, h)})
+    types = sorted({question_type(r) for r in test})
+    counts = {k: sum(1 for r in test if question_type(r) == k) for k in types}
+    config = {"sweep": str(sweep_dir), "metric": summary["metric"], "style": style, "n_images": n, "seed": seed,
+              "sweeps_own_test_set": own,
+              "rows": len(test), "type_counts": counts, "model": meta["model"], "max_new_tokens": max_new}
+    return result("questions", config, out_rows, [], started)
+
+
+def _flat(b: dict[str, Any]) -> dict[str, Any]:
+    return {"overall": b["overall"], **{f"acc/{k}": v["acc"] for k, v in b["types"].items()}}
+
+
+def render(doc: dict[str, Any]) -> str:
+    c = doc["config"]
+    types = list(c["type_counts"])
+    columns = ([("method", "method"), ("lr", "lr"), ("trainable", "trainable"), ("sweep_acc", "sweep acc"),
+                ("overall", f"overall ({c['rows']})")]
+               + [(f"acc/{k}", f"{k} ({c['type_counts'][k]})") for k in types]
+               + [("gained", "gained"), ("lost", "lost"), ("p", "p vs zero-shot")])
+    return "\n".join([
+        header(doc),
+        f"sweep {c['sweep']} ({c['model']}): test split of synthetic style {c['style']!r}, {c['n_images']} images, "
+        f"seed {c['seed']}: {c['rows']} questions; exact match; p: exact McNemar test against zero-shot",
+        table(doc["rows"], columns),
+    ])
+
+
+def add_arguments(ap: Any) -> None:
+    ap.add_argument("sweep_dir", help="one sweep's experiment folder (holds results.json and runs/)")
+    ap.add_argument("--n", type=int, default=None, help="synthetic images (20%% test; default: the sweep's own)")
+    ap.add_argument("--seed", type=int, default=None, help="synthetic seed (default: the sweep's own)")
+    ap.add_argument("--rows", type=int, default=None, help="first N test questions (default: the sweep's limit "
+                    "on its own set, all on another)")
+    ap.add_argument("--style", default=None, help="synthetic style (default: the sweep's synth_style)")
+    ap.add_argument("--methods", default=None, help="space-separated methods (default: every method's best)")
+
+
+def from_args(args: Any) -> dict[str, Any]:
+    return run(args.sweep_dir, n=args.n, seed=args.seed, rows=args.rows, style=args.style,
+               methods=args.methods.split() if args.methods else None)
