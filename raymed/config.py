@@ -65,6 +65,9 @@ class DataConfig(_Section):
     max_eval_rows: int | None = Field(None, ge=1)
     preprocess_actors: int = Field(1, ge=0)
     """Ray Data actors that decode + encode; 0: Ray tasks (no actor start-up, encoder cached per process)."""
+    preserve_order: bool = True
+    """Training batches in file order (Ray Data's `preserve_order`): runs are reproducible for a seed. False:
+    blocks in completion order (can be faster when reads or decodes are uneven; the order then varies)."""
     cache_mb: int = Field(2048, ge=0)
     """Per worker: keep the encoded training batches in memory after the first epoch when they fit in this many
     MiB, and replay them in later epochs (no per-epoch restart of the Ray Data pipeline, no re-decoding).

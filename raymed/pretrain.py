@@ -2,8 +2,9 @@
 
 The paper's question needs a *pretrained* base: tuning the LayerNorms of a random network teaches nothing.
 This recipe makes one from scratch, on CPU, with the same Ray Train + DeepSpeed recipe as every fine-tuning
-run (`raymed.train.fit`, method `full`) on the synthetic `pretrain` distribution (caption-heavy, all organs
-and modalities), then writes a plain HF model directory (weights, config, tokenizer, processor) and
+run (`raymed.train.fit`, method `full`) on the synthetic `pretrain` distribution (caption-heavy CT and MRI
+of four organs; it holds out the x-ray modality and the size question that the downstream `base` style adds),
+then writes a plain HF model directory (weights, config, tokenizer, processor) and
 `provenance.json`. The shipped presets `tiny-llava-med` and `tiny-miss-med` were made by this command:
 
     python -m raymed.pretrain --family llava --out raymed/pretrained/tiny-llava-med
@@ -177,6 +178,7 @@ def training_overrides(recipe: Recipe, init_dir: Path, work: Path, seed: int, n:
             DOWNSTREAM_STYLE: str(synthetic_dataset(DOWNSTREAM_STYLE, eval_n, seed + 2)),
         },
         "data.max_length": recipe.max_length, "data.max_eval_rows": recipe.eval_rows,
+        "data.cache_mb": 0,  # one Ray Train epoch over `epochs` shuffled passes: nothing to replay
         "train.epochs": 1, "train.batch_size": recipe.batch_size, "train.lr": recipe.lr, "train.seed": seed,
         "train.zero_shot": True, "train.eval_batch_size": 48,
         "train.max_new_tokens": recipe.max_new_tokens,

@@ -155,7 +155,7 @@ def build_trainer(cfg: Config, storage: str | None = None, extra_callbacks: list
     import ray.train
     from ray.train.torch import TorchConfig, TorchTrainer
 
-    from .data.stream import encoded_split
+    from .data.stream import encoded_split, ingest_config
     from .data.transform import FamilyEncoderFactory
     from .models import resolve
     from .worker import train_loop
@@ -190,6 +190,7 @@ def build_trainer(cfg: Config, storage: str | None = None, extra_callbacks: list
             callbacks=extra_callbacks or None,
         ),
         datasets={"train": train_ds},
+        dataset_config=ingest_config(cfg.data.preserve_order),
     )
 
 

@@ -277,3 +277,44 @@ def test_torch_trainer_two_workers_stream_every_row_once(ray_cluster: Any, big_d
         assert rec["dtypes"] == ["torch.float32"]
     # 2 epochs x ~135 MB streamed through an 80 MB object store without spilling to disk
     assert monitor.spilled == 0 and monitor.peak_used <= OBJECT_STORE, (monitor.spilled, monitor.peak_used)
+
+
+def _slow_first_block(batch: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
+    """Holds back the block with the first row, so later blocks finish first."""
+    import time
+
+    if "0" in set(batch["id"].tolist()):
+        time.sleep(3.0)
+    return batch
+
+
+def order_loop(config: dict[str, Any]) -> None:
+    import ray.train
+
+    from raymed.data.stream import torch_batches
+
+    ids = [i for b in torch_batches(ray.train.get_dataset_shard("train"), batch_size=20) for i in b["id"]]
+    Path(config["out"], "order.json").write_text(json.dumps(ids))
+
+
+@pytest.mark.integration
+def test_training_stream_keeps_file_order(ray_cluster: Any, big_data: tuple[Path, int], tmp_path: Path) -> None:
+    """The recipe's ingest config: a worker gets the rows in file order even when the first block is the
+    last to finish (Ray Data's default would hand the later blocks over first)."""
+    from ray.train import FailureConfig, RunConfig, ScalingConfig
+    from ray.train.torch import TorchTrainer
+
+    from raymed.data.stream import encoded_split, ingest_config
+
+    data_dir, n = big_data
+    ds = encoded_split(data_dir, "train", TinyEncoderFactory(), batch_size=20, actors=0, num_cpus=0.25,
+                       max_image_side=64)
+    ds = ds.map_batches(_slow_first_block, batch_size=None, batch_format="numpy", num_cpus=0.25)
+    TorchTrainer(
+        order_loop, train_loop_config={"out": str(tmp_path)}, datasets={"train": ds},
+        dataset_config=ingest_config(preserve_order=True),
+        scaling_config=ScalingConfig(num_workers=1, resources_per_worker={"CPU": 0.5}),
+        run_config=RunConfig(storage_path=str(tmp_path / "runs"), name="order",
+                             failure_config=FailureConfig(max_failures=0)),
+    ).fit()
+    assert json.loads((tmp_path / "order.json").read_text()) == [str(i) for i in range(n)]
