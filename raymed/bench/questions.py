@@ -94,7 +94,9 @@ def run(sweep_dir: Path | str, n: int | None = None, seed: int | None = None, ro
     torch.manual_seed(0)
     sweep_dir = Path(sweep_dir)
     summary = json.loads((sweep_dir / "results.json").read_text())
-    best = [t for t in summary["best_per_method"] if methods is None or t["method"] in methods]
+    trials = {t["trial_id"]: t for t in summary["trials"]}
+    best = [trials[i] for i in summary["best_per_method"].values()]  # {method (or "model · method"): trial id}
+    best = [t for t in best if methods is None or t["method"] in methods]
     if not best:
         raise ValueError(f"{sweep_dir}/results.json: no best trial for methods {methods}")
     checkpoints = {t["trial_id"]: find_checkpoint(sweep_dir / "runs" / f"trial-{t['trial_id']}") / "model"
