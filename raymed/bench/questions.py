@@ -117,16 +117,16 @@ def run(sweep_dir: Path | str, n: int | None = None, seed: int | None = None, ro
     ref = resolve(meta["model"])
     base = load_model(ref, seed=train_seed)
     base_hits = hits(answer(base, load_processor(ref), ref.family, test, max_length, max_new), test)
+    zero_shot = breakdown(base_hits, test)
     out_rows = [{"method": ZERO_SHOT, "lr": None, "trainable": 0, "sweep_acc": best[0]["metrics"].get(SWEEP_ZERO_SHOT),
-                 **_flat(breakdown(base_hits, test)), "gained": 0, "lost": 0, "p": 1.0}]
+                 **_flat(zero_shot), "gained": 0, "lost": 0, "p": 1.0}]
     for t in best:
         model, processor, _ = load_trainable(checkpoints[t["trial_id"]])
         h = hits(answer(model, processor, ref.family, test, max_length, max_new), test)
         out_rows.append({"method": t["method"], "lr": t["lr"], "trainable": t["params"]["trainable"],
                          "sweep_acc": t["metrics"].get(SWEEP_ACC), **_flat(breakdown(h, test)),
                          **mcnemar(base_hits, h)})
-    types = sorted({question_type(r) for r in test})
-    counts = {k: sum(1 for r in test if question_type(r) == k) for k in types}
+    counts = {k: v["n"] for k, v in zero_shot["types"].items()}  # every method answered the same rows
     config = {"sweep": str(sweep_dir), "metric": summary["metric"], "style": style, "n_images": n, "seed": seed,
               "sweeps_own_test_set": own,
               "rows": len(test), "type_counts": counts, "model": meta["model"], "max_new_tokens": max_new}
