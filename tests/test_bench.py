@@ -12,7 +12,6 @@ import pytest
 
 from raymed.bench import common
 from raymed.bench.overhead import epoch_rates
-from raymed.bench.sweep import best, replay, replay_asha
 
 
 def check_document(doc: dict, suite: str) -> None:
@@ -64,27 +63,6 @@ def test_epoch_rates_undo_cumulative_reports():
     # 10 samples per epoch: epoch 1 took 5 s, epoch 2 took 2 s -> cumulative 2.0 then 20/7 samples/s
     history = [{"samples_per_s": 2.0}, {"samples_per_s": 20 / 7}]
     assert epoch_rates(history, 10) == pytest.approx([2.0, 5.0])
-
-
-def test_asha_replay_follows_ray_rules():
-    # Ray's ASHA: the first trial at a rung always goes on; a later one goes on when it is not below the
-    # running median of those recorded there. Best trial first: every other trial stops at the first rung.
-    down = {f"t{i}": [(7 - i) / 10] * 3 for i in range(8)}
-    assert replay_asha(down, max_t=3, grace=1, rf=2, mode="max", concurrency=8) == {"t0": 3, **{f"t{i}": 1 for i in
-                                                                                               range(1, 8)}}
-    # Worst first, each better than the last: nobody is ever below the median, so nothing stops.
-    up = {f"t{i}": [i / 10] * 3 for i in range(8)}
-    assert set(replay_asha(up, max_t=3, grace=1, rf=2, mode="max", concurrency=8).values()) == {3}
-    assert set(replay_asha(up, max_t=3, grace=1, rf=2, mode="min", concurrency=8).values()) == {1, 3}
-    grid = [{"trial_id": t, "method": f"m{t}", "lr": 0.1, "curve": c, "final": c[-1], "epochs": 3}
-            for t, c in down.items()]
-    rows = replay(grid, 3, [(2, 1), (4, 1)], "max", [1, 8])
-    assert len(rows) == 4
-    for row in rows:
-        assert row["grid_trial_epochs"] == 24 and row["ratio"] == row["trial_epochs"] / 24
-        assert row["same_best"] and row["best_method"] == "mt0"
-    assert rows[0]["trial_epochs"] == 10
-    assert best(grid, "min")["method"] == "mt7"
 
 
 def test_gpu_suite_skips_without_cuda():

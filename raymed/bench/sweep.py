@@ -8,7 +8,9 @@ trial's last report, stopped trials included).
 `replay` mode runs only the grid and replays ASHA on its recorded learning curves, with Ray's own
 `_Bracket` deciding at each rung, trials advancing one epoch per time unit `concurrency` at a time
 (equal epoch durations: an approximation of the real asynchronous order). One grid run then prices any
-(reduction factor, grace period, max epochs) setting, which shows what a sweep needs for a given budget.
+(reduction factor, grace period, max epochs) setting, which shows what a sweep needs for a given budget, and
+what it costs the comparison: each method's best under the replayed ASHA against its best in the grid (a short
+grace period stops methods that start slowly, e.g. few-parameter ones at the high learning rates they need).
 """
 
 from __future__ import annotations
@@ -111,6 +113,7 @@ def replay(grid: list[dict[str, Any]], max_t: int, settings: list[tuple[float, i
     curves = {t["trial_id"]: t["curve"][:max_t] for t in ok}
     by_id = {t["trial_id"]: t for t in ok}
     grid_best = best([{**t, "final": t["curve"][max_t - 1]} for t in ok], mode)
+    grid_methods = method_bests([{**t, "final": t["curve"][max_t - 1]} for t in ok], mode)
     rows = []
     for rf, grace in settings:
         for c in concurrencies:
@@ -118,16 +121,31 @@ def replay(grid: list[dict[str, Any]], max_t: int, settings: list[tuple[float, i
             sim = [{**by_id[tid], "final": curves[tid][e - 1], "epochs": e} for tid, e in epochs.items()]
             b = best(sim, mode)
             spent = sum(epochs.values())
+            found = method_bests(sim, mode)
+            sign = 1 if mode == "max" else -1
             rows.append({"scheduler": f"ASHA replay rf={rf:g} grace={grace} max_t={max_t} conc={c}",
                          "trials": len(curves), "trial_epochs": spent, "grid_trial_epochs": max_t * len(curves),
                          "ratio": ratio(spent, max_t * len(curves)), "best_method": b["method"],
-                         "best_value": b["value"], "same_best": b["method"] == grid_best["method"]})
+                         "best_value": b["value"], "same_best": b["method"] == grid_best["method"],
+                         "per_method": {m: {"grid": g, "asha": found[m]} for m, g in grid_methods.items()},
+                         "methods_below_grid": " ".join(m for m, g in grid_methods.items()
+                                                        if sign * found[m] < sign * g) or "-"})
     return rows
+
+
+def method_bests(trials: list[dict[str, Any]], mode: str) -> dict[str, float]:
+    """Each method's best last-reported metric over its trials (what the report's per-method table shows)."""
+    pick = max if mode == "max" else min
+    out: dict[str, float] = {}
+    for t in trials:
+        if "error" not in t and not math.isnan(t["final"]):
+            out[t["method"]] = pick(out.get(t["method"], t["final"]), t["final"])
+    return out
 
 
 def run(config: str | None = None, overrides: tuple[str, ...] = (), quick: bool = False, mode: str = "real",
         epochs: int | None = None, methods: list[str] | None = None,
-        replay_settings: tuple[tuple[float, int], ...] = ((2, 1), (3, 1), (4, 1)),
+        replay_settings: tuple[tuple[float, int], ...] = ((2, 1), (3, 1), (4, 1), (3, 2), (3, 3)),
         out: str | None = None) -> dict[str, Any]:
     import ray
 
@@ -216,7 +234,7 @@ def render(doc: dict[str, Any]) -> str:
         f"metric {c['metric']}, {c['max_t']} epochs, {c['concurrency']} trials at a time",
         table(doc["rows"], COLUMNS),
         "ASHA replayed on the grid's learning curves (equal epoch times):",
-        table(doc["replay"], COLUMNS[:-1]),
+        table(doc["replay"], [*COLUMNS[:-1], ("methods_below_grid", "methods below their grid best")]),
         targets_table(doc["targets"]),
     ] if x)
 
@@ -229,7 +247,7 @@ def add_arguments(ap: Any) -> None:
                     help="real: ASHA and grid sweeps; replay: grid only, ASHA replayed on its curves")
     ap.add_argument("--epochs", type=int, default=None, help="train.epochs of every trial (ASHA's max_t)")
     ap.add_argument("--methods", default=None, help="space-separated methods (replaces the search's method.name)")
-    ap.add_argument("--replay", default="2:1 3:1 4:1", help="replayed ASHA settings RF:GRACE (default: %(default)s)")
+    ap.add_argument("--replay", default="2:1 3:1 4:1 3:2 3:3", help="replayed ASHA settings RF:GRACE (default: %(default)s)")
     ap.add_argument("--keep", default=None, help="experiment folder to keep (default: a temporary one)")
     ap.add_argument("overrides", nargs="*", help="dotted overrides, as for python -m raymed.tune")
 
