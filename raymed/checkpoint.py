@@ -96,7 +96,8 @@ def load_trainable(ckpt_model_dir: Path) -> tuple[torch.nn.Module, Any, dict[str
     meta = json.loads((ckpt_model_dir / "raymed.json").read_text())
     seed = meta["config"]["train"]["seed"]
     ref = resolve(meta["model"])
-    model, _ = apply_method(load_model(ref, seed=seed), ref, meta["method"], meta["towers"], meta["options"])
+    model, _ = apply_method(load_model(ref, seed=seed), ref, meta["method"], meta["towers"], meta["options"],
+                            seed=seed)
     tensors = load_file(ckpt_model_dir / "trainable.safetensors")
     params = dict(model.named_parameters())
     unknown = [n for n in tensors if n not in params]

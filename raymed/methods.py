@@ -12,6 +12,7 @@ from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
 from typing import Any
 
+import torch
 from torch import nn
 
 from .accounting import Accounting, account
@@ -120,10 +121,13 @@ def apply_method(
     method: str,
     towers: Sequence[str] | None = None,
     options: Mapping[str, Any] | None = None,
+    seed: int = 0,
 ) -> tuple[nn.Module, Accounting]:
     """Freeze / wrap `model` for `method` on `towers`; returns the model to train and its accounting.
 
-    Raises MethodError when the method or a tower matches no parameter.
+    peft methods initialise their new weights (LoRA's A, prefix embeddings) from `seed` alone, whatever the
+    global RNG has been through (a pretrained base is loaded, not built from a seed), and leave the global
+    RNG as it was. Raises MethodError when the method or a tower matches no parameter.
     """
     family = ref.family
     spec = get_method(method)
@@ -143,7 +147,9 @@ def apply_method(
         if n == 0:
             raise MethodError(f"family {family.name!r}, method {method!r}, towers {list(towers)}: no parameter matches")
     else:
-        model = _apply_peft(model, family, infos, spec, towers, opts)
+        with torch.random.fork_rng(devices=[]):
+            torch.manual_seed(seed)
+            model = _apply_peft(model, family, infos, spec, towers, opts)
     acc = account(
         model, family, infos, base_params, model_name=ref.name, method=method, towers=towers,
         prompt_tower=PROMPT_TOWER[family.name],

@@ -53,7 +53,8 @@ def train_loop(loop_config: dict[str, Any]) -> None:
     ref = resolve(cfg.model.name)
     processor = load_processor(ref)
     model = load_model(ref, seed=cfg.train.seed)
-    model, acc = apply_method(model, ref, cfg.method.name, cfg.method.towers, cfg.method.options)
+    model, acc = apply_method(model, ref, cfg.method.name, cfg.method.towers, cfg.method.options,
+                              seed=cfg.train.seed)
     if cfg.model.gradient_checkpointing:
         enable_activation_checkpointing(model)
     _seed_everything(cfg.train.seed + rank)

@@ -8,6 +8,7 @@ import sys
 from collections import Counter
 
 import pytest
+import torch
 
 from raymed.methods import MethodError, apply_method
 from raymed.models import GROUPS, PRESETS, ModelLoadError, load_model, resolve
@@ -152,6 +153,24 @@ def test_towers_restrict_methods():
     assert acc.trainable_groups["vision"]["ln"] == 0
     _, lora = apply_method(load_model(ref), ref, "lora", ["language"])
     assert lora.trainable_groups["vision"].get("adapter", 0) == 0 and lora.trainable_groups["language"]["adapter"] > 0
+
+
+@pytest.mark.parametrize("method", ["lora", "prefix"])
+def test_adapter_init_depends_on_the_seed_only(method):
+    # A pretrained base is loaded, not built from a seed: the adapter's random init must not follow whatever
+    # the global RNG went through before (it did: two runs of the same sweep trained different LoRAs).
+    ref = resolve("tiny-llava-med")
+
+    def adapter(seed, global_seed):
+        torch.manual_seed(global_seed)
+        before = torch.random.get_rng_state()
+        model, _ = apply_method(load_model(ref), ref, method, seed=seed)
+        assert torch.equal(torch.random.get_rng_state(), before)  # the caller's RNG stream is left alone
+        return {n: p.detach().clone() for n, p in model.named_parameters() if p.requires_grad}
+
+    a, b, other = adapter(0, global_seed=1), adapter(0, global_seed=2), adapter(1, global_seed=1)
+    assert a.keys() == b.keys() and all(torch.equal(a[n], b[n]) for n in a)
+    assert any(not torch.equal(a[n], other[n]) for n in a)
 
 
 def test_clear_errors(tmp_path):
