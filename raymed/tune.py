@@ -37,6 +37,9 @@ class SchedulerConfig(_Section):
     grace_period: int = Field(1, ge=1)
     """Epochs every trial runs before ASHA may stop it."""
     reduction_factor: float = Field(2.0, gt=1)
+    per: str | None = None
+    """A search key (e.g. `method.name`): ASHA compares each trial only with the trials that share its value
+    (one bracket per method: it stops a method's weaker learning rates, never a slow-starting method)."""
 
 
 class SweepConfig(_Section):
@@ -113,6 +116,11 @@ def check_sweep(sweep: SweepConfig, base: dict[str, Any], source: str, check_pat
     for key, value in sweep.search.items():
         if isinstance(value, list) and not value:
             errors.append(f"search.{key}: empty list: nothing to try")
+    per = sweep.scheduler.per
+    if per is not None and per not in sweep.search:
+        errors.append(f"scheduler.per: {per!r} is not a search key; search keys: {', '.join(sweep.search) or 'none'}")
+    if per is not None and sweep.scheduler.type != "asha":
+        errors.append(f"scheduler.per applies to ASHA only (scheduler.type is {sweep.scheduler.type!r})")
     if errors:
         raise ConfigError(errors, source)
     reported: set[str] = set()
@@ -133,6 +141,40 @@ def check_sweep(sweep: SweepConfig, base: dict[str, Any], source: str, check_pat
                       + ", ".join(sorted(m for m in reported if not m.startswith("zeroshot/"))))
     if errors:
         raise ConfigError(sorted(set(errors), key=errors.index), source)
+
+
+# ---- scheduling ----------------------------------------------------------------------------------
+def make_scheduler(sweep: SweepConfig, max_t: int) -> Any:
+    """Tune's scheduler for the sweep: FIFO, Ray's ASHA, or ASHA with one bracket per `scheduler.per` value."""
+    from ray.tune.schedulers import AsyncHyperBandScheduler, FIFOScheduler
+    from ray.tune.schedulers.async_hyperband import _Bracket
+
+    s = sweep.scheduler
+    if s.type == "fifo":
+        return FIFOScheduler()
+    if s.per is None:
+        return AsyncHyperBandScheduler(time_attr="epoch", max_t=max_t, grace_period=s.grace_period,
+                                       reduction_factor=s.reduction_factor)
+
+    class GroupedASHA(AsyncHyperBandScheduler):
+        """Ray's ASHA, but each trial joins the bracket of its group: rungs (and cutoffs) per group."""
+
+        def __init__(self, **kwargs: Any) -> None:
+            super().__init__(**kwargs)
+            self._groups: dict[str, Any] = {}
+
+        def on_trial_add(self, tune_controller: Any, trial: Any) -> None:
+            super().on_trial_add(tune_controller, trial)  # checks metric / mode
+            group = str(trial.config["overrides"].get(s.per))
+            if group not in self._groups:
+                self._groups[group] = _Bracket(s.grace_period, max_t, s.reduction_factor, 0)
+            self._trial_info[trial.trial_id] = self._groups[group]
+
+        def debug_string(self) -> str:
+            return f"ASHA per {s.per}: num_stopped={self._num_stopped}\n" + "\n".join(
+                f"{g}: {b.debug_str()}" for g, b in self._groups.items())
+
+    return GroupedASHA(time_attr="epoch", max_t=max_t, grace_period=s.grace_period, reduction_factor=s.reduction_factor)
 
 
 # ---- the trial -----------------------------------------------------------------------------------
@@ -173,7 +215,6 @@ def run_sweep(sweep: SweepConfig, base: dict[str, Any], out: Path, resume: bool 
     """Run (or resume) the sweep; returns Tune's ResultGrid."""
     import ray
     from ray import tune
-    from ray.tune.schedulers import ASHAScheduler, FIFOScheduler
 
     base_cfg = validate(base)
     need = trial_cpus(base_cfg, sweep)
@@ -196,9 +237,7 @@ def run_sweep(sweep: SweepConfig, base: dict[str, Any], out: Path, resume: bool 
                                    resume_errored=True)
     else:
         epochs = base_cfg.train.epochs
-        scheduler = (ASHAScheduler(time_attr="epoch", max_t=epochs, grace_period=sweep.scheduler.grace_period,
-                                   reduction_factor=sweep.scheduler.reduction_factor)
-                     if sweep.scheduler.type == "asha" else FIFOScheduler())
+        scheduler = make_scheduler(sweep, epochs)
         tuner = tune.Tuner(
             trainable,
             param_space={"base": base, "overrides": _search_space(sweep), "storage": str(out.resolve() / sweep.name / "runs")},

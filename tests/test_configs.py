@@ -89,3 +89,7 @@ def test_sweep_errors(tmp_path):
         load_sweep(sweep("search: {train.lr: [0.1]}\nmetric: eval/tset/overall_acc\n"), [])
     with pytest.raises(ConfigError, match="sweep schedulr: unknown key"):
         load_sweep(sweep("search: {train.lr: [0.1]}\nschedulr: {}\n"), [])
+    with pytest.raises(ConfigError, match=r"scheduler.per: 'method' is not a search key; search keys: train.lr"):
+        load_sweep(sweep("search: {train.lr: [0.1]}\nscheduler: {per: method}\n"), [])
+    with pytest.raises(ConfigError, match=r"scheduler.per applies to ASHA only"):
+        load_sweep(sweep("search: {train.lr: [0.1]}\nscheduler: {type: fifo, per: train.lr}\n"), [])

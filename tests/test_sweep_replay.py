@@ -33,8 +33,44 @@ def test_replay_shows_which_methods_a_short_grace_period_loses():
     grid = [{"trial_id": t, "method": method[t], "lr": 0.1, "curve": c, "final": c[-1], "epochs": 3}
             for t, c in curves.items()]
     assert method_bests(grid, "max") == {"fast": 0.7, "slow": 0.8}
-    short, full = replay(grid, 3, [(2, 1), (3, 3)], "max", [1])
+    short, full, per_method = replay(grid, 3, [(2, 1), (3, 3), (2, 1, "method")], "max", [1])
     assert short["methods_below_grid"] == "slow"
     assert short["per_method"]["slow"] == {"grid": 0.8, "asha": 0.55}
     assert short["best_method"] == "fast" and not short["same_best"]
     assert full["methods_below_grid"] == "-" and full["same_best"] and full["trial_epochs"] == 12
+    # One bracket per method: each method's first trial goes on; f2 is below f1 at the first rung and stops,
+    # s2 is above s1 there and level with it at the second, so it runs on.
+    assert per_method["methods_below_grid"] == "-" and per_method["same_best"]
+    assert per_method["trial_epochs"] == 3 + 1 + 3 + 3 and "per method" in per_method["scheduler"]
+
+
+def _trial(tid, method):  # what the scheduler reads of Tune's Trial: its id and its config
+    from types import SimpleNamespace
+
+    return SimpleNamespace(trial_id=tid, config={"base": {}, "overrides": {"method.name": method, "train.lr": 0.1}})
+
+
+def test_asha_per_method_compares_a_trial_with_its_own_method_only():
+    # Ray's ASHA (rf 2, grace 1) with one bracket per method: `slow` starts far below `fast` and would be
+    # stopped at the first rung by the plain scheduler; per method, each method's first trial goes on and
+    # only a method's weaker trial stops.
+    from ray.tune.schedulers import TrialScheduler
+
+    from raymed.tune import SweepConfig, make_scheduler
+
+    def decisions(per):
+        sweep = SweepConfig.model_validate({"search": {"method.name": ["fast", "slow"], "train.lr": [0.1]},
+                                            "scheduler": {"type": "asha", "grace_period": 1, "reduction_factor": 2,
+                                                          "per": per}})
+        sched = make_scheduler(sweep, max_t=3)
+        sched.set_search_properties("acc", "max")
+        out = {}
+        for tid, method, acc in [("f1", "fast", 0.8), ("s1", "slow", 0.5), ("f2", "fast", 0.6), ("s2", "slow", 0.4)]:
+            trial = _trial(tid, method)
+            sched.on_trial_add(None, trial)
+            out[tid] = sched.on_trial_result(None, trial, {"epoch": 1, "acc": acc})
+        return out
+
+    go, stop = TrialScheduler.CONTINUE, TrialScheduler.STOP
+    assert decisions(None) == {"f1": go, "s1": stop, "f2": stop, "s2": stop}
+    assert decisions("method.name") == {"f1": go, "s1": go, "f2": stop, "s2": stop}

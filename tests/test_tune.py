@@ -71,6 +71,22 @@ def test_sweep_with_asha_writes_the_report(ray_cluster, tmp_path, capsys):
     _assert_all_cpus_return()
 
 
+def test_asha_per_method_stops_only_a_methods_weaker_lr(ray_cluster, tmp_path):
+    # Ray Tune with `scheduler.per: method.name`: trials run one at a time in grid order (full 1e-2, ln 1e-2,
+    # full 1e-4, ln 1e-4). ln at 1e-2 is compared with ln only, so it goes on even though its loss is above
+    # full's at the first rung (one ASHA over all trials stops it there); each method's 1e-4 trial stops.
+    rc = tune_main(["--config", str(SWEEP), "--out", str(tmp_path), "train.epochs=2",
+                    "sweep.search={method.name: [full, ln], train.lr: [0.01, 0.0001]}",
+                    "sweep.scheduler={type: asha, grace_period: 1, reduction_factor: 2, per: method.name}",
+                    "sweep.metric=loss", "sweep.mode=min", "sweep.max_concurrent=1"])
+    assert rc == 0
+    rows = json.loads((tmp_path / "tiny-cpu" / "results.json").read_text())["trials"]
+    stopped = {(t["method"], t["lr"]): t["stopped_early"] for t in rows}
+    assert stopped == {("full", 0.01): False, ("ln", 0.01): False, ("full", 0.0001): True, ("ln", 0.0001): True}
+    first = {(t["method"], t["lr"]): t["metrics"]["loss"] for t in rows}
+    assert first[("ln", 0.01)] > first[("full", 0.01)]  # what makes the per-method bracket matter here
+
+
 def _assert_all_cpus_return(timeout_s: float = 60.0) -> None:
     import time
 

@@ -15,6 +15,7 @@ grace period stops methods that start slowly, e.g. few-parameter ones at the hig
 
 from __future__ import annotations
 
+import json
 import math
 import os
 import tempfile
@@ -106,24 +107,29 @@ def replay_asha(curves: dict[str, list[float]], max_t: int, grace: int, rf: floa
     return done
 
 
-def replay(grid: list[dict[str, Any]], max_t: int, settings: list[tuple[float, int]], mode: str,
+def replay(grid: list[dict[str, Any]], max_t: int, settings: list[tuple], mode: str,
            concurrencies: list[int]) -> list[dict[str, Any]]:
-    """ASHA replayed on the grid's curves for each (rf, grace) x concurrency: trial-epochs and best method."""
+    """ASHA replayed on the grid's curves for each (rf, grace[, "method"]) x concurrency: trial-epochs, best
+    method, each method's best. A third element "method" replays `scheduler.per: method.name` (one bracket
+    per method, each method's trials run as their own queue)."""
     ok = [t for t in grid if "error" not in t and len(t["curve"]) >= max_t]
     curves = {t["trial_id"]: t["curve"][:max_t] for t in ok}
     by_id = {t["trial_id"]: t for t in ok}
     grid_best = best([{**t, "final": t["curve"][max_t - 1]} for t in ok], mode)
     grid_methods = method_bests([{**t, "final": t["curve"][max_t - 1]} for t in ok], mode)
     rows = []
-    for rf, grace in settings:
+    for rf, grace, *per in settings:
+        groups = ([{tid: c for tid, c in curves.items() if by_id[tid]["method"] == m}
+                   for m in dict.fromkeys(t["method"] for t in ok)] if per else [curves])
         for c in concurrencies:
-            epochs = replay_asha(curves, max_t, grace, rf, mode, c)
+            epochs = {tid: e for g in groups for tid, e in replay_asha(g, max_t, grace, rf, mode, c).items()}
             sim = [{**by_id[tid], "final": curves[tid][e - 1], "epochs": e} for tid, e in epochs.items()]
             b = best(sim, mode)
             spent = sum(epochs.values())
             found = method_bests(sim, mode)
             sign = 1 if mode == "max" else -1
-            rows.append({"scheduler": f"ASHA replay rf={rf:g} grace={grace} max_t={max_t} conc={c}",
+            rows.append({"scheduler": f"ASHA replay rf={rf:g} grace={grace}{' per method' if per else ''} "
+                                      f"max_t={max_t} conc={c}",
                          "trials": len(curves), "trial_epochs": spent, "grid_trial_epochs": max_t * len(curves),
                          "ratio": ratio(spent, max_t * len(curves)), "best_method": b["method"],
                          "best_value": b["value"], "same_best": b["method"] == grid_best["method"],
@@ -145,8 +151,9 @@ def method_bests(trials: list[dict[str, Any]], mode: str) -> dict[str, float]:
 
 def run(config: str | None = None, overrides: tuple[str, ...] = (), quick: bool = False, mode: str = "real",
         epochs: int | None = None, methods: list[str] | None = None,
-        replay_settings: tuple[tuple[float, int], ...] = ((2, 1), (3, 1), (4, 1), (3, 2), (3, 3)),
-        out: str | None = None) -> dict[str, Any]:
+        replay_settings: tuple[tuple, ...] = ((2, 1), (3, 1), (4, 1), (3, 2), (3, 3), (3, 1, "method"),
+                                               (3, 3, "method")),
+        out: str | None = None, grid_from: str | None = None) -> dict[str, Any]:
     import ray
 
     from raymed.tune import run_sweep
@@ -160,8 +167,10 @@ def run(config: str | None = None, overrides: tuple[str, ...] = (), quick: bool 
     runs: dict[str, dict[str, Any]] = {}
     tmp = None if out else tempfile.TemporaryDirectory(prefix="raymed-bench-sweep-")
     root = Path(out or tmp.name)
+    if grid_from:  # replay only: the grid's learning curves from an earlier run of this suite
+        runs["fifo"] = json.loads(Path(grid_from).read_text())["runs"]["fifo"]
     try:
-        kinds = ("asha", "fifo") if mode == "real" else ("fifo",)
+        kinds = ("asha", "fifo") if mode == "real" else () if grid_from else ("fifo",)
         for kind in kinds:
             s = sweep.model_copy(update={"name": f"{sweep.name}-{kind}",
                                          "scheduler": sweep.scheduler.model_copy(update={"type": kind})})
@@ -247,13 +256,21 @@ def add_arguments(ap: Any) -> None:
                     help="real: ASHA and grid sweeps; replay: grid only, ASHA replayed on its curves")
     ap.add_argument("--epochs", type=int, default=None, help="train.epochs of every trial (ASHA's max_t)")
     ap.add_argument("--methods", default=None, help="space-separated methods (replaces the search's method.name)")
-    ap.add_argument("--replay", default="2:1 3:1 4:1 3:2 3:3", help="replayed ASHA settings RF:GRACE (default: %(default)s)")
+    ap.add_argument("--replay", default="2:1 3:1 4:1 3:2 3:3 3:1:method 3:3:method",
+                    help="replayed ASHA settings RF:GRACE[:method] (:method = one bracket per method; "
+                         "default: %(default)s)")
+    ap.add_argument("--grid-from", default=None,
+                    help="replay mode: take the grid's curves from this suite's earlier JSON instead of running it")
     ap.add_argument("--keep", default=None, help="experiment folder to keep (default: a temporary one)")
     ap.add_argument("overrides", nargs="*", help="dotted overrides, as for python -m raymed.tune")
 
 
 def from_args(args: Any) -> dict[str, Any]:
-    settings = tuple((float(s.split(":")[0]), int(s.split(":")[1])) for s in args.replay.split())
+    settings = tuple((float(s.split(":")[0]), int(s.split(":")[1]), *s.split(":")[2:3]) for s in args.replay.split())
+    if any(x[2:] != ("method",) and x[2:] for x in settings):
+        raise SystemExit(f"--replay: RF:GRACE or RF:GRACE:method, got {args.replay!r}")
+    if args.grid_from and args.mode != "replay":
+        raise SystemExit("--grid-from needs --mode replay")
     return run(config=args.config, overrides=tuple(args.overrides), quick=args.quick, mode=args.mode,
                epochs=args.epochs, methods=args.methods.split() if args.methods else None,
-               replay_settings=settings, out=args.keep)
+               replay_settings=settings, out=args.keep, grid_from=args.grid_from)
