@@ -83,8 +83,10 @@ def test_asha_per_method_stops_only_a_methods_weaker_lr(ray_cluster, tmp_path):
     rows = json.loads((tmp_path / "tiny-cpu" / "results.json").read_text())["trials"]
     stopped = {(t["method"], t["lr"]): t["stopped_early"] for t in rows}
     assert stopped == {("full", 0.01): False, ("ln", 0.01): False, ("full", 0.0001): True, ("ln", 0.0001): True}
-    first = {(t["method"], t["lr"]): t["metrics"]["loss"] for t in rows}
-    assert first[("ln", 0.01)] > first[("full", 0.01)]  # what makes the per-method bracket matter here
+    # ln trails full at the end too (one ASHA over all trials stopped ln 1e-2 at the first rung: checked by
+    # running this test without `per`).
+    loss = {(t["method"], t["lr"]): t["metrics"]["loss"] for t in rows}
+    assert loss[("ln", 0.01)] > loss[("full", 0.01)]
 
 
 def _assert_all_cpus_return(timeout_s: float = 60.0) -> None:

@@ -115,8 +115,9 @@ def replay(grid: list[dict[str, Any]], max_t: int, settings: list[tuple], mode: 
     ok = [t for t in grid if "error" not in t and len(t["curve"]) >= max_t]
     curves = {t["trial_id"]: t["curve"][:max_t] for t in ok}
     by_id = {t["trial_id"]: t for t in ok}
-    grid_best = best([{**t, "final": t["curve"][max_t - 1]} for t in ok], mode)
-    grid_methods = method_bests([{**t, "final": t["curve"][max_t - 1]} for t in ok], mode)
+    finished = [{**t, "final": t["curve"][max_t - 1]} for t in ok]
+    grid_best, grid_methods = best(finished, mode), method_bests(finished, mode)
+    sign = 1 if mode == "max" else -1
     rows = []
     for rf, grace, *per in settings:
         groups = ([{tid: c for tid, c in curves.items() if by_id[tid]["method"] == m}
@@ -127,7 +128,6 @@ def replay(grid: list[dict[str, Any]], max_t: int, settings: list[tuple], mode: 
             b = best(sim, mode)
             spent = sum(epochs.values())
             found = method_bests(sim, mode)
-            sign = 1 if mode == "max" else -1
             rows.append({"scheduler": f"ASHA replay rf={rf:g} grace={grace}{' per method' if per else ''} "
                                       f"max_t={max_t} conc={c}",
                          "trials": len(curves), "trial_epochs": spent, "grid_trial_epochs": max_t * len(curves),
@@ -141,12 +141,9 @@ def replay(grid: list[dict[str, Any]], max_t: int, settings: list[tuple], mode: 
 
 def method_bests(trials: list[dict[str, Any]], mode: str) -> dict[str, float]:
     """Each method's best last-reported metric over its trials (what the report's per-method table shows)."""
-    pick = max if mode == "max" else min
-    out: dict[str, float] = {}
-    for t in trials:
-        if "error" not in t and not math.isnan(t["final"]):
-            out[t["method"]] = pick(out.get(t["method"], t["final"]), t["final"])
-    return out
+    methods = dict.fromkeys(t["method"] for t in trials if "method" in t)
+    found = {m: best([t for t in trials if t.get("method") == m], mode)["value"] for m in methods}
+    return {m: v for m, v in found.items() if v is not None}
 
 
 def run(config: str | None = None, overrides: tuple[str, ...] = (), quick: bool = False, mode: str = "real",
@@ -266,9 +263,10 @@ def add_arguments(ap: Any) -> None:
 
 
 def from_args(args: Any) -> dict[str, Any]:
-    settings = tuple((float(s.split(":")[0]), int(s.split(":")[1]), *s.split(":")[2:3]) for s in args.replay.split())
-    if any(x[2:] != ("method",) and x[2:] for x in settings):
+    parts = [s.split(":") for s in args.replay.split()]
+    if any(len(p) not in (2, 3) or p[2:] not in ([], ["method"]) for p in parts):
         raise SystemExit(f"--replay: RF:GRACE or RF:GRACE:method, got {args.replay!r}")
+    settings = tuple((float(p[0]), int(p[1]), *p[2:]) for p in parts)
     if args.grid_from and args.mode != "replay":
         raise SystemExit("--grid-from needs --mode replay")
     return run(config=args.config, overrides=tuple(args.overrides), quick=args.quick, mode=args.mode,
