@@ -5,8 +5,11 @@ Layout of one checkpoint directory (Ray merges the ranks' files into it)::
     model/trainable.safetensors   trainable parameters only, full shapes (gathered under ZeRO-3)
     model/raymed.json             model, method, towers, options, accounting, config
     resume/                       DeepSpeed engine state (optimizer, scheduler, step), frozen weights excluded
-    resume/rng-rank{N}.safetensors
-    state.json                    epoch, metrics history, zero-shot metrics
+    resume/rng-rank{N}.safetensors  torch (CPU, CUDA) generator states of rank N
+    resume/rng-rank{N}.json       Python `random` and NumPy generator states of rank N
+    state.json                    epoch, metrics history, zero-shot metrics, wall time, lr schedule segments
+    row.json                      the run's result row (raymed.results), written by the worker
+    eval/<set>/predictions.jsonl  the epoch's answers per eval set (+ metrics.json); zeroshot/<set>/ likewise
 
 Every trainable tensor is stored once (a peft adapter directory would store the same tensors again: 2x
 for LoRA / IA3); `python -m raymed.export --adapter` writes one from a checkpoint when peft needs it.
@@ -16,14 +19,16 @@ from __future__ import annotations
 
 import contextlib
 import json
+import random
 from pathlib import Path
 from typing import Any
 
+import numpy as np
 import torch
 from safetensors.torch import load_file, save_file
 
 from .accounting import Accounting
-from .config import Config
+from .config import Config, ConfigError, config_changes
 
 TAG = "state"
 
@@ -63,19 +68,66 @@ def save_checkpoint(
             (out / "model" / "raymed.json").write_text(json.dumps(meta, indent=2))
             (out / "state.json").write_text(json.dumps({**state, "step": engine.global_steps}, indent=2))
     engine.save_checkpoint(str(out / "resume"), tag=TAG, exclude_frozen_parameters=True, save_latest=True)
-    save_file({"torch": torch.get_rng_state()}, out / "resume" / f"rng-rank{rank}.safetensors")
+    save_rng(out / "resume", rank)
 
 
-def load_resume_state(engine: Any, ckpt: Path, rank: int) -> dict[str, Any]:
-    """Restore engine (trainable weights, optimizer, scheduler, step) and RNG; return state.json."""
+def save_rng(folder: Path, rank: int) -> None:
+    """Every generator a training step can draw from (dropout, sampling): torch CPU and CUDA, NumPy, Python."""
+    tensors = {"torch": torch.get_rng_state()}
+    if torch.cuda.is_available() and torch.cuda.is_initialized():
+        tensors["cuda"] = torch.cuda.get_rng_state()
+    save_file(tensors, folder / f"rng-rank{rank}.safetensors")
+    np_state = np.random.get_state()
+    (folder / f"rng-rank{rank}.json").write_text(json.dumps({
+        "python": _lists(random.getstate()),
+        "numpy": [np_state[0], np_state[1].tolist(), *np_state[2:]],
+    }))
+
+
+def load_rng(folder: Path, rank: int) -> None:
+    """Restore what :func:`save_rng` saved (a missing file leaves that generator as it is)."""
+    tensors = folder / f"rng-rank{rank}.safetensors"
+    if tensors.exists():
+        states = load_file(tensors)
+        torch.set_rng_state(states["torch"])
+        if "cuda" in states and torch.cuda.is_available():
+            torch.cuda.set_rng_state(states["cuda"])
+    other = folder / f"rng-rank{rank}.json"
+    if other.exists():
+        data = json.loads(other.read_text())
+        random.setstate(_tuples(data["python"]))
+        kind, keys, *rest = data["numpy"]
+        np.random.set_state((kind, np.asarray(keys, dtype=np.uint32), *rest))
+
+
+def _lists(value: Any) -> Any:
+    return [_lists(v) for v in value] if isinstance(value, (tuple, list)) else value
+
+
+def _tuples(value: Any) -> Any:
+    return tuple(_tuples(v) for v in value) if isinstance(value, list) else value
+
+
+def load_resume_state(engine: Any, ckpt: Path, rank: int, cfg: Config | None = None) -> dict[str, Any]:
+    """Restore engine (trainable weights, optimizer, scheduler, step) and every RNG; return state.json with the
+    checkpoint's config under `config`.
+
+    With `cfg`, a resume under another config is refused (naming every changed key) unless
+    `run.allow_config_change` is set.
+    """
+    meta = json.loads((ckpt / "model" / "raymed.json").read_text())
+    if cfg is not None:
+        changes = config_changes(meta["config"], cfg.model_dump(mode="json"))
+        if changes and not cfg.run.allow_config_change:
+            raise ConfigError([*changes, "resuming a run under another config: use a new run.name, or set "
+                               "run.allow_config_change=true to continue this run with the new values"],
+                              f"resume from {ckpt}")
     path, _ = engine.load_checkpoint(str(ckpt / "resume"), tag=TAG, load_module_strict=False,
                                      load_optimizer_states=True, load_lr_scheduler_states=True)
     if path is None:
         raise RuntimeError(f"{ckpt}: DeepSpeed could not load the resume state")
-    rng = ckpt / "resume" / f"rng-rank{rank}.safetensors"
-    if rng.exists():
-        torch.set_rng_state(load_file(rng)["torch"])
-    return json.loads((ckpt / "state.json").read_text())
+    load_rng(ckpt / "resume", rank)
+    return {**json.loads((ckpt / "state.json").read_text()), "config": meta["config"]}
 
 
 def peft_host(model: torch.nn.Module) -> Any:
@@ -109,3 +161,35 @@ def load_trainable(ckpt_model_dir: Path) -> tuple[torch.nn.Module, Any, dict[str
         for n, t in tensors.items():
             params[n].copy_(t.to(params[n].dtype))
     return model, load_processor(ref), meta
+
+
+def find_checkpoint(run: Path) -> Path:
+    """The checkpoint to use for `run`: itself when it is a checkpoint, else the run folder's latest `epoch-NNNN`.
+
+    Raises FileNotFoundError, saying what was expected, for a folder that is neither.
+    """
+    from .results import latest_checkpoint
+
+    run = Path(run)
+    if not run.is_dir():
+        raise FileNotFoundError(f"{run}: no such run or checkpoint folder")
+    if (run / "model" / "raymed.json").is_file():
+        return run
+    ckpt = latest_checkpoint(run)
+    if ckpt is None or not (ckpt / "model" / "raymed.json").is_file():
+        raise FileNotFoundError(f"{run}: no raymed checkpoint in this folder (expected epoch-NNNN/model/raymed.json; "
+                                "a run writes one after its first epoch)")
+    return ckpt
+
+
+def load_for_inference(spec: str) -> tuple[torch.nn.Module, Any, Any, dict[str, Any] | None]:
+    """(model in eval mode, model ref, processor, the training config or None) for `spec`: a run folder or
+    checkpoint (base + method + trained tensors), an HF model directory (e.g. `raymed.export` output) or a preset."""
+    from .models import load_model, load_processor, resolve
+
+    path = Path(spec).expanduser()
+    if path.is_dir() and not (path / "config.json").is_file():
+        model, processor, meta = load_trainable(find_checkpoint(path) / "model")
+        return model.eval(), resolve(meta["model"]), processor, meta["config"]
+    ref = resolve(spec)
+    return load_model(ref).eval(), ref, load_processor(ref), None

@@ -68,6 +68,9 @@ class DataConfig(_Section):
     preserve_order: bool = True
     """Training batches in file order (Ray Data's `preserve_order`): runs are reproducible for a seed. False:
     blocks in completion order (can be faster when reads or decodes are uneven; the order then varies)."""
+    shuffle: bool = True
+    """Train on every epoch's rows in a fresh order, seeded by (train.seed, epoch): reproducible, and a resumed
+    epoch sees the order it would have seen (raymed/data/epochs.py). False: file order (pre-shuffled data)."""
     cache_mb: int = Field(2048, ge=0)
     """Per worker: keep the encoded training batches in memory after the first epoch when they fit in this many
     MiB, and replay them in later epochs (no per-epoch restart of the Ray Data pipeline, no re-decoding).
@@ -125,6 +128,9 @@ class RunConfig(_Section):
     """Also save every parameter (gathered) in the last checkpoint: `model/full.safetensors` (debugging, audits)."""
     metrics_export: bool = True
     """Export training metrics with ray.util.metrics (Ray dashboard / Prometheus)."""
+    allow_config_change: bool = False
+    """Resume a run (same `run.name`) although its config changed. Without it such a resume is refused, naming
+    each changed key. With it, a changed schedule continues from the lr reached (never re-stretched)."""
 
 
 class Config(_Section):
@@ -139,11 +145,33 @@ class Config(_Section):
     def hash(self) -> str:
         """Hash of everything that affects the result (not the run's name or storage)."""
         d = self.model_dump(mode="json")
-        d["run"] = {k: v for k, v in d["run"].items() if k not in ("name", "storage", "metrics_export", "save_full_model")}
+        d["run"] = {k: v for k, v in d["run"].items() if k not in ("name", "storage", "metrics_export", "save_full_model",
+                                                                    "allow_config_change")}
         return hashlib.sha256(json.dumps(d, sort_keys=True).encode()).hexdigest()[:12]
 
     def run_name(self) -> str:
         return self.run.name or f"{self.method.name}-{self.hash()}"
+
+
+# Keys that do not change what a run computes: a run may resume with other values.
+RESUME_FREE_KEYS = frozenset({
+    "run.name", "run.storage", "run.metrics_export", "run.max_failures", "run.keep_checkpoints", "run.fail_at_step",
+    "run.save_full_model", "run.allow_config_change", "data.cache_mb", "data.preprocess_actors",
+    "train.eval_batch_size", "scaling.cpus_per_worker",
+})
+
+
+def config_changes(old: Mapping[str, Any], new: Mapping[str, Any], prefix: str = "") -> list[str]:
+    """`key: old -> new` for every key of two config dumps that differs (and matters on resume)."""
+    out = []
+    for key in sorted(set(old) | set(new)):
+        path = f"{prefix}{key}"
+        a, b = old.get(key), new.get(key)
+        if isinstance(a, Mapping) and isinstance(b, Mapping) and path not in ("method.options",):
+            out += config_changes(a, b, f"{path}.")
+        elif a != b and path not in RESUME_FREE_KEYS:
+            out.append(f"{path}: {a!r} in the checkpoint, {b!r} now")
+    return out
 
 
 # ---- loading ------------------------------------------------------------------------------------

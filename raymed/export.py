@@ -13,22 +13,7 @@ import json
 import sys
 from pathlib import Path
 
-from .checkpoint import load_trainable, peft_host
-
-
-def find_checkpoint(run: Path) -> Path:
-    """The checkpoint directory for `run`: itself, result.json's checkpoint, or the latest epoch-*."""
-    if (run / "model" / "raymed.json").is_file():
-        return run
-    result = run / "result.json"
-    if result.is_file():
-        ckpt = Path(json.loads(result.read_text()).get("checkpoint", ""))
-        if (ckpt / "model" / "raymed.json").is_file():
-            return ckpt
-    epochs = sorted(p for p in run.glob("epoch-*") if (p / "model" / "raymed.json").is_file())
-    if not epochs:
-        raise FileNotFoundError(f"{run}: no raymed checkpoint (expected epoch-*/model/raymed.json)")
-    return epochs[-1]
+from .checkpoint import find_checkpoint, load_trainable, peft_host
 
 
 def export(run: Path, out: Path, adapter: bool = False) -> Path:

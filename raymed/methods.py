@@ -2,7 +2,8 @@
 
 Intrinsic methods (`full`, `ln`, `attn`, `ffn`, and unions like `ln+attn`) unfreeze parameter groups of
 the chosen towers. Extrinsic methods wrap the model with a `peft` config whose targets come from the same
-group tables (`lora`: attention projections; `ia3`: attention projections + FFN down projections).
+group tables (`lora`: attention projections; `ia3`: key and value projections + FFN down projections, the
+(IA)3 paper's and peft's default placement).
 Parameters that take no part in the forward pass are never trainable (DESIGN.md §2).
 """
 
@@ -47,7 +48,7 @@ METHODS: dict[str, Method] = {
         Method("ffn", "feed-forward (MLP) linears", groups=("ffn",)),
         Method("lora", "peft LoRA on the attention projections", groups=("attn",), peft="lora",
                defaults={"r": 8, "lora_alpha": 32, "lora_dropout": 0.1}),
-        Method("ia3", "peft (IA)3 on attention projections and FFN down projections", groups=("attn", "ffn"),
+        Method("ia3", "peft (IA)3 on key / value projections and FFN down projections", groups=("attn", "ffn"),
                peft="ia3"),
         Method("prefix", "peft prefix tuning, 10 virtual tokens with a projection", peft="prefix",
                defaults={"num_virtual_tokens": 10, "prefix_projection": True}),
@@ -62,6 +63,10 @@ METHODS: dict[str, Method] = {
 
 # Where prompt-learning methods attach: the text model that reads the question.
 PROMPT_TOWER = {"llava": "language", "miss": "text_encoder"}
+# (IA)3's attention targets: the key and value projections, by their module names per family (peft's own
+# default table names the same: `k_proj`/`v_proj` for LLaMA/Mistral/CLIP, `key`/`value` for BERT). BLIP's
+# vision attention has one fused `qkv` linear, so (IA)3 scales only its FFN there.
+IA3_KEY_VALUE = {"llava": ("k_proj", "v_proj"), "miss": ("key", "value")}
 
 
 def get_method(name: str) -> Method:
@@ -193,11 +198,29 @@ def _apply_peft(
     if spec.peft == "lora":
         cfg = peft.LoraConfig(target_modules=list(targets), **opts)
     elif spec.peft == "ia3":
+        kv = [t for t, g in targets.items() if g == "attn" and t.rsplit(".", 1)[-1] in IA3_KEY_VALUE[family.name]]
         ff = _ffn_down(model, [t for t, g in targets.items() if g == "ffn"])
-        cfg = peft.IA3Config(target_modules=list(targets), feedforward_modules=ff, **opts)
+        if not kv + ff:
+            raise MethodError(f"family {family.name!r}, method 'ia3', towers {list(towers)}: no key / value "
+                              "projection or FFN down projection to scale")
+        cfg = peft.IA3Config(target_modules=kv + ff, feedforward_modules=ff, **opts)
     elif spec.peft == "ln_tuning":
         cfg = peft.LNTuningConfig(target_modules=list(targets), **opts)
     else:  # pragma: no cover - registry and this switch are kept together
         raise MethodError(f"unhandled peft method {spec.peft!r}")
     return peft.get_peft_model(model, cfg)
 
+
+
+def effective_towers(model: str, family: str | None, method: str, towers: Sequence[str] | None) -> list[str] | None:
+    """The towers a method really changes: a prompt-learning method attaches to one tower whatever `towers` says
+    (so two tower choices that both hold it train the same model). Used to drop duplicate sweep points."""
+    spec = get_method(method)
+    if spec.peft not in ("prefix", "prompt"):
+        return list(towers) if towers else None
+    if family is None:
+        from .models import resolve
+
+        family = resolve(model).family.name
+    host = PROMPT_TOWER[family]
+    return [host] if not towers or host in towers else list(towers)

@@ -225,3 +225,20 @@ def _meteor(gts: dict[int, list[str]], res: dict[int, list[str]], timeout_s: flo
             pass
         scorer.meteor_p.kill()
         scorer.meteor_p.wait()
+
+
+def row_scores(refs: Sequence[Any], preds: Sequence[Any], answer_types: Sequence[Any],
+               tasks: Sequence[Any] | None = None) -> list[dict[str, Any]]:
+    """Per-row scores behind :func:`vqa_metrics`: ``correct`` (strict exact match after normalisation, 0/1) and,
+    for open questions, ``recall`` (token recall). Report rows (task ``report``) get no per-row score."""
+    out: list[dict[str, Any]] = []
+    for i, (ref, pred, kind) in enumerate(zip(refs, preds, answer_types)):
+        if tasks is not None and tasks[i] == "report":
+            out.append({})
+            continue
+        kind = infer_answer_type(ref) if kind is None else normalize_answer_type(kind, f" at index {i}")
+        row: dict[str, Any] = {"correct": int(normalize_answer(pred) == normalize_answer(ref))}
+        if kind == OPEN:
+            row["recall"] = token_recall(pred, ref)
+        out.append(row)
+    return out

@@ -180,6 +180,7 @@ def training_overrides(recipe: Recipe, init_dir: Path, work: Path, seed: int, n:
         },
         "data.max_length": recipe.max_length, "data.max_eval_rows": recipe.eval_rows,
         "data.cache_mb": 0,  # one Ray Train epoch over `epochs` shuffled passes: nothing to replay
+        "data.shuffle": False,  # the passes are shuffled on disk (pretraining_data): stream them in file order
         "train.epochs": 1, "train.batch_size": recipe.batch_size, "train.lr": recipe.lr, "train.seed": seed,
         "train.zero_shot": True, "train.eval_batch_size": 48,
         "train.max_new_tokens": recipe.max_new_tokens,
@@ -198,7 +199,8 @@ def pretrain(family: str, out: Path, seed: int = 0, minutes: float | None = None
     from . import __version__
     from .checkpoint import load_trainable
     from .config import load_config
-    from .train import fit, machine
+    from .results import machine
+    from .train import fit
 
     recipe = RECIPES[family]
     n, epochs = recipe.plan(minutes)

@@ -1,9 +1,11 @@
 """Sweep comparison report: ``results.json``, ``results.csv``, ``report.md`` and ``frontier.png``.
 
-Built from one row per trial; ``python -m raymed.report EXPERIMENT_DIR`` rebuilds it from the
-``result.json`` files that training writes (or from an earlier ``results.json``).
+Built from one row per trial; ``python -m raymed.report EXPERIMENT_DIR`` rebuilds it from the rows that training
+writes into every checkpoint (:mod:`raymed.results`; or from an earlier ``results.json``), the very rows the sweep
+built it from: the rebuilt ``results.json`` equals the sweep's. ``curves.png`` plots each method's best trial's
+metric and loss per epoch.
 
-Row format (one JSON object per run, the ``result.json`` of a training run)::
+Row format (one JSON object per run; :func:`raymed.results.result_row` writes it)::
 
     trial_id       str, required        unique per trial
     method         str, required        "ln", "lora", "full", ...
@@ -50,7 +52,6 @@ from typing import Any
 logger = logging.getLogger(__name__)
 
 DEFAULT_METRIC = "eval/test/overall_acc"
-RESULT_FILE = "result.json"  # one per training run
 RESULTS_FILE = "results.json"  # the report's own summary
 REQUIRED_KEYS = ("trial_id", "method", "metrics")
 _METRIC_RE = re.compile(r"^(?P<kind>[^/]+)/(?P<set>[^/]+)/(?P<name>.+)$")
@@ -127,31 +128,14 @@ def _params(value: Any, where: str, errors: list[str]) -> dict[str, Any]:
 
 
 def load_rows(experiment_dir: str | Path) -> list[dict[str, Any]]:
-    """Read the trial rows of an experiment: every raymed ``result.json`` below it, recursively,
-    or else the ``results.json`` of an earlier report.
+    """The trial rows of an experiment: every run's latest checkpoint row below it (:mod:`raymed.results`),
+    or else the ``results.json`` of an earlier report."""
+    from .results import read_rows
 
-    Ray Tune writes its own ``result.json`` (JSON lines of progress) in each trial folder; files that
-    are not a single object with ``method`` and ``metrics`` are skipped. When several files carry the
-    same ``trial_id``, the newest wins.
-    """
     root = Path(experiment_dir)
-    if not root.is_dir():
-        raise FileNotFoundError(f"experiment folder {root} does not exist")
-    found: dict[str, tuple[float, dict[str, Any]]] = {}
-    for path in sorted(root.rglob(RESULT_FILE)):
-        row = _read_row_file(path)
-        if row is None:
-            continue
-        row = normalize_row(row, str(path))
-        mtime = path.stat().st_mtime
-        previous = found.get(row["trial_id"])
-        if previous is not None:
-            logger.warning("trial %s has several %s files; keeping the newest", row["trial_id"], RESULT_FILE)
-            if previous[0] > mtime:
-                continue
-        found[row["trial_id"]] = (mtime, row)
-    if found:
-        return [row for _, row in found.values()]
+    rows = read_rows(root)
+    if rows:
+        return [normalize_row(r, f"{root} run {r.get('trial_id')}") for r in rows]
     summary = root / RESULTS_FILE
     if summary.is_file():
         data = json.loads(summary.read_text())
@@ -160,21 +144,9 @@ def load_rows(experiment_dir: str | Path) -> list[dict[str, Any]]:
             raise ValueError(f"{summary}: expected a list of trials or an object with 'trials'")
         return [normalize_row(t, f"{summary} trial {i}") for i, t in enumerate(trials)]
     raise FileNotFoundError(
-        f"no trial results under {root}: expected raymed {RESULT_FILE} files (one per run) "
+        f"no trial results under {root}: expected run folders with epoch-NNNN/row.json checkpoints "
         f"or a {RESULTS_FILE}"
     )
-
-
-def _read_row_file(path: Path) -> dict[str, Any] | None:
-    try:
-        row = json.loads(path.read_text())
-    except (json.JSONDecodeError, UnicodeDecodeError):
-        logger.debug("skipping %s: not a single JSON object (Ray Tune's progress log?)", path)
-        return None
-    if not isinstance(row, dict) or "method" not in row or not isinstance(row.get("metrics"), dict):
-        logger.debug("skipping %s: not a raymed result (no 'method'/'metrics')", path)
-        return None
-    return row
 
 
 # --------------------------------------------------------------------------------------- report
@@ -228,12 +200,12 @@ def build_report(
         "results_csv": out / "results.csv",
         "report_md": out / "report.md",
         "frontier_png": out / "frontier.png",
+        "curves_png": out / "curves.png",
     }
+    # Only what the rows determine: rebuilding the report from the same folder gives the same file.
     summary = {
         "metric": metric,
         "mode": mode,
-        "created": datetime.now(timezone.utc).isoformat(timespec="seconds"),
-        "machine": host,
         "metric_columns": columns,
         "best_per_method": {label: t["trial_id"] for label, t in best.items()},
         "trials": ranked,
@@ -242,6 +214,7 @@ def build_report(
     _write_csv(files["results_csv"], flat)
     files["report_md"].write_text(_markdown(flat, best_flat, columns, metric, mode, host, machines, out.resolve().name))
     _plot_frontier(files["frontier_png"], best, metric, mode)
+    _plot_curves(files["curves_png"], best, metric)
     return files
 
 
@@ -371,6 +344,8 @@ def _markdown(
         "",
         "![metric vs trainable parameters](frontier.png)",
         "",
+        "![learning curves of each method's best trial](curves.png)",
+        "",
     ]
     ood = _ood_columns(columns, metric)
     if ood:
@@ -392,6 +367,7 @@ def _markdown(
         "",
         *(f"- trials ran on: {m}" for m in machines),
         "- report built on: " + ", ".join(f"{k} {v}" for k, v in host.items()),
+        f"- built: {datetime.now(timezone.utc).isoformat(timespec='seconds')}",
     ]
     return "\n".join(parts) + "\n"
 
@@ -479,6 +455,35 @@ def _plot_frontier(path: Path, best: Mapping[str, Mapping[str, Any]], metric: st
     ax.set_ylabel(f"{metric} ({'higher' if mode == 'max' else 'lower'} is better)")
     ax.set_title(f"{metric} vs trainable parameters (one point per method at its best lr)", fontsize=10)
     ax.grid(True, which="both", alpha=0.3)
+    fig.tight_layout()
+    fig.savefig(path)
+
+
+def _plot_curves(path: Path, best: Mapping[str, Mapping[str, Any]], metric: str) -> None:
+    """Per method (its best trial): the ranking metric and the training loss per epoch (epoch 0: zero-shot)."""
+    from matplotlib.backends.backend_agg import FigureCanvasAgg
+    from matplotlib.figure import Figure
+
+    fig = Figure(figsize=(11, 4.5), dpi=110)
+    FigureCanvasAgg(fig)
+    ax_metric, ax_loss = fig.add_subplot(1, 2, 1), fig.add_subplot(1, 2, 2)
+    zero_shot_key = metric.replace("eval/", "zeroshot/", 1)
+    for label, t in best.items():
+        history = t.get("history") or []
+        points = [(h["epoch"], h[metric]) for h in history if h.get(metric) is not None]
+        if points and t["metrics"].get(zero_shot_key) is not None:
+            points.insert(0, (0, t["metrics"][zero_shot_key]))
+        if points:
+            ax_metric.plot(*zip(*points), marker="o", ms=3, label=label)
+        losses = [(h["epoch"], h["loss"]) for h in history if h.get("loss") is not None]
+        if losses:
+            ax_loss.plot(*zip(*losses), marker="o", ms=3, label=label)
+    ax_metric.set(xlabel="epoch (0 = zero-shot)", ylabel=metric, title=f"{metric} per epoch (best trial per method)")
+    ax_loss.set(xlabel="epoch", ylabel="training loss (epoch mean)", title="training loss per epoch")
+    for ax in (ax_metric, ax_loss):
+        ax.grid(True, alpha=0.3)
+        if ax.get_legend_handles_labels()[0]:
+            ax.legend(fontsize=7)
     fig.tight_layout()
     fig.savefig(path)
 

@@ -2,7 +2,7 @@
 
 The driver side: validate the config, make sure the data exists (the built-in synthetic Med-VQA by
 default), check the cluster can ever hold the run, build the `TorchTrainer` (Ray Train V2) and write one
-`result.json`. The worker side is `raymed.worker.train_loop`.
+`raymed-result.json` (its result row, raymed.results). The worker side is `raymed.worker.train_loop`.
 """
 
 from __future__ import annotations
@@ -11,9 +11,7 @@ import argparse
 import json
 import math
 import os
-import platform
 import sys
-import time
 from pathlib import Path
 from typing import Any
 
@@ -194,38 +192,41 @@ def build_trainer(cfg: Config, storage: str | None = None, extra_callbacks: list
     )
 
 
-def summarize(cfg: Config, result: Any, wall_s: float, stopped_early: bool = False) -> dict[str, Any]:
-    """The run's `result.json` content (also the row format of sweep reports)."""
-    metrics = dict(result.metrics or {})
+def summarize(result: Any) -> dict[str, Any]:
+    """The run's result row (raymed.results): the `row.json` of its final checkpoint, read alone (never the
+    whole checkpoint, which holds optimizer state)."""
+    from .results import ROW_FILE
+
     if result.checkpoint is None:
-        raise RuntimeError(f"run {cfg.run_name()} finished without a checkpoint: {result.error}")
-    with result.checkpoint.as_directory() as d:
-        meta = json.loads((Path(d) / "model" / "raymed.json").read_text())
-        state = json.loads((Path(d) / "state.json").read_text())
-    acc = meta["accounting"]
-    return {
-        "trial_id": cfg.run_name(),
-        "method": cfg.method.name,
-        "towers": cfg.method.towers,
-        "lr": cfg.train.lr,
-        "model": cfg.model.name,
-        "params": {"trainable": acc["trainable"], "total": acc["total"], "percent": acc["percent"]},
-        "accounting": {"groups": acc["groups"], "trainable_groups": acc["trainable_groups"], "unused": acc["unused"]},
-        "metrics": {k: v for k, v in metrics.items() if k.startswith(("eval/", "zeroshot/"))},
-        "history": state["history"],
-        "epochs": metrics.get("epoch"),
-        "steps": metrics.get("step"),
-        "loss": metrics.get("loss"),
-        "samples_per_s": metrics.get("samples_per_s"),
-        "tokens_per_s": metrics.get("tokens_per_s"),
-        "peak_mem_mb": metrics.get("peak_mem_mb"),
-        "wall_s": wall_s,
-        "stopped_early": stopped_early,
-        "config_hash": cfg.hash(),
-        "config": cfg.model_dump(mode="json"),
-        "checkpoint": result.checkpoint.path,
-        "machine": machine(),
-    }
+        raise RuntimeError(f"run {result.path} finished without a checkpoint: {result.error}")
+    ckpt = result.checkpoint
+    with ckpt.filesystem.open_input_stream(f"{ckpt.path}/{ROW_FILE}") as f:
+        return json.loads(f.read())
+
+
+def check_resume(cfg: Config) -> None:
+    """Before any worker starts: a re-run of a named run resumes it only under the config it was started with
+    (the worker checks again), unless `run.allow_config_change`."""
+    from pyarrow import fs
+
+    from .config import config_changes
+    from .results import CHECKPOINT_RE
+
+    root = f"{storage_path(cfg)}/{cfg.run_name()}"
+    filesystem, path = fs.FileSystem.from_uri(root) if "://" in root else (fs.LocalFileSystem(), root)
+    infos = filesystem.get_file_info(fs.FileSelector(path, allow_not_found=True))
+    ckpts = sorted(i.path for i in infos if CHECKPOINT_RE.match(i.base_name))
+    if not ckpts or cfg.run.allow_config_change:
+        return
+    try:
+        with filesystem.open_input_stream(f"{ckpts[-1]}/model/raymed.json") as f:
+            old = json.loads(f.read())["config"]
+    except (OSError, KeyError, json.JSONDecodeError):
+        return  # an incomplete checkpoint: Ray Train resumes from its own record, the worker checks
+    changes = config_changes(old, cfg.model_dump(mode="json"))
+    if changes:
+        raise ConfigError([*changes, f"run {cfg.run_name()!r} exists ({ckpts[-1]}) with another config: pick a new "
+                           "run.name, or set run.allow_config_change=true to continue it with the new values"])
 
 
 def storage_path(cfg: Config) -> str:
@@ -235,25 +236,20 @@ def storage_path(cfg: Config) -> str:
     return str(Path(cfg.run.storage).expanduser().resolve())
 
 
-def machine() -> dict[str, Any]:
-    import torch
-
-    return {"platform": platform.platform(), "python": platform.python_version(), "cpus": os.cpu_count(),
-            "torch": torch.__version__, "gpu": torch.cuda.get_device_name(0) if torch.cuda.is_available() else None}
-
-
 def fit(cfg: Config) -> dict[str, Any]:
-    """Run training to completion (resuming a same-named run) and write `<storage>/<name>/result.json`."""
+    """Run training to completion (resuming a same-named run) and write `<storage>/<name>/raymed-result.json`."""
+    from .results import RUN_RESULT_FILE
+
+    check_resume(cfg)
     init_ray(required_cpus(cfg) + 1)
     check_resources(cfg)
-    t0 = time.time()
     trainer = build_trainer(cfg)
     result = trainer.fit()
-    summary = summarize(cfg, result, time.time() - t0)
-    out = Path(result.path) / "result.json"
-    out.write_text(json.dumps(summary, indent=2))
-    summary["result_json"] = str(out)
-    return summary
+    summary = {**summarize(result), "checkpoint": result.checkpoint.path}
+    out = f"{result.path}/{RUN_RESULT_FILE}"
+    with result.filesystem.open_output_stream(out) as f:
+        f.write(json.dumps(summary, indent=2).encode())
+    return {**summary, "result_json": out}
 
 
 def main(argv: list[str] | None = None) -> int:

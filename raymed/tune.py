@@ -16,15 +16,16 @@ import argparse
 import itertools
 import json
 import os
+import pickle
 import sys
-import time
 from pathlib import Path
 from typing import Any, Literal
 
 from pydantic import Field
+from ray.tune.schedulers import AsyncHyperBandScheduler, FIFOScheduler, TrialScheduler
 
 from .config import Config, ConfigError, _Section, _format, deep_merge, parse_override, read_yaml, set_dotted, validate
-from .train import ResourceError, build_trainer, init_ray, required_cpus, summarize
+from .train import ResourceError, build_trainer, init_ray, required_cpus
 
 DEFAULT_SWEEP = Path(__file__).parent / "defaults" / "sweep.yaml"
 VQA_METRICS = ("closed_acc", "open_acc", "open_recall", "overall_acc", "n_closed", "n_open")
@@ -37,9 +38,10 @@ class SchedulerConfig(_Section):
     grace_period: int = Field(1, ge=1)
     """Epochs every trial runs before ASHA may stop it."""
     reduction_factor: float = Field(2.0, gt=1)
-    per: str | None = None
-    """A search key (e.g. `method.name`): ASHA compares each trial only with the trials that share its value
-    (one bracket per method: it stops a method's weaker learning rates, never a slow-starting method)."""
+    per: str | list[str] | None = None
+    """Search key(s) (e.g. `method.name`, or `[method.name, method.towers]`): ASHA compares each trial only with
+    the trials that share their values (one ASHA per method: it stops a method's weaker learning rates, never a
+    slow-starting method)."""
 
 
 class SweepConfig(_Section):
@@ -116,13 +118,20 @@ def check_sweep(sweep: SweepConfig, base: dict[str, Any], source: str, check_pat
     for key, value in sweep.search.items():
         if isinstance(value, list) and not value:
             errors.append(f"search.{key}: empty list: nothing to try")
-    per = sweep.scheduler.per
-    if per is not None and per not in sweep.search:
-        errors.append(f"scheduler.per: {per!r} is not a search key; search keys: {', '.join(sweep.search) or 'none'}")
-    if per is not None and sweep.scheduler.type != "asha":
+    per = per_keys(sweep.scheduler)
+    for key in per:
+        if key not in sweep.search:
+            errors.append(f"scheduler.per: {key!r} is not a search key; search keys: {', '.join(sweep.search) or 'none'}")
+    if per and sweep.scheduler.type != "asha":
         errors.append(f"scheduler.per applies to ASHA only (scheduler.type is {sweep.scheduler.type!r})")
     if errors:
         raise ConfigError(errors, source)
+    base_cfg = validate(base, source, check_paths)
+    warmup_epochs = base_cfg.train.warmup_ratio * base_cfg.train.epochs
+    if sweep.scheduler.type == "asha" and sweep.scheduler.grace_period <= warmup_epochs:
+        errors.append(f"scheduler.grace_period: {sweep.scheduler.grace_period} epoch(s) would judge trials during the "
+                      f"learning-rate warm-up ({warmup_epochs:g} epochs = train.warmup_ratio x train.epochs); use a "
+                      "grace period past it")
     reported: set[str] = set()
     for point in points(sweep):
         data = base
@@ -144,67 +153,155 @@ def check_sweep(sweep: SweepConfig, base: dict[str, Any], source: str, check_pat
 
 
 # ---- scheduling ----------------------------------------------------------------------------------
-def make_scheduler(sweep: SweepConfig, max_t: int) -> Any:
-    """Tune's scheduler for the sweep: FIFO, Ray's ASHA, or ASHA with one bracket per `scheduler.per` value."""
-    from ray.tune.schedulers import AsyncHyperBandScheduler, FIFOScheduler
-    from ray.tune.schedulers.async_hyperband import _Bracket
+class GroupedScheduler(TrialScheduler):
+    """One scheduler per group of trials (e.g. per method): each trial is only ever compared with its group.
 
+    Built from public Ray Tune APIs alone: a `TrialScheduler` that hands each trial's events to its group's own
+    scheduler (made by `make`, e.g. an `AsyncHyperBandScheduler`), and picks the next trial to run as FIFO does.
+    """
+
+    def __init__(self, keys: tuple[str, ...], make: Any) -> None:
+        super().__init__()
+        self.keys, self.make = keys, make
+        self.groups: dict[str, TrialScheduler] = {}
+        self.group_of: dict[str, str] = {}
+        self.fifo = FIFOScheduler()
+        self._mode: str | None = None
+
+    def group(self, trial: Any) -> str:
+        point = {**trial.config.get("grid", {}), **trial.config.get("sampled", {})}
+        return " | ".join(f"{k}={point.get(k)}" for k in self.keys)
+
+    def set_search_properties(self, metric: str | None, mode: str | None, **spec: Any) -> bool:
+        self._metric, self._mode = metric or self._metric, mode or self._mode
+        return all(g.set_search_properties(metric, mode, **spec) for g in self.groups.values())
+
+    def _scheduler(self, trial: Any) -> TrialScheduler:
+        return self.groups[self.group_of[trial.trial_id]]
+
+    def on_trial_add(self, tune_controller: Any, trial: Any) -> None:
+        name = self.group(trial)
+        if name not in self.groups:
+            self.groups[name] = self.make()
+            self.groups[name].set_search_properties(self._metric, self._mode)
+        self.group_of[trial.trial_id] = name
+        self.groups[name].on_trial_add(tune_controller, trial)
+
+    def on_trial_error(self, tune_controller: Any, trial: Any) -> None:
+        self._scheduler(trial).on_trial_error(tune_controller, trial)
+
+    def on_trial_result(self, tune_controller: Any, trial: Any, result: dict) -> str:
+        return self._scheduler(trial).on_trial_result(tune_controller, trial, result)
+
+    def on_trial_complete(self, tune_controller: Any, trial: Any, result: dict) -> None:
+        self._scheduler(trial).on_trial_complete(tune_controller, trial, result)
+
+    def on_trial_remove(self, tune_controller: Any, trial: Any) -> None:
+        self._scheduler(trial).on_trial_remove(tune_controller, trial)
+
+    def choose_trial_to_run(self, tune_controller: Any) -> Any:
+        return self.fifo.choose_trial_to_run(tune_controller)
+
+    def debug_string(self) -> str:
+        return f"one scheduler per {', '.join(self.keys)}:\n" + "\n".join(
+            f"[{name}] {g.debug_string()}" for name, g in self.groups.items())
+
+    def save(self, checkpoint_path: str) -> None:
+        with open(checkpoint_path, "wb") as f:
+            pickle.dump(self.__dict__, f)
+
+    def restore(self, checkpoint_path: str) -> None:
+        with open(checkpoint_path, "rb") as f:
+            self.__dict__.update(pickle.load(f))
+
+
+class _ASHA:
+    """A picklable factory of Ray's ASHA with fixed settings (one per group)."""
+
+    def __init__(self, **kwargs: Any) -> None:
+        self.kwargs = kwargs
+
+    def __call__(self) -> TrialScheduler:
+        return AsyncHyperBandScheduler(**self.kwargs)
+
+
+def make_scheduler(sweep: SweepConfig, max_t: int) -> TrialScheduler:
+    """Tune's scheduler for the sweep: FIFO, Ray's ASHA, or ASHA per group of `scheduler.per` values."""
     s = sweep.scheduler
     if s.type == "fifo":
         return FIFOScheduler()
-    if s.per is None:
-        return AsyncHyperBandScheduler(time_attr="epoch", max_t=max_t, grace_period=s.grace_period,
-                                       reduction_factor=s.reduction_factor)
+    asha = _ASHA(time_attr="epoch", max_t=max_t, grace_period=s.grace_period, reduction_factor=s.reduction_factor)
+    if not s.per:
+        return asha()
+    return GroupedScheduler(per_keys(s), asha)
 
-    class GroupedASHA(AsyncHyperBandScheduler):
-        """Ray's ASHA, but each trial joins the bracket of its group: rungs (and cutoffs) per group."""
 
-        def __init__(self, **kwargs: Any) -> None:
-            super().__init__(**kwargs)
-            self._groups: dict[str, Any] = {}
-
-        def on_trial_add(self, tune_controller: Any, trial: Any) -> None:
-            super().on_trial_add(tune_controller, trial)  # checks metric / mode
-            group = str(trial.config["overrides"].get(s.per))
-            if group not in self._groups:
-                self._groups[group] = _Bracket(s.grace_period, max_t, s.reduction_factor, 0)
-            self._trial_info[trial.trial_id] = self._groups[group]
-
-        def debug_string(self) -> str:
-            return f"ASHA per {s.per}: num_stopped={self._num_stopped}\n" + "\n".join(
-                f"{g}: {b.debug_str()}" for g, b in self._groups.items())
-
-    return GroupedASHA(time_attr="epoch", max_t=max_t, grace_period=s.grace_period, reduction_factor=s.reduction_factor)
+def per_keys(s: SchedulerConfig) -> tuple[str, ...]:
+    return (s.per,) if isinstance(s.per, str) else tuple(s.per or ())
 
 
 # ---- the trial -----------------------------------------------------------------------------------
 def trial(config: dict[str, Any]) -> None:
-    """Tune function trainable: one run of the recipe on a Ray Train `TorchTrainer`."""
+    """Tune function trainable: one run of the recipe on a Ray Train `TorchTrainer`.
+
+    The run's result row is written by its workers into every checkpoint (raymed.results), so a trial that ASHA
+    stops still has one; a trial that fails leaves `raymed-error.json` beside its checkpoints.
+    """
     import ray.tune
     from ray.tune.integration.ray_train import TuneReportCallback
 
+    from .results import write_error
+
     data = config["base"]
-    for key, value in config["overrides"].items():
+    for key, value in {**config["grid"], **config["sampled"]}.items():
         data = set_dotted(data, key, value)
     trial_name = f"trial-{ray.tune.get_context().get_trial_id()}"
     data = set_dotted(data, "run.name", trial_name)
     cfg = validate(data, trial_name)
-    t0 = time.time()
     trainer = build_trainer(cfg, storage=config["storage"], extra_callbacks=[TuneReportCallback()])
-    result = trainer.fit()
-    summary = summarize(cfg, result, time.time() - t0)
-    (Path(result.path) / "result.json").write_text(json.dumps(summary, indent=2))
+    try:
+        result = trainer.fit()
+        if result.error is not None:
+            raise result.error
+    except Exception as err:
+        write_error(Path(config["storage"]) / trial_name, err)
+        raise
 
 
-def _search_space(sweep: SweepConfig) -> dict[str, Any]:
+def _search_space(sweep: SweepConfig, base: dict[str, Any]) -> dict[str, Any]:
+    """Tune's param space: the grid as one list of distinct points (see `grid_points`), sampled axes apart."""
     from ray import tune
 
-    grid, sampled = _space(sweep)
-    space: dict[str, Any] = {k: tune.grid_search(v) for k, v in grid.items()}
+    _, sampled = _space(sweep)
+    space: dict[str, Any] = {"grid": tune.grid_search(grid_points(sweep, base))}
+    space["sampled"] = {}
     for key, spec in sampled.items():
         kind, args = next(iter(spec.items()))
-        space[key] = tune.choice(args) if kind == "choice" else getattr(tune, kind)(*args)
+        space["sampled"][key] = tune.choice(args) if kind == "choice" else getattr(tune, kind)(*args)
     return space
+
+
+def grid_points(sweep: SweepConfig, base: dict[str, Any]) -> list[dict[str, Any]]:
+    """The grid's points, without those that train the same model as an earlier one: a prompt-learning method
+    (prefix, prompt) attaches to one tower whatever `method.towers` says, so it runs once per tower choice that
+    contains that tower, not once per choice."""
+    from .methods import effective_towers
+
+    grid, _ = _space(sweep)
+    out, seen = [], set()
+    for combo in itertools.product(*grid.values()):
+        point = dict(zip(grid, combo))
+        data = base
+        for key, value in point.items():
+            data = set_dotted(data, key, value)
+        cfg = validate(data, check_paths=False)
+        key = json.dumps({**point, "method.towers": effective_towers(cfg.model.name, cfg.model.family,
+                                                                     cfg.method.name, cfg.method.towers)},
+                         sort_keys=True, default=str)
+        if key not in seen:
+            seen.add(key)
+            out.append(point)
+    return out
 
 
 def trial_cpus(base_cfg: Config, sweep: SweepConfig) -> float:
@@ -240,47 +337,14 @@ def run_sweep(sweep: SweepConfig, base: dict[str, Any], out: Path, resume: bool 
         scheduler = make_scheduler(sweep, epochs)
         tuner = tune.Tuner(
             trainable,
-            param_space={"base": base, "overrides": _search_space(sweep), "storage": str(out.resolve() / sweep.name / "runs")},
+            param_space={"base": base, **_search_space(sweep, base), "storage": str(out.resolve() / sweep.name / "runs")},
             tune_config=tune.TuneConfig(metric=sweep.metric, mode=sweep.mode, scheduler=scheduler,
                                         num_samples=sweep.num_samples, max_concurrent_trials=concurrency),
             run_config=tune.RunConfig(name=sweep.name, storage_path=storage),
         )
-    print(f"[raymed] sweep {sweep.name}: {len(points(sweep)) * sweep.num_samples} trials, "
+    print(f"[raymed] sweep {sweep.name}: {len(grid_points(sweep, base)) * sweep.num_samples} trials, "
           f"{concurrency} at a time, metric {sweep.metric} ({sweep.mode}) -> {out}", flush=True)
     return tuner.fit()
-
-
-def rows_from_results(results: Any, base: dict[str, Any]) -> list[dict[str, Any]]:
-    """One report row per trial that reported, from Tune's results (stopped trials included)."""
-    rows = []
-    for r in results:
-        m = dict(r.metrics or {})
-        if "epoch" not in m:
-            continue  # errored before its first report
-        data = base
-        for key, value in r.config["overrides"].items():
-            data = set_dotted(data, key, value)
-        cfg = validate(data)
-        rows.append({
-            "trial_id": m.get("trial_id") or r.path.rsplit("/", 1)[-1],
-            "model": cfg.model.name,
-            "method": cfg.method.name,
-            "towers": cfg.method.towers,
-            "lr": cfg.train.lr,
-            "overrides": r.config["overrides"],
-            "params": {"trainable": m["trainable"], "total": m["total_params"],
-                       "percent": 100.0 * m["trainable"] / m["total_params"]},
-            "metrics": {k: v for k, v in m.items() if k.startswith(("eval/", "zeroshot/")) or k == "loss"},
-            "epochs": m["epoch"],
-            "steps": m.get("step"),
-            "wall_s": m.get("time_total_s"),
-            "peak_mem_mb": m.get("peak_mem_mb"),
-            "samples_per_s": m.get("samples_per_s"),
-            "stopped_early": m["epoch"] < cfg.train.epochs and r.error is None,
-            "error": str(r.error) if r.error else None,
-            "config_hash": cfg.hash(),
-        })
-    return rows
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -300,7 +364,9 @@ def main(argv: list[str] | None = None) -> int:
     except (ConfigError, ResourceError) as e:
         print(f"error: {e}", file=sys.stderr)
         return 2
-    rows = rows_from_results(results, base)
+    from .results import read_rows
+
+    rows = read_rows(out / "runs")  # the same rows `python -m raymed.report` reads back
     errored = [r for r in results if r.error is not None]
     if not rows:
         print(f"error: no trial reported a result ({len(errored)} errored); see {out}", file=sys.stderr)

@@ -7,6 +7,7 @@ engine) -> dataset shard -> DeepSpeed engine -> resume -> [zero-shot eval] -> tr
 
 from __future__ import annotations
 
+import json
 import math
 import os
 import random
@@ -41,12 +42,15 @@ def train_loop(loop_config: dict[str, Any]) -> None:
     import deepspeed  # after DS_ACCELERATOR is set
 
     from .checkpoint import load_resume_state, save_checkpoint
+    from .data.epochs import EpochBatches
     from .data.stream import quiet_data_context
     from .telemetry import Telemetry
 
     quiet_data_context()
     deepspeed.init_distributed(dist_backend="nccl" if cfg.scaling.use_gpu else "gloo")
     device = ray.train.torch.get_device()
+    if device.type == "cuda":
+        torch.cuda.set_device(device)  # all_gather_object and NCCL collectives use the current device
     bf16 = cfg.deepspeed.precision == "bf16" or (cfg.deepspeed.precision == "auto" and cfg.scaling.use_gpu)
 
     # 1. Model and method. Every rank builds identical weights (same seed), then freezes / wraps.
@@ -59,33 +63,39 @@ def train_loop(loop_config: dict[str, Any]) -> None:
         enable_activation_checkpointing(model)
     _seed_everything(cfg.train.seed + rank)
 
-    # 2. Data: this worker's shard of the Ray Data stream (decoded + encoded in the stream), kept in memory
-    # after the first epoch when it fits in `data.cache_mb`.
+    # 2. Data: this worker's shard of the Ray Data stream (decoded + encoded in the stream), in a seeded order
+    # per (seed, epoch); kept in memory after the first epoch when it fits in `data.cache_mb`.
     log = _logger(rank, t_start)
-    batches = EpochBatches(ray.train.get_dataset_shard("train"), cfg.train.batch_size, cfg.data.cache_mb, log)
+    batches = EpochBatches(ray.train.get_dataset_shard("train"), cfg.train.batch_size, cfg.data.cache_mb, log,
+                           seed=cfg.train.seed, shuffle=cfg.data.shuffle)
 
     # 3. Engine: optimizer over trainable parameters only; frozen ones get no grads and no state.
     steps_per_epoch = plan["steps_per_epoch"]
     total_steps = steps_per_epoch * cfg.train.epochs
-    engine = _engine(deepspeed, model, cfg, bf16, total_steps, world)
+    schedule = Schedule.fresh(total_steps, math.ceil(cfg.train.warmup_ratio * total_steps))
+    engine = _engine(deepspeed, model, cfg, bf16, schedule, world)
     telemetry = Telemetry(plan["run_name"], cfg.method.name, enabled=cfg.run.metrics_export)
     log(f"model {ref.name}, method {cfg.method.name}: {acc.trainable:,} trainable of {acc.total:,}; engine ready "
         f"(ZeRO-{engine.zero_optimization_stage()} [asked {cfg.deepspeed.zero_stage}], {'bf16' if bf16 else 'fp32'}, "
         f"{world} workers)")
 
-    # 4. Resume: the latest checkpoint of this run (a restarted worker group or a re-run of the command).
-    start_epoch, history, zero_shot = 0, [], {}
+    # 4. Resume: the latest checkpoint of this run (a restarted worker group or a re-run of the command). The
+    # engine, the schedule and every RNG continue exactly where the checkpoint left them.
+    start_epoch, history, zero_shot, zero_shot_records, wall_s = 0, [], {}, {}, 0.0
     checkpoint = ray.train.get_checkpoint()
+    evaluator = Evaluator(cfg, ref, processor, engine, plan, rank, world)
     if checkpoint is not None:
         with checkpoint.as_directory() as d:
-            state = load_resume_state(engine, Path(d), rank)
+            state = load_resume_state(engine, Path(d), rank, cfg)
+            zero_shot_records = read_zero_shot_records(Path(d)) if rank == 0 else {}
         start_epoch, history, zero_shot = state["epoch"] + 1, state["history"], state["zero_shot"]
-        _seed_everything(cfg.train.seed + rank + 1000 * start_epoch)
-
-    evaluator = Evaluator(cfg, ref, processor, engine, plan, rank, world)
-    if cfg.train.zero_shot and checkpoint is None:
-        zero_shot = {k.replace("eval/", "zeroshot/", 1): v for k, v in evaluator.run().items()}
+        wall_s = state.get("wall_s", 0.0)
+        schedule.resume(state, cfg, steps_per_epoch, engine.global_steps, log)
+        log(f"resumed after epoch {start_epoch} (step {engine.global_steps})")
+    elif cfg.train.zero_shot:
+        zero_shot, zero_shot_records = evaluator.run(prefix="zeroshot")
         log("zero-shot evaluation done")
+    t_mark = time.perf_counter()
 
     # 5. Train, evaluate, checkpoint, report: one report (with checkpoint) per epoch.
     stats = {"samples": 0, "tokens": 0, "train_s": 0.0}
@@ -93,7 +103,7 @@ def train_loop(loop_config: dict[str, Any]) -> None:
         engine.train()
         losses = []
         t0 = time.perf_counter()
-        for batch in batches.epoch():
+        for batch in batches.epoch(epoch):
             batch = {k: v.to(device) for k, v in batch.items() if isinstance(v, torch.Tensor)}
             if bf16:
                 batch["pixel_values"] = batch["pixel_values"].to(torch.bfloat16)
@@ -123,55 +133,62 @@ def train_loop(loop_config: dict[str, Any]) -> None:
             "zero_stage": engine.zero_optimization_stage(),
             **zero_shot,
         }
+        records: dict[str, list] = {}
         if (epoch + 1) % cfg.train.eval_every == 0 or epoch + 1 == cfg.train.epochs:
-            metrics.update(evaluator.run())
+            evaluated, records = evaluator.run(prefix="eval")
+            metrics.update(evaluated)
         log(f"epoch {epoch + 1}: step {metrics['step']}, loss {metrics['loss']:.4f}, "
             f"{metrics['samples_per_s']:.1f} samples/s")
         history.append({k: v for k, v in metrics.items() if not k.startswith("zeroshot/")})
+        wall_s += time.perf_counter() - t_mark
+        t_mark = time.perf_counter()
+        name = f"epoch-{epoch + 1:04d}"
         with tempfile.TemporaryDirectory() as tmp:
             last = epoch + 1 == cfg.train.epochs
-            save_checkpoint(engine, acc, cfg, Path(tmp), rank,
-                            {"epoch": epoch, "history": history, "zero_shot": zero_shot},
-                            full=cfg.run.save_full_model and last)
-            ray.train.report(metrics, checkpoint=ray.train.Checkpoint.from_directory(tmp),
-                             checkpoint_dir_name=f"epoch-{epoch + 1:04d}")
+            state = {"epoch": epoch, "history": history, "zero_shot": zero_shot, "wall_s": wall_s,
+                     "schedule": schedule.segments}
+            save_checkpoint(engine, acc, cfg, Path(tmp), rank, state, full=cfg.run.save_full_model and last)
+            if rank == 0:
+                write_evaluation(Path(tmp), cfg, acc, history, zero_shot, zero_shot_records, records, wall_s, name)
+            ray.train.report(metrics, checkpoint=ray.train.Checkpoint.from_directory(tmp), checkpoint_dir_name=name)
 
 
-class EpochBatches:
-    """A worker's training batches, epoch after epoch.
+class Schedule:
+    """The learning-rate multiplier per optimizer step: linear warm-up, then cosine decay to zero.
 
-    The first epoch streams this worker's Ray Data shard. While the batches fit in `limit_mb` MiB they are also
-    kept, and every later epoch replays them in the same order: no restart of the Ray Data pipeline (seconds
-    of start-up per epoch), no second decode competing with training for the same cores. A shard over the
-    limit (or `limit_mb=0`) streams every epoch, exactly as before.
+    Kept as *segments* in the checkpoint, so a resumed run follows the schedule it started with. When a run is
+    resumed with a changed `train.epochs`, `train.lr` or `train.warmup_ratio` (`run.allow_config_change`), a new
+    segment continues from the learning rate the run had reached (scaled by new/old `train.lr`) and decays to
+    zero at the new last step: the learning rate never jumps, and the old part of the curve is not re-stretched.
     """
 
-    def __init__(self, shard: Any, batch_size: int, limit_mb: int, log: Any) -> None:
-        self.shard, self.batch_size, self.limit, self.log = shard, batch_size, limit_mb << 20, log
-        self.kept: list[dict[str, Any]] | None = None
-        self.kept_mb = 0.0
-        self.stream_always = limit_mb == 0
+    def __init__(self, segments: list[dict[str, float]]) -> None:
+        self.segments = segments
 
-    def epoch(self) -> Any:
-        from .data.stream import torch_batches
+    @classmethod
+    def fresh(cls, total: int, warmup: int) -> "Schedule":
+        return cls([{"start": 0, "end": max(total, 1), "warmup": warmup, "scale": 1.0}])
 
-        if self.kept is not None:
-            yield from self.kept
+    def __call__(self, step: int) -> float:
+        """The multiplier of the base learning rate at `step` (the function LambdaLR calls)."""
+        seg = next(s for s in reversed(self.segments) if step >= s["start"])
+        at, warmup = step - seg["start"], seg["warmup"]
+        if at < warmup:  # same formula as transformers' get_cosine_schedule_with_warmup
+            return seg["scale"] * at / max(1, warmup)
+        progress = (at - warmup) / max(1, seg["end"] - seg["start"] - warmup)
+        return seg["scale"] * max(0.0, 0.5 * (1.0 + math.cos(math.pi * progress)))
+
+    def resume(self, state: dict[str, Any], cfg: Config, steps_per_epoch: int, step: int, log: Any) -> None:
+        """Take the checkpoint's segments; add a continuation when the (allowed) config change moved the end."""
+        old = Config.model_validate(state["config"])
+        self.segments[:] = state.get("schedule") or self.segments
+        total = steps_per_epoch * cfg.train.epochs
+        ratio = cfg.train.lr / old.train.lr
+        if self.segments[-1]["end"] == total and ratio == 1.0 and old.train.warmup_ratio == cfg.train.warmup_ratio:
             return
-        keep: list[dict[str, Any]] | None = None if self.stream_always else []
-        size = 0
-        for batch in torch_batches(self.shard, self.batch_size, drop_last=False):
-            if keep is not None:
-                size += sum(v.numel() * v.element_size() for v in batch.values() if isinstance(v, torch.Tensor))
-                if size > self.limit:
-                    keep, self.stream_always = None, True
-                    self.log(f"training shard exceeds data.cache_mb={self.limit >> 20}: streaming every epoch")
-                else:
-                    keep.append(batch)
-            yield batch
-        if keep is not None:  # a whole epoch seen (an interrupted one is never replayed)
-            self.kept, self.kept_mb = keep, size / 2**20
-            self.log(f"{len(keep)} batches ({size / 2**20:.1f} MiB) kept in memory for the next epochs")
+        scale = self(step) * ratio
+        self.segments.append({"start": step, "end": max(total, step + 1), "warmup": 0, "scale": scale})
+        log(f"schedule continued at step {step}: lr x{scale:.4g} of the original, cosine to 0 at step {total}")
 
 
 def zero_stage(cfg: Config, world: int, bf16: bool) -> int:
@@ -181,10 +198,8 @@ def zero_stage(cfg: Config, world: int, bf16: bool) -> int:
     return 0 if lone and not ds.shard_single_worker else ds.zero_stage
 
 
-def _engine(deepspeed: Any, model: torch.nn.Module, cfg: Config, bf16: bool, total_steps: int,
+def _engine(deepspeed: Any, model: torch.nn.Module, cfg: Config, bf16: bool, schedule: Schedule,
             world: int) -> Any:
-    from transformers import get_cosine_schedule_with_warmup
-
     decay, no_decay = [], []
     for p in model.parameters():
         if p.requires_grad:
@@ -193,7 +208,8 @@ def _engine(deepspeed: Any, model: torch.nn.Module, cfg: Config, bf16: bool, tot
     optimizer = torch.optim.AdamW([g for g in groups if g["params"]], lr=cfg.train.lr)
 
     def scheduler(opt: torch.optim.Optimizer) -> Any:  # built on DeepSpeed's wrapped optimizer
-        return get_cosine_schedule_with_warmup(opt, math.ceil(cfg.train.warmup_ratio * total_steps), max(total_steps, 1))
+        # A plain function, not the Schedule object: LambdaLR saves (and would restore over) an object's state.
+        return torch.optim.lr_scheduler.LambdaLR(opt, lambda step: schedule(step))
 
     zero: dict[str, Any] = {"stage": zero_stage(cfg, world, bf16)}
     if cfg.deepspeed.offload_optimizer:
@@ -216,59 +232,73 @@ def _engine(deepspeed: Any, model: torch.nn.Module, cfg: Config, bf16: bool, tot
 
 
 class Evaluator:
-    """Generates answers on the eval split (and extra eval sets), rows interleaved across ranks."""
+    """Generates answers on every eval set, rows interleaved across ranks; rank 0 gathers and scores them."""
 
     def __init__(self, cfg: Config, ref: Any, processor: Any, engine: Any, plan: dict, rank: int, world: int):
         self.cfg, self.ref, self.processor, self.engine = cfg, ref, processor, engine
         self.sets: dict[str, str] = plan["eval_sets"]  # name -> prepared data directory
         self.rank, self.world = rank, world
 
-    def run(self) -> dict[str, float]:
+    def run(self, prefix: str) -> tuple[dict[str, float], dict[str, list[dict[str, Any]]]]:
+        """(`{prefix}/{set}/{metric}` -> value, set -> prediction records [rank 0 only; empty elsewhere])."""
         out: dict[str, float] = {}
+        records: dict[str, list[dict[str, Any]]] = {}
         for name, data_dir in self.sets.items():
-            for k, v in self.evaluate(data_dir).items():
-                out[f"eval/{name}/{k}"] = v
-        return out
+            metrics, records[name] = self.evaluate(data_dir)
+            out.update({f"{prefix}/{name}/{k}": v for k, v in metrics.items()})
+        return out, records
 
     @torch.no_grad()
-    def evaluate(self, data_dir: str) -> dict[str, float]:
+    def evaluate(self, data_dir: str) -> tuple[dict[str, float], list[dict[str, Any]]]:
+        from . import predict
         from .data.evaluation import read_rows
-        from .data.transform import DecodeAndEncode
-        from .metrics import report_metrics, vqa_metrics
 
-        cfg, family = self.cfg, self.ref.family
+        cfg = self.cfg
         self.engine.eval()
         rows = read_rows(data_dir, cfg.data.eval_split)[: cfg.data.max_eval_rows]
+        if not rows:
+            raise RuntimeError(f"{data_dir}: eval split {cfg.data.eval_split!r} has no rows")
         mine = rows[self.rank :: self.world]
-        encode = DecodeAndEncode(lambda: lambda r: family.encode(self.processor, r, train=False,
-                                                                 max_length=cfg.data.max_length))
-        bs = cfg.train.eval_batch_size
-        n_batches = torch.tensor(math.ceil(len(mine) / bs))
-        dist.all_reduce(n_batches, op=dist.ReduceOp.MAX)  # ZeRO-3 ranks must run generate in lock-step
         model = self.engine.module
         device = next(model.parameters()).device
-        preds: dict[str, str] = {}
-        for b in range(int(n_batches)):
-            chunk = mine[b * bs : (b + 1) * bs] or mine[-1:]  # a rank with fewer rows repeats its last
-            enc = encode({k: [r[k] for r in chunk] for k in chunk[0]})
-            batch = {k: torch.from_numpy(v).to(device) for k, v in enc.items() if k != "id"}
-            if self.engine.bfloat16_enabled():
-                batch["pixel_values"] = batch["pixel_values"].to(torch.bfloat16)
-            kwargs = {"synced_gpus": True} if cfg.deepspeed.zero_stage == 3 and self.world > 1 else {}
-            texts = family.generate(model, self.processor, batch, cfg.train.max_new_tokens, **kwargs)
-            if b * bs < len(mine):
-                preds.update(zip(enc["id"].tolist(), texts))
+        bs = cfg.train.eval_batch_size
+        n_batches = torch.tensor(math.ceil(len(mine) / bs), device=device)
+        dist.all_reduce(n_batches, op=dist.ReduceOp.MAX)  # ZeRO-3 ranks must run generate in lock-step
+        kwargs = {"synced_gpus": True} if self.engine.zero_optimization_stage() == 3 and self.world > 1 else {}
+        answers = predict.answer_rows(model, self.ref.family, self.processor, mine, batch_size=bs,
+                                      max_new_tokens=cfg.train.max_new_tokens, max_length=cfg.data.max_length,
+                                      n_batches=int(n_batches), bf16=self.engine.bfloat16_enabled(),
+                                      filler=rows[0], **kwargs)
         gathered: list[dict[str, str]] = [{} for _ in range(self.world)]
-        dist.all_gather_object(gathered, preds)
+        dist.all_gather_object(gathered, {r["id"]: a for r, a in zip(mine, answers)})
         merged = {k: v for part in gathered for k, v in part.items()}
-        ordered = [r for r in rows if r["id"] in merged]
-        if len(ordered) != len(rows):
-            raise RuntimeError(f"evaluation lost rows: {len(rows) - len(ordered)} of {len(rows)} have no prediction")
-        preds_list = [merged[r["id"]] for r in ordered]
-        refs = [r["answer"] for r in ordered]
-        if all(r["task"] == "report" for r in ordered):
-            return report_metrics(preds_list, refs)
-        return vqa_metrics(preds_list, refs, [r["answer_type"] for r in ordered])
+        lost = [r["id"] for r in rows if r["id"] not in merged]
+        if lost:
+            raise RuntimeError(f"evaluation lost rows: {len(lost)} of {len(rows)} have no prediction ({lost[:3]})")
+        preds = [merged[r["id"]] for r in rows]
+        return predict.score(rows, preds), (predict.records(rows, preds) if self.rank == 0 else [])
+
+
+def write_evaluation(ckpt: Path, cfg: Config, acc: Any, history: list[dict[str, Any]], zero_shot: dict[str, Any],
+                     zero_shot_records: dict[str, list], records: dict[str, list], wall_s: float, name: str) -> None:
+    """Rank 0: the run's result row and the epoch's predictions (and the zero-shot ones) into the checkpoint."""
+    from . import predict
+    from .results import ROW_FILE, result_row
+
+    row = result_row(cfg, acc.to_dict(), history, zero_shot=zero_shot, wall_s=wall_s, checkpoint=name)
+    (ckpt / ROW_FILE).write_text(json.dumps(row, indent=2))
+    for prefix, sets, metrics in (("zeroshot", zero_shot_records, zero_shot), ("eval", records, history[-1])):
+        for set_name, recs in sets.items():
+            scores = {k.rsplit("/", 1)[-1]: v for k, v in metrics.items() if k.startswith(f"{prefix}/{set_name}/")}
+            predict.write(ckpt / prefix / set_name, recs, scores)
+
+
+def read_zero_shot_records(ckpt: Path) -> dict[str, list[dict[str, Any]]]:
+    """The zero-shot predictions a checkpoint carries (so every later checkpoint carries them too)."""
+    from . import predict
+
+    root = ckpt / "zeroshot"
+    return {d.name: predict.read(d) for d in sorted(root.iterdir())} if root.is_dir() else {}
 
 
 def _maybe_inject_fault(cfg: Config, plan: dict, step: int, rank: int, world: int) -> None:

@@ -11,6 +11,7 @@ from pathlib import Path
 from typing import Any
 
 import numpy as np
+import torch
 import pytest
 from PIL import Image
 
@@ -318,3 +319,40 @@ def test_training_stream_keeps_file_order(ray_cluster: Any, big_data: tuple[Path
                              failure_config=FailureConfig(max_failures=0)),
     ).fit()
     assert json.loads((tmp_path / "order.json").read_text()) == [str(i) for i in range(n)]
+
+
+# --- epochs: a seeded order per (seed, epoch) -------------------------------------------------------------------
+
+
+def _epoch_order(batches, epoch: int) -> list[int]:
+    return [int(v) for b in batches.epoch(epoch) for v in b["x"]]
+
+
+@pytest.mark.integration
+@pytest.mark.parametrize("row_kib", [0, 128])  # small rows: the shard is kept; 128 KiB rows: 1 MiB windows
+def test_epochs_are_shuffled_by_seed_and_epoch_and_resume_in_order(ray_cluster, row_kib: int) -> None:
+    import ray.data
+
+    from raymed.data.epochs import EpochBatches
+
+    ray.data.DataContext.get_current().execution_options.preserve_order = True  # what Ray Train's ingest sets
+    n = 60
+    items = [{"x": i, "id": str(i), **({"pix": np.full(row_kib * 256, i, np.float32)} if row_kib else {})}
+             for i in range(n)]
+    ds = ray.data.from_items(items, override_num_blocks=4)
+
+    def make(seed: int, shuffle: bool = True) -> EpochBatches:
+        return EpochBatches(ds, 8, 1, lambda msg: None, seed=seed, shuffle=shuffle)
+
+    run = make(seed=1)
+    epochs = [_epoch_order(run, e) for e in range(3)]
+    assert all(sorted(order) == list(range(n)) for order in epochs)  # every row once per epoch
+    assert len({tuple(o) for o in epochs}) == 3 and list(range(n)) not in epochs  # a new order every epoch
+    assert (run.kept is not None) == (row_kib == 0)  # small rows: kept and replayed; large: streamed again
+    # A worker restarted at epoch 2 (nothing kept yet) trains on what the uninterrupted run trained on.
+    assert _epoch_order(make(seed=1), 2) == epochs[2]
+    assert _epoch_order(make(seed=2), 0) != epochs[0]  # another seed, another order
+    assert [len(b["x"]) for b in run.epoch(1)] == [8] * 7 + [4]  # the same batches per epoch, windows or not
+    if row_kib:  # each batch keeps its rows' own data
+        assert all(torch.equal(b["pix"][:, 0], b["x"].float()) for b in run.epoch(1))
+    assert _epoch_order(make(seed=1, shuffle=False), 1) == list(range(n))  # file order when asked

@@ -99,7 +99,8 @@ LLAVA = {
     "ffn": 2 * (_lin(32, 64) + _lin(64, 32)) + 2 * 3 * 64 * 128,
     "full": 150_560 - 8_608,  # all minus the unused last CLIP layer and post_layernorm
     "lora": 2 * 4 * R * (32 + 32) + 2 * R * (2 * (64 + 64) + 2 * (64 + 32)),
-    "ia3": 2 * (4 * 32 + 64 + 64) + 2 * ((64 + 32 + 32 + 64) + 128 + 128 + 128),
+    # (IA)3: key and value outputs, FFN down-projection inputs (vision: 2 used CLIP layers; language: 2 layers).
+    "ia3": 2 * (32 + 32 + 64) + 2 * (32 + 32 + 128),
     "prefix": 10 * 32 + _lin(32, 64) + _lin(64, 2 * 2 * 32),  # token dim = KV width 32, projection 64
     "p-tuning-v2": 10 * 2 * 2 * 32,
     "prompt": 10 * 64,
@@ -111,7 +112,9 @@ MISS = {
     "ffn": 3 * 2 * (_lin(32, 64) + _lin(64, 32)),
     "full": 99_881,
     "lora": 2 * R * ((32 + 96) + (32 + 32)) + 2 * 2 * 8 * R * (32 + 32),
-    "ia3": 2 * (96 + 32 + 64 + 64) + 2 * 2 * (8 * 32 + 64 + 64),
+    # (IA)3: vision attention is one fused qkv (not scaled): FFN fc2 inputs only; text towers: self- and
+    # cross-attention key and value outputs plus the FFN output.dense inputs.
+    "ia3": 2 * 64 + 2 * 2 * (4 * 32 + 64),
     "prefix": 10 * 32 + _lin(32, 32) + _lin(32, 2 * 2 * 32),
     "p-tuning-v2": 10 * 2 * 2 * 32,
     "prompt": 10 * 32,

@@ -75,13 +75,17 @@ def _num(cell: str) -> float | None:
     return None if cell == "-" else float(cell)
 
 
-def test_build_report_writes_four_files(tmp_path: Path) -> None:
-    files = build_report(ROWS, tmp_path)
-    assert {p.name for p in files.values()} == {"results.json", "results.csv", "report.md", "frontier.png"}
-    with Image.open(files["frontier_png"]) as img:
-        img.verify()
-    with Image.open(files["frontier_png"]) as img:
-        assert img.format == "PNG" and img.width > 300 and img.height > 200
+def test_build_report_writes_its_files(tmp_path: Path) -> None:
+    history = [{"epoch": e, "loss": 1.0 / e, "eval/test/overall_acc": 0.5 + e / 10} for e in (1, 2)]
+    files = build_report([{**r, "history": history} for r in ROWS], tmp_path)
+    assert {p.name for p in files.values()} == {"results.json", "results.csv", "report.md", "frontier.png",
+                                                "curves.png"}
+    for png in ("frontier_png", "curves_png"):
+        with Image.open(files[png]) as img:
+            img.verify()
+        with Image.open(files[png]) as img:
+            assert img.format == "PNG" and img.width > 300 and img.height > 200
+    assert "curves.png" in files["report_md"].read_text()
 
     summary = json.loads(files["results_json"].read_text())
     assert summary["metric"] == "eval/test/overall_acc" and summary["mode"] == "max"
@@ -195,36 +199,50 @@ def test_invalid_rows_report_every_problem() -> None:
     assert "'lr' must be a number" in message
 
 
-def test_load_rows_finds_result_files_and_skips_tune_logs(tmp_path: Path) -> None:
-    for i, row in enumerate(ROWS[:3]):
-        trial_dir = tmp_path / f"trial_{i}" / "run"
-        trial_dir.mkdir(parents=True)
-        (trial_dir / "result.json").write_text(json.dumps(row))
-        # Ray Tune's own result.json: JSON lines of progress, no 'method'
-        (tmp_path / f"trial_{i}" / "result.json").write_text('{"trial_id": "x", "loss": 1}\n{"loss": 0.5}\n')
-    rows = load_rows(tmp_path)
-    assert sorted(r["trial_id"] for r in rows) == ["t1", "t2", "t3"]
+def _write_run(root: Path, row: dict[str, Any], epochs: int = 1) -> Path:
+    """A run folder as training leaves it: epoch-NNNN checkpoints, each with the row after that epoch."""
+    for e in range(1, epochs + 1):
+        ckpt = root / row["trial_id"] / f"epoch-{e:04d}"
+        ckpt.mkdir(parents=True)
+        (ckpt / "row.json").write_text(json.dumps({**row, "steps": 10 * e}))
+    return root / row["trial_id"]
 
-    newer = tmp_path / "trial_0" / "retry"  # the same trial written again (a restored run): newest wins
-    newer.mkdir()
-    (newer / "result.json").write_text(json.dumps({**ROWS[0], "steps": 99}))
-    os.utime(newer / "result.json", (2e9, 2e9))
+
+def test_load_rows_reads_each_runs_latest_checkpoint_and_never_tune_logs(tmp_path: Path) -> None:
+    for i, row in enumerate(ROWS[:3]):
+        _write_run(tmp_path / "runs", row, epochs=i + 1)
+        # Ray Tune's own result.json (JSON lines of progress) is never read as a row
+        (tmp_path / f"trial_{i}").mkdir()
+        (tmp_path / f"trial_{i}" / "result.json").write_text(json.dumps({**row, "trial_id": "tune"}))
     rows = load_rows(tmp_path)
-    assert len(rows) == 3 and next(r for r in rows if r["trial_id"] == "t1")["steps"] == 99
+    assert [(r["trial_id"], r["steps"]) for r in rows] == [("t1", 10), ("t2", 20), ("t3", 30)]
+
+    from raymed.results import write_error
+
+    write_error(tmp_path / "runs" / "t2", RuntimeError("worker died"))
+    t2 = next(r for r in load_rows(tmp_path) if r["trial_id"] == "t2")
+    assert t2["error"] == "RuntimeError: worker died" and t2["stopped_early"] is False
 
     build_report(rows, tmp_path / "report")
-    again = load_rows(tmp_path / "report")  # from results.json when no result.json is there
+    again = load_rows(tmp_path / "report")  # from results.json when no run folder is there
     assert sorted(r["trial_id"] for r in again) == ["t1", "t2", "t3"]
     (tmp_path / "empty").mkdir()
     with pytest.raises(FileNotFoundError, match="no trial results under"):
         load_rows(tmp_path / "empty")
 
 
+def test_rebuilding_from_the_folder_gives_the_same_results_json(tmp_path: Path) -> None:
+    for row in ROWS:
+        _write_run(tmp_path / "exp" / "runs", row, epochs=2)
+    first = build_report(load_rows(tmp_path / "exp"), tmp_path / "exp")["results_json"].read_text()
+    assert main([str(tmp_path / "exp")]) == 0
+    assert (tmp_path / "exp" / "results.json").read_text() == first
+    assert len(json.loads(first)["trials"]) == len(ROWS)  # the stopped trials (t2, t6) included
+
+
 def test_cli_rebuilds_report(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
-    (tmp_path / "t1").mkdir()
-    (tmp_path / "t1" / "result.json").write_text(json.dumps(ROWS[0]))
-    (tmp_path / "t3").mkdir()
-    (tmp_path / "t3" / "result.json").write_text(json.dumps(ROWS[2]))
+    _write_run(tmp_path, ROWS[0])
+    _write_run(tmp_path, ROWS[2])
     assert main([str(tmp_path)]) == 0
     out = capsys.readouterr().out
     assert "best per method" in out and (tmp_path / "report.md").is_file()

@@ -1,4 +1,8 @@
-"""ASHA replayed on recorded learning curves (`raymed.bench.sweep`): pure functions, Ray's own `_Bracket`."""
+"""ASHA replayed on recorded learning curves (`raymed.bench.sweep`): pure functions, Ray's own ASHA scheduler."""
+
+from types import SimpleNamespace
+
+import pytest
 
 from raymed.bench.sweep import best, method_bests, replay, replay_asha
 
@@ -47,7 +51,8 @@ def test_replay_shows_which_methods_a_short_grace_period_loses():
 def _trial(tid, method):  # what the scheduler reads of Tune's Trial: its id and its config
     from types import SimpleNamespace
 
-    return SimpleNamespace(trial_id=tid, config={"base": {}, "overrides": {"method.name": method, "train.lr": 0.1}})
+    return SimpleNamespace(trial_id=tid, config={"base": {}, "grid": {"method.name": method, "train.lr": 0.1},
+                                                 "sampled": {}})
 
 
 def test_asha_per_method_compares_a_trial_with_its_own_method_only():
@@ -74,3 +79,28 @@ def test_asha_per_method_compares_a_trial_with_its_own_method_only():
     go, stop = TrialScheduler.CONTINUE, TrialScheduler.STOP
     assert decisions(None) == {"f1": go, "s1": stop, "f2": stop, "s2": stop}
     assert decisions("method.name") == {"f1": go, "s1": go, "f2": stop, "s2": stop}
+
+
+def test_paper_sweep_has_no_duplicate_trials_and_brackets_per_method_and_towers():
+    from raymed.tune import GroupedScheduler, grid_points, load_sweep, make_scheduler
+
+    sweep, base = load_sweep("configs/sweeps/llava-med-vqa-rad.yaml", [], check_paths=False)
+    points = grid_points(sweep, base)
+    # 6 methods x 2 tower choices x 3 lrs, but prefix attaches to the language model under either choice.
+    assert len(points) == 6 * 2 * 3 - 3
+    assert sum(p["method.name"] == "prefix" for p in points) == 3
+    sched = make_scheduler(sweep, max_t=6)
+    assert isinstance(sched, GroupedScheduler)
+    sched.set_search_properties("acc", "max")
+    for tid, towers in [("a", None), ("b", ["language"])]:
+        sched.on_trial_add(None, _trial(tid, "ln") if towers is None else SimpleNamespace(
+            trial_id=tid, config={"grid": {"method.name": "ln", "method.towers": towers}, "sampled": {}}))
+    assert sched.group_of["a"] != sched.group_of["b"]  # ln on all towers and ln on the language model apart
+
+
+def test_a_grace_period_inside_the_warmup_is_refused():
+    from raymed.config import ConfigError
+    from raymed.tune import load_sweep
+
+    with pytest.raises(ConfigError, match="grace_period: 1 epoch.*warm-up \\(1.8 epochs"):
+        load_sweep(None, ["train.epochs=9", "train.warmup_ratio=0.2", "sweep.scheduler.grace_period=1"])

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import math
 import struct
 from pathlib import Path
 
@@ -11,7 +12,7 @@ import torch
 from safetensors.torch import load_file
 
 from raymed.checkpoint import load_trainable
-from raymed.config import load_config
+from raymed.config import ConfigError, load_config
 from raymed.export import main as export_main
 from raymed.methods import apply_method
 from raymed.models import load_model, resolve
@@ -88,13 +89,17 @@ def test_method_matrix(ray_cluster, model_name, stage, method):
 @pytest.mark.parametrize("method", ["ln", "lora"])
 def test_checkpoint_rebuilds_and_exports_the_model(ray_cluster, tmp_path, method):
     summary = run(ray_cluster, f"rebuild-{method}", "model.name=tiny-miss", f"method.name={method}",
-                  "deepspeed.zero_stage=3", "train.epochs=1", "train.eval_every=1")
+                  "deepspeed.zero_stage=3", "train.epochs=1", "train.eval_every=1", "train.zero_shot=true")
+    ckpt = Path(summary["checkpoint"])
+    assert (ckpt / "zeroshot" / "test" / "predictions.jsonl").is_file()  # zero-shot answers kept too
+    if method == "ln":
+        _eval_and_infer_reproduce_the_run(Path(ray_cluster) / "rebuild-ln", summary, tmp_path)
     model, _, meta = load_trainable(Path(summary["checkpoint"]) / "model")
     assert meta["method"] == method
     trained = load_file(Path(summary["checkpoint"]) / "model" / "trainable.safetensors")
     params = dict(model.named_parameters())
     assert all(torch.equal(params[n], t) for n, t in trained.items())
-    result = json.loads((Path(ray_cluster) / f"rebuild-{method}" / "result.json").read_text())
+    result = json.loads((Path(ray_cluster) / f"rebuild-{method}" / "raymed-result.json").read_text())
     assert result["params"]["trainable"] == (1280 if method == "ln" else 19_456)
     assert result["config_hash"] == summary["config_hash"]
 
@@ -118,14 +123,26 @@ def test_checkpoint_rebuilds_and_exports_the_model(ray_cluster, tmp_path, method
     assert len(load_file(tmp_path / "adapter" / "adapter_model.safetensors")) == len(trained)
 
 
-def test_resume_continues_from_the_last_epoch(ray_cluster):
-    first = run(ray_cluster, "resume", "model.name=tiny-llava", "method.name=ln", "train.eval_every=1")
-    assert [h["epoch"] for h in first["history"]] == [1, 2] and first["steps"] == 6
-    second = run(ray_cluster, "resume", "model.name=tiny-llava", "method.name=ln", "train.eval_every=1",
-                 "train.epochs=4")
-    assert [h["epoch"] for h in second["history"]] == [1, 2, 3, 4]
-    assert [h["step"] for h in second["history"]] == [3, 6, 9, 12]
-    assert second["history"][:2] == first["history"]
+def test_resume_refuses_a_changed_config_and_continues_the_schedule_when_allowed(ray_cluster):
+    common = ("model.name=tiny-llava", "method.name=ln", "train.eval_every=1", "scaling.num_workers=1")
+    # A run of 4 epochs (12 steps) dies in epoch 3 (no restarts): its last checkpoint is epoch 2, step 6.
+    with pytest.raises(Exception):
+        run(ray_cluster, "resume", *common, "train.epochs=4", "run.fail_at_step=8")
+    with pytest.raises(ConfigError) as err:  # re-run with more epochs: refused before any worker starts
+        run(ray_cluster, "resume", *common, "train.epochs=6", "train.lr=1e-2")
+    assert "train.epochs: 4 in the checkpoint, 6 now" in str(err.value)
+    assert "train.lr: 0.005 in the checkpoint, 0.01 now" in str(err.value)
+    assert "run.allow_config_change" in str(err.value)
+
+    resumed = run(ray_cluster, "resume", *common, "train.epochs=6", "run.allow_config_change=true")
+    assert [h["step"] for h in resumed["history"]] == [3, 6, 9, 12, 15, 18]
+    # The lr continues from where the 12-step schedule had brought it at step 6 and decays to zero at step 18:
+    # no jump back up, no re-stretching of the first 6 steps (warm-up 2 steps of 12, 5e-3 peak).
+    at6 = 5e-3 * 0.5 * (1 + math.cos(math.pi * (6 - 2) / (12 - 2)))
+    assert resumed["history"][1]["lr"] == pytest.approx(at6)
+    for h in resumed["history"][2:]:
+        assert h["lr"] == pytest.approx(at6 * 0.5 * (1 + math.cos(math.pi * (h["step"] - 6) / 12)), abs=1e-12)
+    assert resumed["history"][-1]["lr"] == pytest.approx(0.0, abs=1e-12)
 
 
 def test_later_epochs_replay_the_first_epochs_batches(ray_cluster):
@@ -141,10 +158,53 @@ def test_later_epochs_replay_the_first_epochs_batches(ray_cluster):
                                                                     rel=1e-6)
 
 
-def test_worker_crash_restarts_from_checkpoint(ray_cluster):
-    clean = run(ray_cluster, "nofault", "model.name=tiny-miss", "method.name=lora")
-    faulty = run(ray_cluster, "fault", "model.name=tiny-miss", "method.name=lora", "run.max_failures=1",
-                 "run.fail_at_step=5")
+def test_a_crashed_run_resumes_exactly(ray_cluster):
+    """LoRA (dropout 0.1) on 2 workers: a worker killed mid-epoch 2 restarts from the epoch-1 checkpoint and ends
+    with the very weights and losses of the uninterrupted run (RNG restored, the same shuffled batches)."""
+    common = ("model.name=tiny-miss", "method.name=lora", "train.eval_every=1")
+    clean = run(ray_cluster, "nofault", *common)
+    faulty = run(ray_cluster, "fault", *common, "run.max_failures=1", "run.fail_at_step=5")
     assert (Path(ray_cluster) / "fault" / "fault-injected.txt").is_file()
     assert faulty["steps"] == clean["steps"] == 6
     assert [h["step"] for h in faulty["history"]] == [3, 6]
+    assert [h["loss"] for h in faulty["history"]] == [h["loss"] for h in clean["history"]]
+    a = load_file(Path(clean["checkpoint"]) / "model" / "trainable.safetensors")
+    b = load_file(Path(faulty["checkpoint"]) / "model" / "trainable.safetensors")
+    assert set(a) == set(b) and all(torch.equal(a[k], b[k]) for k in a)
+
+    # Every epoch's checkpoint carries the eval set's predictions, one record per row.
+    recs = [json.loads(x) for x in (Path(clean["checkpoint"]) / "eval" / "test" / "predictions.jsonl").open()]
+    assert len(recs) == 4 and {"id", "question", "reference", "prediction", "answer_type", "correct"} <= set(recs[0])
+    assert sum(r["correct"] for r in recs) / 4 == pytest.approx(clean["metrics"]["eval/test/overall_acc"])
+
+
+def _eval_and_infer_reproduce_the_run(run_dir: Path, summary: dict, tmp_path: Path) -> None:
+    """`raymed.eval` on the run folder answers the eval set exactly as the run's own last evaluation did, and
+    `raymed.infer` gives the same answer to one of its questions; bad input gets a clear error."""
+    from raymed import eval as raymed_eval
+    from raymed import infer
+    from raymed.config import Config
+    from raymed.data.evaluation import read_rows
+    from raymed.train import data_plan
+
+    data_dir = data_plan(Config.model_validate(summary["config"]))[0]
+    out = tmp_path / "eval"
+    assert raymed_eval.main(["--model", str(run_dir), "--data", data_dir, "--max-rows", "4", "--out", str(out)]) == 0
+    recs = [json.loads(x) for x in (out / "predictions.jsonl").open()]
+    in_run = [json.loads(x) for x in (Path(summary["checkpoint"]) / "eval" / "test" / "predictions.jsonl").open()]
+    assert [(r["id"], r["prediction"]) for r in recs] == [(r["id"], r["prediction"]) for r in in_run]
+    metrics = json.loads((out / "metrics.json").read_text())["metrics"]
+    assert metrics["overall_acc"] == pytest.approx(summary["metrics"]["eval/test/overall_acc"])
+
+    row = read_rows(data_dir, "test")[0]
+    image = tmp_path / "scan.png"
+    image.write_bytes(row["image"])
+    assert infer.answer(str(run_dir), image, row["question"]) == in_run[0]["prediction"]
+
+    broken = tmp_path / "broken.png"
+    broken.write_bytes(row["image"][: len(row["image"]) // 3])
+    with pytest.raises(infer.InferError, match="broken.png: corrupt image"):
+        infer.answer(str(run_dir), broken, row["question"])
+    (tmp_path / "empty-run").mkdir()
+    with pytest.raises(raymed_eval.EvalError, match="no raymed checkpoint in this folder"):
+        raymed_eval.evaluate(str(tmp_path / "empty-run"), data_dir)

@@ -119,11 +119,11 @@ def trainer_epochs(data_dir: Path, factory: Any, batch_size: int, workers: int, 
     `EpochBatches` kept in memory (`data.cache_mb`) replayed on the later ones."""
     from raymed.config import DataConfig
     from raymed.data.stream import encoded_split
-    from raymed.worker import EpochBatches
+    from raymed.data.epochs import EpochBatches
 
     ds = encoded_split(data_dir, "train", factory, batch_size=batch_size, actors=0, num_cpus=1.0)
     batches = EpochBatches(ds, batch_size, limit_mb=DataConfig().cache_mb, log=lambda msg: None)
-    return [_consume(batches.epoch()) for _ in range(epochs)]
+    return [_consume(batches.epoch(e)) for e in range(epochs)]
 
 
 PIPELINES = {

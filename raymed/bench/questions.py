@@ -29,10 +29,12 @@ SWEEP_ACC, SWEEP_ZERO_SHOT = "eval/test/overall_acc", "zeroshot/test/overall_acc
 
 
 def question_type(row: dict[str, Any]) -> str:
-    """The row's VQA-RAD question type (from `extra`), else its answer type."""
+    """The row's question type: VQA-RAD's `question_type`, SLAKE's `content_type` (from `extra`), else its
+    answer type."""
     try:
-        kind = json.loads(row.get("extra") or "{}").get("question_type")
-    except (TypeError, ValueError):
+        extra = json.loads(row.get("extra") or "{}")
+        kind = extra.get("question_type") or extra.get("content_type")
+    except (TypeError, ValueError, AttributeError):
         kind = None
     return str(kind or row.get("answer_type") or "unknown").lower()
 
@@ -66,27 +68,22 @@ def answer(model: Any, processor: Any, family: Any, rows: Sequence[dict[str, Any
            max_new_tokens: int, batch_size: int = 60) -> list[str]:
     import torch
 
-    from raymed.data.transform import DecodeAndEncode
+    from raymed.predict import answer_rows
 
-    encode = DecodeAndEncode(lambda: lambda r: family.encode(processor, r, train=False, max_length=max_length))
     model.eval()
-    out: list[str] = []
     with torch.no_grad():
-        for start in range(0, len(rows), batch_size):
-            chunk = rows[start:start + batch_size]
-            enc = encode({k: [r[k] for r in chunk] for k in chunk[0]})
-            batch = {k: torch.from_numpy(v) for k, v in enc.items() if k != "id"}
-            out += family.generate(model, processor, batch, max_new_tokens)
-    return out
+        return answer_rows(model, family, processor, rows, batch_size=batch_size, max_new_tokens=max_new_tokens,
+                           max_length=max_length)
 
 
 def run(sweep_dir: Path | str, n: int | None = None, seed: int | None = None, rows: int | None = None,
-        style: str | None = None, methods: Sequence[str] | None = None) -> dict[str, Any]:
+        style: str | None = None, methods: Sequence[str] | None = None, data: str | None = None,
+        split: str | None = None) -> dict[str, Any]:
     import torch
 
     from raymed.checkpoint import load_trainable
     from raymed.data.evaluation import read_rows
-    from raymed.export import find_checkpoint
+    from raymed.checkpoint import find_checkpoint
     from raymed.models import load_model, load_processor, resolve
     from raymed.train import synthetic_dataset
 
@@ -99,20 +96,26 @@ def run(sweep_dir: Path | str, n: int | None = None, seed: int | None = None, ro
     best = [t for t in best if methods is None or t["method"] in methods]
     if not best:
         raise ValueError(f"{sweep_dir}/results.json: no best trial for methods {methods}")
-    checkpoints = {t["trial_id"]: find_checkpoint(sweep_dir / "runs" / f"trial-{t['trial_id']}") / "model"
-                   for t in best}
+    checkpoints = {t["trial_id"]: find_checkpoint(sweep_dir / "runs" / t["trial_id"]) / "model" for t in best}
     meta = json.loads((next(iter(checkpoints.values())) / "raymed.json").read_text())
-    data = meta["config"]["data"]
-    if data.get("path"):
-        raise ValueError("questions: the sweep trained on a prepared dataset; this suite asks synthetic questions")
-    style = style or data["synth_style"]
+    cfg_data = meta["config"]["data"]
     train_seed = meta["config"]["train"]["seed"]
-    n = n or data["synth_n"]
-    seed = train_seed if seed is None else seed
-    own = (style, n, seed) == (data["synth_style"], data["synth_n"], train_seed)
-    limit = rows or (data["max_eval_rows"] if own else None)  # the sweep's own set: the rows it evaluated
-    test = read_rows(synthetic_dataset(style, n, seed), "test")[:limit]
-    max_length, max_new = data["max_length"], meta["config"]["train"]["max_new_tokens"]
+    split = split or cfg_data["eval_split"]
+    if data or cfg_data.get("path"):  # a prepared dataset: the one given, else the sweep's own
+        data_dir = data or cfg_data["path"]
+        own = data_dir == cfg_data.get("path") and split == cfg_data["eval_split"]
+        style, n, seed = None, None, None
+    else:  # the built-in synthetic data: the sweep's own set, or a fresh one (--n / --seed / --style)
+        style = style or cfg_data["synth_style"]
+        n = n or cfg_data["synth_n"]
+        seed = train_seed if seed is None else seed
+        own = (style, n, seed) == (cfg_data["synth_style"], cfg_data["synth_n"], train_seed) and split == "test"
+        data_dir = str(synthetic_dataset(style, n, seed))
+    limit = rows or (cfg_data["max_eval_rows"] if own else None)  # the sweep's own set: the rows it evaluated
+    test = read_rows(data_dir, split)[:limit]
+    if not test:
+        raise ValueError(f"{data_dir}: split {split!r} has no rows")
+    max_length, max_new = cfg_data["max_length"], meta["config"]["train"]["max_new_tokens"]
 
     ref = resolve(meta["model"])
     base = load_model(ref, seed=train_seed)
@@ -127,8 +130,8 @@ def run(sweep_dir: Path | str, n: int | None = None, seed: int | None = None, ro
                          "sweep_acc": t["metrics"].get(SWEEP_ACC), **_flat(breakdown(h, test)),
                          **mcnemar(base_hits, h)})
     counts = {k: v["n"] for k, v in zero_shot["types"].items()}  # every method answered the same rows
-    config = {"sweep": str(sweep_dir), "metric": summary["metric"], "style": style, "n_images": n, "seed": seed,
-              "sweeps_own_test_set": own,
+    config = {"sweep": str(sweep_dir), "metric": summary["metric"], "data": data_dir, "split": split,
+              "style": style, "n_images": n, "seed": seed, "sweeps_own_test_set": own,
               "rows": len(test), "type_counts": counts, "model": meta["model"], "max_new_tokens": max_new}
     return result("questions", config, out_rows, [], started)
 
@@ -146,8 +149,10 @@ def render(doc: dict[str, Any]) -> str:
                + [("gained", "gained"), ("lost", "lost"), ("p", "p vs zero-shot")])
     return "\n".join([
         header(doc),
-        f"sweep {c['sweep']} ({c['model']}): test split of synthetic style {c['style']!r}, {c['n_images']} images, "
-        f"seed {c['seed']}: {c['rows']} questions; exact match; p: exact McNemar test against zero-shot",
+        f"sweep {c['sweep']} ({c['model']}): "
+        + (f"test split of synthetic style {c['style']!r}, {c['n_images']} images, seed {c['seed']}"
+           if c.get("style") else f"split {c.get('split')!r} of {c.get('data')}")
+        + f": {c['rows']} questions; exact match; p: exact McNemar test against zero-shot",
         table(doc["rows"], columns),
     ])
 
@@ -160,8 +165,10 @@ def add_arguments(ap: Any) -> None:
                     "on its own set, all on another)")
     ap.add_argument("--style", default=None, help="synthetic style (default: the sweep's synth_style)")
     ap.add_argument("--methods", default=None, help="space-separated methods (default: every method's best)")
+    ap.add_argument("--data", default=None, help="a prepared dataset to ask instead (default: the sweep's own data)")
+    ap.add_argument("--split", default=None, help="split of that dataset (default: the sweep's eval split)")
 
 
 def from_args(args: Any) -> dict[str, Any]:
     return run(args.sweep_dir, n=args.n, seed=args.seed, rows=args.rows, style=args.style,
-               methods=args.methods.split() if args.methods else None)
+               methods=args.methods.split() if args.methods else None, data=args.data, split=args.split)

@@ -6,7 +6,7 @@ of the epochs each one trained; the best trial is ranked as `raymed.report` rank
 trial's last report, stopped trials included).
 
 `replay` mode runs only the grid and replays ASHA on its recorded learning curves, with Ray's own
-`_Bracket` deciding at each rung, trials advancing one epoch per time unit `concurrency` at a time
+`AsyncHyperBandScheduler` deciding at each rung, trials advancing one epoch per time unit `concurrency` at a time
 (equal epoch durations: an approximation of the real asynchronous order). One grid run then prices any
 (reduction factor, grace period, max epochs) setting, which shows what a sweep needs for a given budget, and
 what it costs the comparison: each method's best under the replayed ASHA against its best in the grid (a short
@@ -50,26 +50,23 @@ def load(config: str | None, overrides: list[str], quick: bool, epochs: int | No
     return sweep, base
 
 
-def trials_of(results: Any, base: dict[str, Any], metric: str) -> list[dict[str, Any]]:
-    """Per trial: method, lr, epochs trained, optimizer steps, metric per epoch, final metric."""
-    from raymed.tune import rows_from_results
+def trials_of(results: Any, runs_dir: Path, metric: str) -> list[dict[str, Any]]:
+    """Per trial: method, lr, epochs trained, optimizer steps, metric per epoch, final metric — from the rows the
+    trials wrote (raymed.results), as `raymed.report` reads them; Tune's results only for trials with none."""
+    from raymed.results import read_rows
 
-    rows = {r["trial_id"]: r for r in rows_from_results(results, base)}
     out = []
-    for res in results:
-        df = res.metrics_dataframe
-        tid = (res.metrics or {}).get("trial_id") or res.path.rsplit("/", 1)[-1]
-        row = rows.get(tid)
-        if row is None or df is None or "epoch" not in df:
-            out.append({"trial_id": tid, "error": str(res.error) if res.error else "no report"})
-            continue
-        df = df.sort_values("epoch")
-        curve = [float(v) for v in df[metric]] if metric in df else []
+    for row in read_rows(runs_dir) if runs_dir.is_dir() else []:
+        curve = [float(h[metric]) for h in row["history"] if h.get(metric) is not None]
         out.append({
-            "trial_id": tid, "method": row["method"], "lr": row["lr"], "epochs": int(row["epochs"]),
+            "trial_id": row["trial_id"], "method": row["method"], "lr": row["lr"], "epochs": int(row["epochs"]),
             "steps": int(row["steps"] or 0), "curve": curve, "final": curve[-1] if curve else float("nan"),
             "stopped_early": bool(row["stopped_early"]), "wall_s": row.get("wall_s"),
         })
+    reported = len(out)
+    for res in results:
+        if res.error is not None and reported <= len(out):
+            out.append({"trial_id": res.path.rsplit("/", 1)[-1], "error": str(res.error)})
     return out
 
 
@@ -87,20 +84,24 @@ def best(trials: list[dict[str, Any]], mode: str) -> dict[str, Any]:
 
 def replay_asha(curves: dict[str, list[float]], max_t: int, grace: int, rf: float, mode: str,
                 concurrency: int) -> dict[str, int]:
-    """Epochs each trial would train under ASHA (Ray's `_Bracket` rules) given its learning curve."""
-    from ray.tune.schedulers.async_hyperband import _Bracket
+    """Epochs each trial would train under Ray's ASHA (`AsyncHyperBandScheduler`, one bracket, fed each trial's
+    results through its public interface) given its learning curve."""
+    from ray.tune.schedulers import AsyncHyperBandScheduler, TrialScheduler
 
-    bracket = _Bracket(grace, max_t, rf, 0)
-    sign = 1.0 if mode == "max" else -1.0
+    asha = AsyncHyperBandScheduler(time_attr="epoch", metric="m", mode=mode, max_t=max_t, grace_period=grace,
+                                   reduction_factor=rf, brackets=1)
     pending, running, done = list(curves), {}, {}
     while pending or running:
         while pending and len(running) < concurrency:
-            running[pending.pop(0)] = 0
+            tid = pending.pop(0)
+            running[tid] = 0
+            asha.on_trial_add(None, SimpleNamespace(trial_id=tid))
         for tid in list(running):
             running[tid] += 1
             epoch = running[tid]
             value = curves[tid][epoch - 1]
-            stop = epoch >= max_t or bracket.on_result(SimpleNamespace(trial_id=tid), epoch, sign * value) == "STOP"
+            stop = asha.on_trial_result(None, SimpleNamespace(trial_id=tid), {"epoch": epoch, "m": value}) \
+                == TrialScheduler.STOP
             if stop:
                 done[tid] = epoch
                 del running[tid]
@@ -173,7 +174,7 @@ def run(config: str | None = None, overrides: tuple[str, ...] = (), quick: bool 
                                          "scheduler": sweep.scheduler.model_copy(update={"type": kind})})
             t0 = time.time()
             results = run_sweep(s, base, root)
-            trials = trials_of(results, base, sweep.metric)
+            trials = trials_of(results, root / s.name / "runs", sweep.metric)
             runs[kind] = {"wall_s": time.time() - t0, "trials": trials,
                           "concurrency": s.max_concurrent or _concurrency(s, base)}
             print(f"[bench sweep] {kind}: {sum(t.get('epochs', 0) for t in trials)} trial-epochs over "

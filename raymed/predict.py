@@ -1,0 +1,98 @@
+"""Answers, scores and `predictions.jsonl`: the one place a model's answers are generated and written.
+
+Used by the worker's evaluation (every epoch, every eval set), by `raymed.eval` (a checkpoint, an exported
+directory or a preset on a prepared dataset) and by `raymed.infer` (one image, one question). All of them encode
+with the model family's own `encode(train=False)`, so the prompt template and image preprocessing are the ones
+training used.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+from collections.abc import Mapping, Sequence
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+
+PREDICTIONS_FILE = "predictions.jsonl"
+METRICS_FILE = "metrics.json"
+
+
+def encoder(family: Any, processor: Any, max_length: int) -> Any:
+    """Decode + encode rows for generation (prompt only), as the training stream does for training."""
+    from .data.transform import DecodeAndEncode
+
+    return DecodeAndEncode(lambda: lambda r: family.encode(processor, r, train=False, max_length=max_length))
+
+
+def answer_rows(model: torch.nn.Module, family: Any, processor: Any, rows: Sequence[Mapping[str, Any]], *,
+                batch_size: int, max_new_tokens: int, max_length: int, n_batches: int | None = None,
+                bf16: bool = False, **generate_kwargs: Any) -> list[str]:
+    """Generated answers to ``rows``, in order.
+
+    ``n_batches`` larger than needed runs extra batches (repeating the last rows, answers dropped): ZeRO-3 ranks
+    must call `generate` the same number of times. A rank with no rows at all still runs them, on a dummy row
+    that the caller passes as ``rows=[]`` plus ``generate_kwargs["filler"]``.
+    """
+    filler = generate_kwargs.pop("filler", None)
+    encode = encoder(family, processor, max_length)
+    device = next(model.parameters()).device
+    needed = math.ceil(len(rows) / batch_size)
+    answers: list[str] = []
+    for b in range(max(needed, n_batches or 0)):
+        chunk = list(rows[b * batch_size:(b + 1) * batch_size]) or list(rows[-1:]) or ([filler] if filler else [])
+        if not chunk:
+            break
+        enc = encode({k: [r[k] for r in chunk] for k in chunk[0]})
+        batch = {k: torch.from_numpy(v).to(device) for k, v in enc.items() if k != "id"}
+        if bf16:
+            batch["pixel_values"] = batch["pixel_values"].to(torch.bfloat16)
+        texts = family.generate(model, processor, batch, max_new_tokens, **generate_kwargs)
+        if b < needed:
+            answers.extend(texts)
+    return answers
+
+
+def score(rows: Sequence[Mapping[str, Any]], preds: Sequence[str]) -> dict[str, float]:
+    """Aggregate metrics of aligned rows and predictions: report metrics for report rows, else Med-VQA."""
+    from .metrics import report_metrics, vqa_metrics
+
+    refs = [r["answer"] for r in rows]
+    if rows and all(r["task"] == "report" for r in rows):
+        return report_metrics(list(preds), refs)
+    return vqa_metrics(list(preds), refs, [r["answer_type"] for r in rows])
+
+
+def records(rows: Sequence[Mapping[str, Any]], preds: Sequence[str]) -> list[dict[str, Any]]:
+    """One prediction record per row: id, question, reference, prediction, answer type, per-row scores."""
+    from . import metrics
+
+    per_row = metrics.row_scores([r["answer"] for r in rows], list(preds), [r.get("answer_type") for r in rows],
+                                 [r.get("task", "vqa") for r in rows])
+    return [{"id": r["id"], "question": r.get("question"), "reference": r["answer"], "prediction": p,
+             "answer_type": r.get("answer_type"), "task": r.get("task"), **s}
+            for r, p, s in zip(rows, preds, per_row)]
+
+
+def write(out_dir: Path, recs: Sequence[Mapping[str, Any]], metrics: Mapping[str, Any]) -> None:
+    """`predictions.jsonl` (one record per line) and `metrics.json` into ``out_dir``."""
+    out_dir.mkdir(parents=True, exist_ok=True)
+    with (out_dir / PREDICTIONS_FILE).open("w") as f:
+        for rec in recs:
+            f.write(json.dumps(rec, default=_plain) + "\n")
+    (out_dir / METRICS_FILE).write_text(json.dumps(dict(metrics), indent=2, default=_plain) + "\n")
+
+
+def read(path: Path) -> list[dict[str, Any]]:
+    """The records of a `predictions.jsonl` file (or of the one in a folder)."""
+    path = path / PREDICTIONS_FILE if path.is_dir() else path
+    return [json.loads(line) for line in path.read_text().splitlines() if line.strip()]
+
+
+def _plain(value: Any) -> Any:
+    if isinstance(value, np.generic):
+        return value.item()
+    raise TypeError(f"not JSON serialisable: {type(value).__name__}")

@@ -1,0 +1,108 @@
+"""One result row per training run: written by the worker into every checkpoint, read back by every consumer.
+
+A single run (`raymed.train`), each sweep trial (`raymed.tune`) and `raymed.report DIR` all take their rows from
+the same place: the `row.json` of a run's latest checkpoint. So a trial that ASHA stopped (its process killed)
+still has its row, and rebuilding a sweep's report from its folder gives back the sweep's `results.json`.
+
+Files raymed writes, named so that none is mistaken for Ray's own (`result.json` is Ray Tune's progress log)::
+
+    <run>/epoch-NNNN/row.json        the run's row after epoch NNNN (in the checkpoint, see raymed.checkpoint)
+    <run>/raymed-result.json         a single run's final row, written by the driver (same content)
+    <run>/raymed-error.json          a run that failed: the error, written by the driver or trial
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import platform
+import re
+from collections.abc import Mapping
+from pathlib import Path
+from typing import Any
+
+ROW_FILE = "row.json"
+RUN_RESULT_FILE = "raymed-result.json"
+RUN_ERROR_FILE = "raymed-error.json"
+CHECKPOINT_RE = re.compile(r"^epoch-(\d{4,})$")
+
+
+def machine() -> dict[str, Any]:
+    """Where a run trained: OS, Python, CPUs, torch and the GPU model (if any)."""
+    import torch
+
+    return {"platform": platform.platform(), "python": platform.python_version(), "cpus": os.cpu_count(),
+            "torch": torch.__version__, "gpu": torch.cuda.get_device_name(0) if torch.cuda.is_available() else None}
+
+
+def result_row(cfg: Any, accounting: Mapping[str, Any], history: list[dict[str, Any]], *,
+               zero_shot: Mapping[str, Any], wall_s: float, checkpoint: str) -> dict[str, Any]:
+    """The row of a run after its latest epoch (``history[-1]``); ``cfg`` is the run's `Config`."""
+    last = history[-1]
+    epochs = int(last["epoch"])
+    metrics = {k: v for k, v in last.items() if k.startswith("eval/")}
+    return {
+        "trial_id": cfg.run_name(),
+        "method": cfg.method.name,
+        "towers": cfg.method.towers,
+        "lr": cfg.train.lr,
+        "model": cfg.model.name,
+        "params": {"trainable": accounting["trainable"], "total": accounting["total"],
+                   "percent": accounting["percent"]},
+        "accounting": {k: accounting[k] for k in ("groups", "trainable_groups", "unused")},
+        "metrics": {**dict(sorted(zero_shot.items())), **metrics, "loss": last["loss"]},
+        "history": history,
+        "epochs": epochs,
+        "steps": last["step"],
+        "loss": last["loss"],
+        "samples_per_s": last.get("samples_per_s"),
+        "tokens_per_s": last.get("tokens_per_s"),
+        "peak_mem_mb": max(h.get("peak_mem_mb") or 0 for h in history) or None,
+        "wall_s": wall_s,
+        "stopped_early": epochs < cfg.train.epochs,
+        "config_hash": cfg.hash(),
+        "config": cfg.model_dump(mode="json"),
+        "checkpoint": checkpoint,
+        "machine": machine(),
+    }
+
+
+# ---- reading a folder of runs ---------------------------------------------------------------------
+def latest_checkpoint(run_dir: Path) -> Path | None:
+    """The newest `epoch-NNNN` checkpoint of a run folder (None when it has none)."""
+    found = [(int(m.group(1)), p) for p in run_dir.iterdir() if p.is_dir() and (m := CHECKPOINT_RE.match(p.name))]
+    return max(found)[1] if found else None
+
+
+def run_dirs(root: Path) -> list[Path]:
+    """Every run folder below ``root`` (a folder holding `epoch-NNNN` checkpoints), ``root`` included."""
+    dirs = {p.parent.parent for p in root.rglob(f"epoch-*/{ROW_FILE}") if CHECKPOINT_RE.match(p.parent.name)}
+    return sorted(dirs)
+
+
+def read_run_row(run_dir: Path) -> dict[str, Any] | None:
+    """The row of a run folder's latest checkpoint, marked `errored` when the run failed."""
+    ckpt = latest_checkpoint(run_dir)
+    if ckpt is None or not (ckpt / ROW_FILE).is_file():
+        return None
+    row = json.loads((ckpt / ROW_FILE).read_text())
+    error = run_dir / RUN_ERROR_FILE
+    if error.is_file():
+        row["error"] = json.loads(error.read_text()).get("error")
+        row["stopped_early"] = False
+    return row
+
+
+def read_rows(root: str | Path) -> list[dict[str, Any]]:
+    """The rows of every run below an experiment (or run) folder, ordered by trial id."""
+    root = Path(root)
+    if not root.is_dir():
+        raise FileNotFoundError(f"experiment folder {root} does not exist")
+    rows = [r for d in run_dirs(root) if (r := read_run_row(d)) is not None]
+    return sorted(rows, key=lambda r: r["trial_id"])
+
+
+def write_error(run_dir: Path, error: BaseException) -> None:
+    """Mark a run as failed (its checkpoints, if any, stay readable)."""
+    run_dir.mkdir(parents=True, exist_ok=True)
+    (run_dir / RUN_ERROR_FILE).write_text(json.dumps({"error": f"{type(error).__name__}: {error}"[:2000]}))
