@@ -93,3 +93,14 @@ def test_sweep_errors(tmp_path):
         load_sweep(sweep("search: {train.lr: [0.1]}\nscheduler: {per: method}\n"), [])
     with pytest.raises(ConfigError, match=r"scheduler.per applies to ASHA only"):
         load_sweep(sweep("search: {train.lr: [0.1]}\nscheduler: {type: fifo, per: train.lr}\n"), [])
+
+
+@pytest.mark.parametrize("metric", ["eval/test/closed_acc@llava-med", "eval/test/open_recall@llava-med",
+                                    "eval/test/closed_acc@miss", "zeroshot/test/closed_acc@miss"])
+def test_sweep_may_rank_by_a_published_rule(tmp_path, metric):
+    p = tmp_path / "s.yaml"
+    p.write_text(f"search: {{train.lr: [0.1]}}\nmetric: {metric}\n")
+    sweep, _ = load_sweep(p, [])
+    assert sweep.metric == metric
+    with pytest.raises(ConfigError, match="is reported by no trial"):
+        load_sweep(p, ["sweep.metric=eval/test/closed_acc@lava-med"])
