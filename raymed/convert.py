@@ -19,6 +19,7 @@ import torch
 from safetensors.torch import load_file
 
 from .models import ModelLoadError, get_family, load_model, load_processor, resolve
+from .models.miss_convert import convert_miss
 
 
 def read_state_dict(path: Path) -> dict[str, torch.Tensor]:
@@ -40,6 +41,9 @@ def read_state_dict(path: Path) -> dict[str, torch.Tensor]:
 
 def convert(family_name: str, src: Path, config_from: str, out: Path) -> list[str]:
     """Convert and save; returns the keys of the target model that the checkpoint did not provide."""
+    if family_name == "miss":  # MISS/BLIP originals: their own reader and rules (raymed.models.miss_convert)
+        convert_miss(src, config_from, out)
+        return []
     family = get_family(family_name)
     ref = resolve(config_from)
     if ref.family is not family:
@@ -61,8 +65,13 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--input", required=True, type=Path)
     ap.add_argument("--config-from", required=True, help="HF model directory or preset giving config + processor")
     ap.add_argument("--out", required=True, type=Path)
+    ap.add_argument("--tokenizer-from", help="miss: a local bert-base-uncased directory ([DEC], [ENC] are added)")
     args = ap.parse_args(argv)
     try:
+        if args.family == "miss":
+            convert_miss(args.input, args.config_from, args.out, args.tokenizer_from)
+            print(f"wrote {args.out}")
+            return 0
         missing = convert(args.family, args.input, args.config_from, args.out)
     except (ModelLoadError, KeyError) as e:
         print(f"error: {e}", file=sys.stderr)
