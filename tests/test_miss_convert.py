@@ -292,3 +292,34 @@ def test_bad_checkpoints_fail_clearly_and_write_nothing(converted, tmp_path, cap
                          "--out", str(out)]) == 2
     assert expected in capsys.readouterr().err
     assert not out.exists() and not list(tmp_path.glob(".hf.tmp-*"))
+
+
+@pytest.mark.integration
+def test_one_training_run_on_the_converted_checkpoint(converted, tmp_path):
+    """The converted directory trains through the real recipe (Ray Train + DeepSpeed, 1 worker) and reports every
+    scoring rule."""
+    import ray
+
+    from raymed.config import load_config
+    from raymed.train import fit, start_local_ray
+
+    root, target, _, ckpt = converted
+    out = tmp_path / "hf"
+    assert convert_main(["--family", "miss", "--input", str(ckpt), "--config-from", str(target),
+                         "--out", str(out)]) == 0
+    start_local_ray(num_cpus=2, log_to_driver=False, runtime_env={"env_vars": {"TRANSFORMERS_VERBOSITY": "error"}})
+    try:
+        cfg = load_config(None, [
+            f"model.name={out}", "method.name=ln", "data.synth_n=12", "data.max_eval_rows=6",
+            "data.synth_ood_style=null", "data.preprocess_actors=0", "train.epochs=1", "train.batch_size=6",
+            "train.lr=1e-2", "train.zero_shot=false", "scaling.num_workers=1", "scaling.cpus_per_worker=1",
+            "run.metrics_export=false", f"run.storage={tmp_path / 'runs'}", "run.name=converted-miss",
+        ])
+        summary = fit(cfg)
+    finally:
+        ray.shutdown()
+    assert summary["steps"] >= 1 and math.isfinite(summary["history"][-1]["loss"])
+    assert {"eval/test/closed_acc", "eval/test/closed_acc@llava-med", "eval/test/closed_acc@miss"} <= set(
+        summary["metrics"])
+    ln = sum(p.numel() for n, p in load_model(str(out)).named_parameters() if "norm" in n.lower())
+    assert summary["params"]["trainable"] == ln
