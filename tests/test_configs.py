@@ -104,3 +104,26 @@ def test_sweep_may_rank_by_a_published_rule(tmp_path, metric):
     assert sweep.metric == metric
     with pytest.raises(ConfigError, match="is reported by no trial"):
         load_sweep(p, ["sweep.metric=eval/test/closed_acc@lava-med"])
+
+
+def test_default_max_new_tokens_fits_the_fixture_answers(tmp_path):
+    """The default leaves room for every answer of the VQA-RAD-format synthetic sets (+ end of sequence), with
+    both tiny tokenizers; the measured lengths are printed (docs/scoring.md quotes them)."""
+    import json
+
+    from raymed.config import TrainConfig
+    from raymed.data.synth import STYLES, generate
+    from raymed.models.vocab import build_bert_tokenizer, build_llava_tokenizer
+
+    lengths = []
+    for style in STYLES:
+        generate(tmp_path / style, n=60, style=style, seed=0, size=32)
+        for split in ("trainset.json", "testset.json"):
+            for row in json.loads((tmp_path / style / split).read_text()):
+                for tok in (build_bert_tokenizer(), build_llava_tokenizer()):
+                    lengths.append(len(tok(str(row["answer"]), add_special_tokens=False)["input_ids"]))
+    lengths.sort()
+    print(f"answer tokens: n={len(lengths)} p50={lengths[len(lengths) // 2]} "
+          f"p95={lengths[int(0.95 * len(lengths))]} max={lengths[-1]}")
+    assert TrainConfig().max_new_tokens >= lengths[-1] + 1
+    assert lengths[-1] >= 8  # the caption answers of the `pretrain` style are sentences, not single words
