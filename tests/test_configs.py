@@ -127,3 +127,18 @@ def test_default_max_new_tokens_fits_the_fixture_answers(tmp_path):
           f"p95={lengths[int(0.95 * len(lengths))]} max={lengths[-1]}")
     assert TrainConfig().max_new_tokens >= lengths[-1] + 1
     assert lengths[-1] >= 8  # the caption answers of the `pretrain` style are sentences, not single words
+
+
+@pytest.mark.parametrize("name", ["miss-vqa-rad", "miss-slake"])
+def test_miss_sweeps_use_the_authors_baselines(name):
+    from raymed.methods import METHODS
+
+    sweep, base = load_sweep(ROOT / "sweeps" / f"{name}.yaml", [], check_paths=False)
+    assert {"lora-qv", "ia3-kvo", "prefix", "p-tuning-v2"} <= set(sweep.search["method.name"])
+    assert not {"lora", "ia3"} & set(sweep.search["method.name"])
+    assert METHODS["lora-qv"].defaults == {"r": 8, "lora_alpha": 32, "lora_dropout": 0.1,
+                                           "target_names": ["query", "value"]}
+    assert METHODS["ia3-kvo"].defaults["target_names"] == ["key", "value", "output.dense"]
+    assert METHODS["prefix"].defaults["prefix_projection"] and not METHODS["p-tuning-v2"].defaults["prefix_projection"]
+    assert base["train"]["batch_size"] == 20 and base["train"]["weight_decay"] == 0.05
+    assert {1e-5, 2e-5} & set(sweep.search["train.lr"])
