@@ -323,3 +323,49 @@ def test_one_training_run_on_the_converted_checkpoint(converted, tmp_path):
         summary["metrics"])
     ln = sum(p.numel() for n, p in load_model(str(out)).named_parameters() if "norm" in n.lower())
     assert summary["params"]["trainable"] == ln
+
+
+@pytest.fixture(scope="module")
+def hf_dir(converted):
+    from raymed.models.miss_convert import convert_miss
+
+    root, target, _, ckpt = converted
+    out = root / "hf-recipe"
+    convert_miss(ckpt, str(target), out, log=lambda msg: None)
+    return out
+
+
+def test_converted_miss_generates_as_miss_does(hf_dir):
+    """Questions as MISS tokenizes them (longest padding, [ENC]) and its decoding (3 beams, max 10, min 1),
+    computed independently with transformers' generate, give the family's answers."""
+    ref = resolve(str(hf_dir))
+    model, proc = load_model(ref).eval(), load_processor(ref)
+    rows = {"image": [Image.new("RGB", (40, 30), (i * 60, 20, 200)) for i in range(3)],
+            "question": ["is there a lesion?", "how many lesions are there in the left kidney?", "which organ?"],
+            "answer": ["yes", "two", "liver"]}
+    enc = ref.family.encode(proc, rows, train=False, max_length=48)
+    batch = {k: torch.from_numpy(v) for k, v in enc.items()}
+    answers = ref.family.generate(model, proc, batch, max_new_tokens=64)
+
+    tok = proc.tokenizer
+    q = tok(rows["question"], padding="longest", truncation=True, max_length=35, return_tensors="pt")
+    q["input_ids"][:, 0] = tok.convert_tokens_to_ids("[ENC]")
+    with torch.no_grad():
+        out = model.generate(input_ids=q["input_ids"], attention_mask=q["attention_mask"],
+                             pixel_values=batch["pixel_values"], num_beams=3, max_length=10, min_length=1)
+    assert out.shape[1] <= 10
+    assert answers == [s.strip() for s in tok.batch_decode(out, skip_special_tokens=True)]
+
+
+def test_shipped_tiny_miss_keeps_its_pretraining_recipe():
+    from raymed.models.miss import RAYMED_TINY
+    from tests.conftest import make_rows
+
+    ref = resolve("tiny-miss-med")
+    proc = load_processor(ref)
+    assert proc.miss_recipe == RAYMED_TINY
+    enc = ref.family.encode(proc, make_rows(2), train=False, max_length=32)
+    assert enc["input_ids"].shape[1] == 32 and (enc["input_ids"][:, 0] == proc.tokenizer.cls_token_id).all()
+    assert enc["pixel_values"].max() > 0.5  # [0, 1], as it was pretrained; MISS's own recipe gives <= 1/255
+    model = load_model(ref)
+    assert not any(getattr(m, "_raymed_masks_pads", False) for m in model.modules())
