@@ -11,7 +11,10 @@ key `miss_recipe`) and config, so each model keeps the recipe it was trained wit
   480 x 480 bilinear, `ToTensor()` and divided by 255 once more (pixels in [0, 1/255], no mean/std; the image
   processor's `rescale_factor` is 1/255^2); questions truncated to 35 tokens with the first token replaced by
   `[ENC]` and padded to the longest in the batch; label smoothing 0.1 (`text_config.label_smoothing`); answers by
-  beam search 3, max length 10, min length 1.
+  beam search 3, max length 10, min length 1; the answer decoder does not attend to question pads.
+  Not reproduced: the ViT's stochastic depth 0.1 in fine-tuning (transformers' BLIP has none), and the loss scale
+  (MISS sums each answer's token losses and averages over questions, transformers averages over tokens: the same
+  per-token weights, a constant factor AdamW does not see; miss-base.yaml turns gradient clipping off as MISS has).
 - `RAYMED_TINY` (the tiny presets and the shipped `tiny-miss-med`, pretrained so): `[CLS]` first, questions padded
   to `data.max_length`, pixels in [0, 1], beam search 3 with max length `train.max_new_tokens`.
 """
