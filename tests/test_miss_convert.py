@@ -99,17 +99,18 @@ def _original_state_dict(vocab: int, seed: int = 0) -> dict[str, torch.Tensor]:
     return sd
 
 
-def _target_dir(root: Path) -> Path:
+def _target_dir(root: Path, name: str = "target", bos: int | None = None) -> Path:
     """An HF directory giving the target architecture (64 px) and the tokenizer, as --config-from."""
     tok = build_bert_tokenizer()
+    bos = tok.bos_token_id if bos is None else bos
     cfg = BlipConfig(
         vision_config=dict(hidden_size=D, intermediate_size=FFN, num_hidden_layers=LAYERS, num_attention_heads=HEADS,
                            image_size=GRID * PATCH, patch_size=PATCH),
         text_config=dict(vocab_size=len(tok), hidden_size=D, intermediate_size=FFN, num_hidden_layers=LAYERS,
                          num_attention_heads=HEADS, encoder_hidden_size=D, max_position_embeddings=MAX_POS,
-                         pad_token_id=tok.pad_token_id, bos_token_id=tok.bos_token_id, sep_token_id=tok.sep_token_id),
+                         pad_token_id=tok.pad_token_id, bos_token_id=bos, sep_token_id=tok.sep_token_id),
     )
-    out = root / "target"
+    out = root / name
     cfg.save_pretrained(out)
     MissFamily().new_processor(cfg).save_pretrained(out)
     return out
@@ -369,3 +370,24 @@ def test_shipped_tiny_miss_keeps_its_pretraining_recipe():
     assert enc["pixel_values"].max() > 0.5  # [0, 1], as it was pretrained; MISS's own recipe gives <= 1/255
     model = load_model(ref)
     assert not any(getattr(m, "_raymed_masks_pads", False) for m in model.modules())
+
+
+def test_tokenizer_from_a_bert_directory_gets_dec_and_enc(converted, tmp_path):
+    """--tokenizer-from: a bert-base-uncased-style vocab.txt; [DEC] and [ENC] are appended as BLIP's init_tokenizer
+    does (30,522 + 2 for the real one), and the target config's special ids must agree with it."""
+    _, _, _, ckpt = converted
+    tiny = build_bert_tokenizer()
+    words = [w for w, _ in sorted(tiny.get_vocab().items(), key=lambda kv: kv[1]) if w not in ("[DEC]", "[ENC]")]
+    bert = tmp_path / "bert-base-uncased"
+    bert.mkdir()
+    (bert / "vocab.txt").write_text("\n".join(words) + "\n")
+    out = tmp_path / "hf"
+    mismatched = _target_dir(tmp_path, "target-dec5")  # bos 5 = the tiny tokenizer's [DEC], not this vocab's
+    assert convert_main(["--family", "miss", "--input", str(ckpt), "--config-from", str(mismatched),
+                         "--tokenizer-from", str(bert), "--out", str(out)]) == 2
+    assert not out.exists()
+    target = _target_dir(tmp_path, "target-bert", bos=len(words))
+    assert convert_main(["--family", "miss", "--input", str(ckpt), "--config-from", str(target),
+                         "--tokenizer-from", str(bert), "--out", str(out)]) == 0
+    tok = load_processor(resolve(str(out))).tokenizer
+    assert len(tok) == len(words) + 2 and tok.convert_tokens_to_ids(["[DEC]", "[ENC]"]) == [len(words), len(words) + 1]

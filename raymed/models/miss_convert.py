@@ -274,7 +274,14 @@ def convert_miss(src: Path | str, config_from: str, out: Path | str, tokenizer_f
     vocab = cfg.text_config.vocab_size
     if len(tok) != vocab:
         raise ModelLoadError(f"the tokenizer has {len(tok)} tokens but the target config's vocab_size is {vocab} "
-                             f"(MISS: bert-base-uncased + [DEC] + [ENC] = {MISS_VOCAB}); pass --tokenizer-from")
+                             f"(MISS: bert-base-uncased + [DEC] + [ENC] = {MISS_VOCAB}); pass --tokenizer-from with a "
+                             "local bert-base-uncased directory")
+    specials = {"bos_token_id": "[DEC]", "pad_token_id": tok.pad_token, "sep_token_id": tok.sep_token}
+    wrong = [f"{k}={getattr(cfg.text_config, k)} but {t} is {tok.convert_tokens_to_ids(t)}"
+             for k, t in specials.items() if getattr(cfg.text_config, k) != tok.convert_tokens_to_ids(t)]
+    if wrong or "[ENC]" not in tok.get_vocab():
+        raise ModelLoadError(f"--config-from {config_from}: text_config does not match the tokenizer: "
+                             f"{'; '.join(wrong) or '[ENC] missing'}")
     for key in WORD_EMBEDDINGS:
         if key in sd and sd[key].shape[0] != vocab:
             raise ModelLoadError(f"{src}: key {key!r} has {sd[key].shape[0]} rows but the vocabulary has {vocab} "
