@@ -1,12 +1,15 @@
 """`python -m raymed.convert`: original MISS / LLaVA-Med checkpoints → transformers (HF) model directories.
 
-    python -m raymed.convert --family miss  --input model_base_vqa.pth  --config-from DIR_OR_PRESET --out DIR
+    python -m raymed.convert --family miss  --input model_base_vqa.pth  --config-from DIR_OR_PRESET --out DIR \
+        [--tokenizer-from BERT_BASE_UNCASED_DIR]
     python -m raymed.convert --family llava --input llava-med-v1.5/      --config-from DIR_OR_PRESET --out DIR
 
 `--input` is a file (`.safetensors`, `.bin`, `.pth`) or a directory of shards. Pickled checkpoints are read
 with `torch.load(weights_only=True)` (no code execution). `--config-from` supplies the HF config and processor
 (an HF directory, or a preset with a local processor such as `tiny-llava`): the original releases carry their
-own config formats (`llava_mistral`, BLIP's yaml), whose architecture must match it.
+own config formats (`llava_mistral`, BLIP's yaml), whose architecture must match it. MISS/BLIP originals go through
+`raymed.models.miss_convert` (restricted unpickler for their pickled config, pretraining heads dropped and listed,
+`pos_embed` interpolated, vocabulary checked, MISS's recipe written with the processor).
 """
 
 from __future__ import annotations
