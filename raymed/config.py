@@ -92,7 +92,13 @@ class TrainConfig(_Section):
     eval_every: int = Field(1, ge=1)
     """Evaluate every N epochs (and always after the last)."""
     eval_batch_size: int = Field(16, ge=1)
-    max_new_tokens: int = Field(10, ge=1)
+    """Questions per generate call: 16 keeps a 7B model's KV cache near 1.4 GiB (bf16, ~620 prompt + 64 new
+    tokens) and MISS's 3 beams at 48 sequences."""
+    max_new_tokens: int = Field(64, ge=1)
+    """Answer tokens generated for VQA (generation stops earlier at end-of-sequence). Chosen from measured answer
+    lengths (docs/scoring.md): dataset answers are 1-12 tokens; verbose zero-shot LLaVA-Med answers put their
+    verdict in a first sentence of ~10-30 tokens. Report generation sets its own (configs/data/iu-xray.yaml: 100).
+    A MISS model's recipe may fix its own length (MISS: 10 including [DEC])."""
 
 
 class DeepSpeedConfig(_Section):

@@ -1,12 +1,15 @@
 """`python -m raymed.convert`: original MISS / LLaVA-Med checkpoints → transformers (HF) model directories.
 
-    python -m raymed.convert --family miss  --input model_base_vqa.pth  --config-from DIR_OR_PRESET --out DIR
+    python -m raymed.convert --family miss  --input model_base_vqa.pth  --config-from DIR_OR_PRESET --out DIR \
+        [--tokenizer-from BERT_BASE_UNCASED_DIR]
     python -m raymed.convert --family llava --input llava-med-v1.5/      --config-from DIR_OR_PRESET --out DIR
 
 `--input` is a file (`.safetensors`, `.bin`, `.pth`) or a directory of shards. Pickled checkpoints are read
 with `torch.load(weights_only=True)` (no code execution). `--config-from` supplies the HF config and processor
 (an HF directory, or a preset with a local processor such as `tiny-llava`): the original releases carry their
-own config formats (`llava_mistral`, BLIP's yaml), whose architecture must match it.
+own config formats (`llava_mistral`, BLIP's yaml), whose architecture must match it. MISS/BLIP originals go through
+`raymed.models.miss_convert` (restricted unpickler for their pickled config, pretraining heads dropped and listed,
+`pos_embed` interpolated, vocabulary checked, MISS's recipe written with the processor).
 """
 
 from __future__ import annotations
@@ -19,6 +22,7 @@ import torch
 from safetensors.torch import load_file
 
 from .models import ModelLoadError, get_family, load_model, load_processor, resolve
+from .models.miss_convert import convert_miss
 
 
 def read_state_dict(path: Path) -> dict[str, torch.Tensor]:
@@ -40,6 +44,9 @@ def read_state_dict(path: Path) -> dict[str, torch.Tensor]:
 
 def convert(family_name: str, src: Path, config_from: str, out: Path) -> list[str]:
     """Convert and save; returns the keys of the target model that the checkpoint did not provide."""
+    if family_name == "miss":  # MISS/BLIP originals: their own reader and rules (raymed.models.miss_convert)
+        convert_miss(src, config_from, out)
+        return []
     family = get_family(family_name)
     ref = resolve(config_from)
     if ref.family is not family:
@@ -61,8 +68,13 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--input", required=True, type=Path)
     ap.add_argument("--config-from", required=True, help="HF model directory or preset giving config + processor")
     ap.add_argument("--out", required=True, type=Path)
+    ap.add_argument("--tokenizer-from", help="miss: a local bert-base-uncased directory ([DEC], [ENC] are added)")
     args = ap.parse_args(argv)
     try:
+        if args.family == "miss":
+            convert_miss(args.input, args.config_from, args.out, args.tokenizer_from)
+            print(f"wrote {args.out}")
+            return 0
         missing = convert(args.family, args.input, args.config_from, args.out)
     except (ModelLoadError, KeyError) as e:
         print(f"error: {e}", file=sys.stderr)

@@ -33,6 +33,7 @@ class Method:
     groups: tuple[str, ...] = ()  # intrinsic: trainable groups; peft: groups whose modules are targets
     peft: str | None = None  # peft method: lora | ia3 | prefix | prompt | ln_tuning
     defaults: Mapping[str, Any] = field(default_factory=dict)
+    families: tuple[str, ...] = ()  # families it applies to (empty: all)
 
     @property
     def intrinsic(self) -> bool:
@@ -50,6 +51,15 @@ METHODS: dict[str, Method] = {
                defaults={"r": 8, "lora_alpha": 32, "lora_dropout": 0.1}),
         Method("ia3", "peft (IA)3 on key / value projections and FFN down projections", groups=("attn", "ffn"),
                peft="ia3"),
+        # The MISS authors' peft baselines (TIMMY-CHAN/MISS models/peft_miss.py; the same authors' MILE): LoRA on
+        # `query`/`value` (peft's BERT default), (IA)3 on `key`/`value`/`output.dense` with every `output.dense`
+        # (attention output and FFN output, peft's suffix match) scaled as a feed-forward module.
+        Method("lora-qv", "peft LoRA r=8, alpha 32, dropout 0.1 on query/value (MISS baseline)", groups=("attn",),
+               peft="lora", families=("miss",),
+               defaults={"r": 8, "lora_alpha": 32, "lora_dropout": 0.1, "target_names": ["query", "value"]}),
+        Method("ia3-kvo", "peft (IA)3 on key/value/output.dense (MISS baseline)", groups=("attn", "ffn"), peft="ia3",
+               families=("miss",),
+               defaults={"target_names": ["key", "value", "output.dense"], "feedforward_names": ["output.dense"]}),
         Method("prefix", "peft prefix tuning, 10 virtual tokens with a projection", peft="prefix",
                defaults={"num_virtual_tokens": 10, "prefix_projection": True}),
         Method("p-tuning-v2", "peft prefix tuning without projection (P-tuning v2)", peft="prefix",
@@ -84,6 +94,9 @@ def get_method(name: str) -> Method:
 
 
 def check_towers(family: Family, method: str, towers: Sequence[str] | None) -> tuple[str, ...]:
+    spec = get_method(method)
+    if spec.families and family.name not in spec.families:
+        raise MethodError(f"method {method!r} applies to family {'/'.join(spec.families)}, not {family.name!r}")
     if not towers:
         return tuple(family.towers)
     bad = [t for t in towers if t not in family.towers]
@@ -189,7 +202,10 @@ def _apply_peft(
         return peft.get_peft_model(model, cls(task_type=family.peft_task_type, **opts))
 
     groups = opts.pop("target_groups", spec.groups)
+    names, ff_names = opts.pop("target_names", None), opts.pop("feedforward_names", None)
     targets = _target_modules(model, family, infos, groups, towers)
+    if names:  # peft-style suffix match on module names, within the groups and towers
+        targets = {t: g for t, g in targets.items() if any(t == n or t.endswith("." + n) for n in names)}
     if not targets:
         raise MethodError(
             f"family {family.name!r}, method {spec.name!r}, towers {list(towers)}: "
@@ -198,10 +214,14 @@ def _apply_peft(
     if spec.peft == "lora":
         cfg = peft.LoraConfig(target_modules=list(targets), **opts)
     elif spec.peft == "ia3":
-        kv = [t for t, g in targets.items() if g == "attn" and t.rsplit(".", 1)[-1] in IA3_KEY_VALUE[family.name]]
-        ff = _ffn_down(model, [t for t, g in targets.items() if g == "ffn"])
+        if ff_names:  # an explicit table (e.g. the MISS authors' ia3-kvo): every named module, as named
+            kv, ff = [t for t in targets if not any(t.endswith("." + n) for n in ff_names)], \
+                [t for t in targets if any(t.endswith("." + n) for n in ff_names)]
+        else:  # key and value projections + FFN down projections, by module type
+            kv = [t for t, g in targets.items() if g == "attn" and t.rsplit(".", 1)[-1] in IA3_KEY_VALUE[family.name]]
+            ff = _ffn_down(model, [t for t, g in targets.items() if g == "ffn"])
         if not kv + ff:
-            raise MethodError(f"family {family.name!r}, method 'ia3', towers {list(towers)}: no key / value "
+            raise MethodError(f"family {family.name!r}, method {spec.name!r}, towers {list(towers)}: no key / value "
                               "projection or FFN down projection to scale")
         cfg = peft.IA3Config(target_modules=kv + ff, feedforward_modules=ff, **opts)
     elif spec.peft == "ln_tuning":

@@ -68,16 +68,23 @@ def token_recall(prediction: Any, reference: Any) -> float:
     return sum((ref & pred).values()) / sum(ref.values())
 
 
-def vqa_metrics(
-    preds: Sequence[Any],
-    refs: Sequence[Any],
-    answer_types: Sequence[Any] | None = None,
-) -> dict[str, float]:
-    """Med-VQA metrics over aligned predictions, references and answer types (CLOSED/OPEN).
+#: Per-question keys of :func:`score_rows` and aggregate keys of :func:`vqa_metrics`, strict rule first.
+VQA_KEYS = (
+    "closed_acc", "open_acc", "open_recall", "overall_acc", "n_closed", "n_open",
+    "closed_acc@llava-med", "open_recall@llava-med", "closed_acc@miss", "n_closed@miss",
+)
 
-    Returns ``closed_acc``, ``open_acc`` (exact match), ``open_recall`` (token recall), ``overall_acc``
-    (exact match over all questions), ``n_closed`` and ``n_open``. A group without questions gets 0.0.
-    Without ``answer_types`` the type is inferred from the reference (yes/no = closed).
+
+def score_rows(
+    preds: Sequence[Any], refs: Sequence[Any], answer_types: Sequence[Any] | None = None
+) -> list[dict[str, float]]:
+    """Per question, its score under every rule: one dict per row, keyed by the metric it counts towards.
+
+    A key is present only when its rule scores that question: ``closed_acc`` (strict, CLOSED rows),
+    ``open_acc`` / ``open_recall`` (strict, OPEN rows), ``overall_acc`` (strict, all rows),
+    ``closed_acc@llava-med`` / ``open_recall@llava-med`` (LLaVA-Med's rule, by the row's answer type) and
+    ``closed_acc@miss`` (MISS's rule, rows whose ground truth is literally yes/no). Values are 1.0/0.0 hits,
+    or a recall in [0, 1]. Without ``answer_types`` the type is inferred from the reference (yes/no = closed).
     """
     if len(preds) != len(refs):
         raise ValueError(f"got {len(preds)} predictions for {len(refs)} references")
@@ -88,25 +95,139 @@ def vqa_metrics(
             raise ValueError(f"got {len(answer_types)} answer types for {len(refs)} references")
         types = [normalize_answer_type(t, f" at index {i}") for i, t in enumerate(answer_types)]
 
-    closed_hits: list[float] = []
-    open_hits: list[float] = []
-    open_recalls: list[float] = []
+    rows: list[dict[str, float]] = []
     for pred, ref, kind in zip(preds, refs, types):
         hit = float(normalize_answer(pred) == normalize_answer(ref))
+        row = {"overall_acc": hit}
         if kind == CLOSED:
-            closed_hits.append(hit)
+            row["closed_acc"] = hit
+            row["closed_acc@llava-med"] = llava_med_closed_hit(pred, ref)
         else:
-            open_hits.append(hit)
-            open_recalls.append(token_recall(pred, ref))
+            row["open_acc"] = hit
+            row["open_recall"] = token_recall(pred, ref)
+            row["open_recall@llava-med"] = llava_med_open_recall(pred, ref)
+        miss = miss_closed_hit(pred, ref)
+        if miss is not None:
+            row["closed_acc@miss"] = miss
+        rows.append(row)
+    return rows
 
-    return {
-        "closed_acc": _mean(closed_hits),
-        "open_acc": _mean(open_hits),
-        "open_recall": _mean(open_recalls),
-        "overall_acc": _mean(closed_hits + open_hits),
-        "n_closed": len(closed_hits),
-        "n_open": len(open_hits),
-    }
+
+def vqa_metrics(
+    preds: Sequence[Any],
+    refs: Sequence[Any],
+    answer_types: Sequence[Any] | None = None,
+) -> dict[str, float]:
+    """Med-VQA metrics over aligned predictions, references and answer types (CLOSED/OPEN): every rule.
+
+    raymed's strict rule: ``closed_acc``, ``open_acc`` (exact match), ``open_recall`` (token recall),
+    ``overall_acc`` (exact match over all questions), ``n_closed`` and ``n_open``. The published rules, on the
+    same predictions: ``closed_acc@llava-med``, ``open_recall@llava-med``, ``closed_acc@miss`` (over the
+    ``n_closed@miss`` questions MISS counts as closed). A group without questions gets 0.0. Each value is the
+    mean of the per-question scores of :func:`score_rows`.
+    """
+    rows = score_rows(preds, refs, answer_types)
+    out: dict[str, float] = {}
+    for key in VQA_KEYS:
+        if key.startswith("n_"):
+            continue
+        out[key] = _mean([r[key] for r in rows if key in r])
+    out["n_closed"] = sum("closed_acc" in r for r in rows)
+    out["n_open"] = sum("open_acc" in r for r in rows)
+    out["n_closed@miss"] = sum("closed_acc@miss" in r for r in rows)
+    return {k: out[k] for k in VQA_KEYS}
+
+
+# ---- the published rules, reproduced ------------------------------------------------------------
+# LLaVA-Med (microsoft/LLaVA-Med, llava/eval/): `run_eval.py::evaluate` lower-cases both answers and passes
+# them through `eval_metrics/glossary.py::normalize_word`; a CLOSED answer is a hit when the prediction
+# contains "yes" or "no" and contains the ground truth (both substring tests); an OPEN answer is scored by the
+# `recall` of `eval_metrics/evaluate_metrics.py::calculate_f1score` (the "recall" LLaVA-Med reports for open
+# questions). One deliberate difference: `run_eval.py` appends nothing for a closed answer that contains yes/no
+# but not the ground truth, so such misses fall out of its denominator; `run_eval_batch.py` fixes this
+# ("IMPORTANT: we are missing this line before"), and so do we: every closed question counts.
+_LLAVA_NUMBERS = {"none": "0", "zero": "0", "one": "1", "two": "2", "three": "3", "four": "4", "five": "5",
+                  "six": "6", "seven": "7", "eight": "8", "nine": "9", "ten": "10"}
+_LLAVA_PUNCT = (";", "/", "[", "]", '"', "{", "}", "(", ")", "=", "+", "\\", "_", "-", ">", "<", "@", "`", ",",
+                "?", "!")
+# The contracted forms of the VQA evaluation toolkit's table that glossary.py uses: each is restored from any
+# spelling with exactly one of its apostrophes missing ("dont" -> "don't", "couldnt've" -> "couldn't've").
+_CONTRACTED = """ain't aren't can't could've couldn't couldn't've didn't doesn't don't hadn't hadn't've hasn't haven't
+he'd he'd've he's how'd how'll how's isn't it'd it'd've it'll ma'am mightn't mightn't've might've mustn't must've
+needn't not've o'clock 'ow's'at oughtn't shan't she'd've should've shouldn't shouldn't've somebody'd've
+somebody'll somebody's someone'd someone'd've someone'll someone's something'd something'd've something'll
+that's there'd there'd've there're there's they'd they'd've they'll they're they've 'twas wasn't we'd've we've
+weren't what'll what're what's what've when's where'd where's where've who'd who'd've who'll who's who've why'll
+why're why's won't would've wouldn't wouldn't've y'all y'all'll y'all'd've you'd you'd've you'll you're
+you've""".split()
+_LLAVA_CONTRACTIONS = {
+    form[:i] + form[i + 1:]: form for form in _CONTRACTED for i, ch in enumerate(form) if ch == "'"
+}
+_LLAVA_CONTRACTIONS["somebody'd"] = "somebodyd"  # sic: the table maps this one backwards
+_LLAVA_PERIOD = re.compile(r"(?!<=\d)(\.)(?!\d)")  # sic: a look-ahead, so every "." not before a digit goes
+_LLAVA_COMMA = re.compile(r"(\d)(\,)(\d)")
+
+
+def llava_med_normalize(text: Any) -> str:
+    """LLaVA-Med's answer normalisation (`glossary.py::normalize_word` after `.lower()`), quirks included.
+
+    Punctuation next to a space (or any text with a digit-comma-digit) is deleted, otherwise replaced by a
+    space; periods not followed by a digit are deleted (at most 32: the script passes ``re.UNICODE`` as
+    ``count``); number words become digits ("two" -> "2", "none" -> "0"); articles are dropped; contractions
+    written without their apostrophe get it back; commas are deleted.
+    """
+    token = ("" if text is None else str(text)).lower()
+    out = token
+    for p in _LLAVA_PUNCT:
+        if p + " " in token or " " + p in token or _LLAVA_COMMA.search(token) is not None:
+            out = out.replace(p, "")
+        else:
+            out = out.replace(p, " ")
+    out = _LLAVA_PERIOD.sub("", out, count=int(re.UNICODE))
+    words = [_LLAVA_NUMBERS.get(w, w) for w in out.lower().split()]
+    words = [_LLAVA_CONTRACTIONS.get(w, w) for w in words if w not in ARTICLES]
+    return " ".join(words).replace(",", "")
+
+
+def llava_med_closed_hit(prediction: Any, reference: Any) -> float:
+    """1.0 when the normalised prediction contains "yes" or "no" and contains the normalised reference
+    (substring tests: "no" is found in "nodule"), as in `run_eval.py::evaluate`."""
+    pred, ref = llava_med_normalize(prediction), llava_med_normalize(reference)
+    return float(("yes" in pred or "no" in pred) and ref in pred)
+
+
+def llava_med_open_recall(prediction: Any, reference: Any) -> float:
+    """The recall of `evaluate_metrics.py::calculate_f1score` on normalised answers.
+
+    Words are counted (split on whitespace) after normalising twice (`run_eval.py` normalises, then
+    `calculate_f1score` again); true positives add the *prediction's* count of each shared word, false negatives
+    the reference's count of each missing word, so "lung lung" against "left lung" scores 2/3. 0.0 when either
+    side is empty or nothing is shared.
+    """
+    pred = Counter(llava_med_normalize(llava_med_normalize(prediction)).split())
+    ref = Counter(llava_med_normalize(llava_med_normalize(reference)).split())
+    if not pred or not ref:
+        return 0.0
+    tp = sum(n for w, n in pred.items() if w in ref)
+    fn = sum(n for w, n in ref.items() if w not in pred)
+    return tp / (tp + fn) if tp else 0.0
+
+
+# MISS (TIMMY-CHAN/MISS, ACC.py, module-level loop with `deli`): a question counts only when its raw ground
+# truth is one of "yes", "Yes", "no", "No"; it is right when the raw prediction is one of those four with the
+# same meaning. No normalisation at all ("yes." or "Yes " is a miss); no open-ended scorer is published.
+_MISS_YES, _MISS_NO = ("yes", "Yes"), ("no", "No")
+
+
+def miss_closed_hit(prediction: Any, reference: Any) -> float | None:
+    """MISS's closed score for one question: None when MISS does not count it (ground truth not yes/no)."""
+    def side(text: Any) -> int | None:
+        return 0 if text in _MISS_YES else 1 if text in _MISS_NO else None
+
+    truth = side(reference) if isinstance(reference, str) else None
+    if truth is None:
+        return None
+    return float(side(prediction) == truth if isinstance(prediction, str) else False)
 
 
 def _mean(values: Sequence[float]) -> float:
@@ -229,16 +350,13 @@ def _meteor(gts: dict[int, list[str]], res: dict[int, list[str]], timeout_s: flo
 
 def row_scores(refs: Sequence[Any], preds: Sequence[Any], answer_types: Sequence[Any],
                tasks: Sequence[Any] | None = None) -> list[dict[str, Any]]:
-    """Per-row scores behind :func:`vqa_metrics`: ``correct`` (strict exact match after normalisation, 0/1) and,
-    for open questions, ``recall`` (token recall). Report rows (task ``report``) get no per-row score."""
+    """Per-row scores for `predictions.jsonl`: ``correct`` (strict exact match, 0/1) and the row's score under
+    every rule (:func:`score_rows`). Report rows (task ``report``) get none."""
     out: list[dict[str, Any]] = []
     for i, (ref, pred, kind) in enumerate(zip(refs, preds, answer_types)):
         if tasks is not None and tasks[i] == "report":
             out.append({})
             continue
-        kind = infer_answer_type(ref) if kind is None else normalize_answer_type(kind, f" at index {i}")
-        row: dict[str, Any] = {"correct": int(normalize_answer(pred) == normalize_answer(ref))}
-        if kind == OPEN:
-            row["recall"] = token_recall(pred, ref)
-        out.append(row)
+        [scores] = score_rows([pred], [ref], None if kind is None else [kind])
+        out.append({"correct": int(scores["overall_acc"]), **scores})
     return out

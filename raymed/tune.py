@@ -25,10 +25,11 @@ from pydantic import Field
 from ray.tune.schedulers import AsyncHyperBandScheduler, FIFOScheduler, TrialScheduler
 
 from .config import Config, ConfigError, _Section, _format, deep_merge, parse_override, read_yaml, set_dotted, validate
+from .metrics import VQA_KEYS
 from .train import ResourceError, build_trainer, init_ray, required_cpus
 
 DEFAULT_SWEEP = Path(__file__).parent / "defaults" / "sweep.yaml"
-VQA_METRICS = ("closed_acc", "open_acc", "open_recall", "overall_acc", "n_closed", "n_open")
+VQA_METRICS = VQA_KEYS  # every scoring rule: strict, @llava-med, @miss
 REPORT_METRICS = ("bleu1", "bleu2", "bleu3", "bleu4", "rouge_l", "meteor", "cider")
 TRAIN_METRICS = ("loss", "epoch", "step", "samples_per_s", "tokens_per_s", "peak_mem_mb")
 

@@ -93,3 +93,52 @@ def test_sweep_errors(tmp_path):
         load_sweep(sweep("search: {train.lr: [0.1]}\nscheduler: {per: method}\n"), [])
     with pytest.raises(ConfigError, match=r"scheduler.per applies to ASHA only"):
         load_sweep(sweep("search: {train.lr: [0.1]}\nscheduler: {type: fifo, per: train.lr}\n"), [])
+
+
+@pytest.mark.parametrize("metric", ["eval/test/closed_acc@llava-med", "eval/test/open_recall@llava-med",
+                                    "eval/test/closed_acc@miss", "zeroshot/test/closed_acc@miss"])
+def test_sweep_may_rank_by_a_published_rule(tmp_path, metric):
+    p = tmp_path / "s.yaml"
+    p.write_text(f"search: {{train.lr: [0.1]}}\nmetric: {metric}\n")
+    sweep, _ = load_sweep(p, [])
+    assert sweep.metric == metric
+    with pytest.raises(ConfigError, match="is reported by no trial"):
+        load_sweep(p, ["sweep.metric=eval/test/closed_acc@lava-med"])
+
+
+def test_default_max_new_tokens_fits_the_fixture_answers(tmp_path):
+    """The default leaves room for every answer of the VQA-RAD-format synthetic sets (+ end of sequence), with
+    both tiny tokenizers; the measured lengths are printed (docs/scoring.md quotes them)."""
+    import json
+
+    from raymed.config import TrainConfig
+    from raymed.data.synth import STYLES, generate
+    from raymed.models.vocab import build_bert_tokenizer, build_llava_tokenizer
+
+    lengths = []
+    for style in STYLES:
+        generate(tmp_path / style, n=60, style=style, seed=0, size=32)
+        for split in ("trainset.json", "testset.json"):
+            for row in json.loads((tmp_path / style / split).read_text()):
+                for tok in (build_bert_tokenizer(), build_llava_tokenizer()):
+                    lengths.append(len(tok(str(row["answer"]), add_special_tokens=False)["input_ids"]))
+    lengths.sort()
+    print(f"answer tokens: n={len(lengths)} p50={lengths[len(lengths) // 2]} "
+          f"p95={lengths[int(0.95 * len(lengths))]} max={lengths[-1]}")
+    assert TrainConfig().max_new_tokens >= lengths[-1] + 1
+    assert lengths[-1] >= 8  # the caption answers of the `pretrain` style are sentences, not single words
+
+
+@pytest.mark.parametrize("name", ["miss-vqa-rad", "miss-slake"])
+def test_miss_sweeps_use_the_authors_baselines(name):
+    from raymed.methods import METHODS
+
+    sweep, base = load_sweep(ROOT / "sweeps" / f"{name}.yaml", [], check_paths=False)
+    assert {"lora-qv", "ia3-kvo", "prefix", "p-tuning-v2"} <= set(sweep.search["method.name"])
+    assert not {"lora", "ia3"} & set(sweep.search["method.name"])
+    assert METHODS["lora-qv"].defaults == {"r": 8, "lora_alpha": 32, "lora_dropout": 0.1,
+                                           "target_names": ["query", "value"]}
+    assert METHODS["ia3-kvo"].defaults["target_names"] == ["key", "value", "output.dense"]
+    assert METHODS["prefix"].defaults["prefix_projection"] and not METHODS["p-tuning-v2"].defaults["prefix_projection"]
+    assert base["train"]["batch_size"] == 20 and base["train"]["weight_decay"] == 0.05
+    assert {1e-5, 2e-5} & set(sweep.search["train.lr"])

@@ -124,3 +124,79 @@ def test_meteor_identical_is_one() -> None:
     # Starting METEOR loads its paraphrase table: ~10 s, the slowest test here.
     out = report_metrics(["the heart is normal"], ["the heart is normal"])
     assert out["meteor"] == pytest.approx(1.0)
+
+
+# ---- the published scoring rules (LLaVA-Med run_eval.py, MISS ACC.py) beside the strict one -----------------
+# (prediction, reference, answer type, strict hit, strict recall, llava-med score, miss score or None)
+RULE_CASES = [
+    # a verbose closed answer: right for LLaVA-Med (yes present, "yes" contained), wrong for strict and MISS
+    ("Yes, there is a fracture of the", "yes", "CLOSED", 0.0, None, 1.0, 0.0),
+    # number words: LLaVA-Med maps "two" -> "2", so its open recall is 1; strict recall finds no "2"
+    ("there are two nodules", "2", "OPEN", 0.0, 0.0, 1.0, None),
+    # MISS compares raw strings: "Yes" and "yes" are the same answer, "yes." is not yes at all
+    ("Yes", "yes", "CLOSED", 1.0, None, 1.0, 1.0),
+    ("yes.", "yes", "CLOSED", 1.0, None, 1.0, 0.0),
+    ("no", "Yes", "CLOSED", 0.0, None, 0.0, 0.0),
+    # LLaVA-Med's substring tests: "no" inside "nodule" counts as a yes/no, then "no" is contained
+    ("a nodule", "no", "CLOSED", 0.0, None, 1.0, 0.0),
+    # a closed question with a non-yes/no answer: LLaVA-Med needs yes/no in the prediction; MISS skips it
+    ("left", "left", "CLOSED", 1.0, None, 0.0, None),
+    ("yes, the left one", "left", "CLOSED", 0.0, None, 1.0, None),
+    # calculate_f1score counts true positives by the prediction's counts: "lung lung" vs "left lung" = 2/3
+    ("lung lung", "left lung", "OPEN", 0.0, 0.5, 2 / 3, None),
+    ("none", "0", "OPEN", 0.0, 0.0, 1.0, None),
+    ("", "liver", "OPEN", 0.0, 0.0, 0.0, None),
+]
+
+
+@pytest.mark.parametrize(("pred", "ref", "kind", "strict", "recall", "llava", "miss"), RULE_CASES)
+def test_score_rows_each_rule_by_hand(pred: str, ref: str, kind: str, strict: float, recall: float | None,
+                                      llava: float, miss: float | None) -> None:
+    (row,) = metrics.score_rows([pred], [ref], [kind])
+    assert row["overall_acc"] == strict
+    if kind == "CLOSED":
+        assert row["closed_acc"] == strict and row["closed_acc@llava-med"] == llava
+        assert "open_recall" not in row and "open_recall@llava-med" not in row
+    else:
+        assert row["open_acc"] == strict and row["open_recall"] == pytest.approx(recall)
+        assert row["open_recall@llava-med"] == pytest.approx(llava)
+        assert "closed_acc@llava-med" not in row
+    assert row.get("closed_acc@miss") == miss
+
+
+def test_vqa_metrics_reports_every_rule_on_the_same_predictions() -> None:
+    preds = [c[0] for c in RULE_CASES]
+    refs = [c[1] for c in RULE_CASES]
+    out = metrics.vqa_metrics(preds, refs, [c[2] for c in RULE_CASES])
+    assert tuple(out) == metrics.VQA_KEYS
+    closed = [c for c in RULE_CASES if c[2] == "CLOSED"]
+    opened = [c for c in RULE_CASES if c[2] == "OPEN"]
+    assert out["closed_acc@llava-med"] == pytest.approx(sum(c[5] for c in closed) / len(closed))
+    assert out["open_recall@llava-med"] == pytest.approx(sum(c[5] for c in opened) / len(opened))
+    scored = [c[6] for c in RULE_CASES if c[6] is not None]
+    assert out["n_closed@miss"] == len(scored) == 5
+    assert out["closed_acc@miss"] == pytest.approx(sum(scored) / len(scored))
+    # the strict keys are unchanged by the new rules
+    strict = {k: out[k] for k in ("closed_acc", "open_acc", "open_recall", "overall_acc", "n_closed", "n_open")}
+    assert strict["closed_acc"] == pytest.approx(3 / 7) and strict["n_open"] == 4
+
+
+@pytest.mark.parametrize(
+    ("raw", "expected"),
+    [
+        ("Yes, there is a fracture of the", "yes there is fracture of"),  # ", " -> deleted
+        ("left-sided (mild)", "left sided mild"),  # no space beside "-" / "(" -> a space
+        ("1,000 cells. 3.5 cm", "1000 cells 3.5 cm"),  # digit,digit: punctuation deleted; "3.5" kept
+        ("Two or THREE", "2 or 3"),
+        ("dont know, isnt it", "don't know isn't it"),  # contractions get their apostrophe back
+        ("couldnt've", "couldn't've"),
+        ("its the ANSWER: no", "its answer: no"),  # ":" is not in LLaVA-Med's punctuation list
+    ],
+)
+def test_llava_med_normalize(raw: str, expected: str) -> None:
+    assert metrics.llava_med_normalize(raw) == expected
+
+
+def test_llava_med_normalize_period_quirk() -> None:
+    # glossary.py passes re.UNICODE (32) as `count`: at most 32 periods are removed
+    assert metrics.llava_med_normalize("." * 40 + "x") == "." * 8 + "x"

@@ -196,3 +196,25 @@ def test_clear_errors(tmp_path):
     with pytest.raises(ModelLoadError, match="accounting only"):
         load_model("llava-med-v1.5")
     assert main(["--model", "tiny-miss", "--method", "nope"]) == 2
+
+
+def test_miss_paper_baselines_target_the_named_modules():
+    """lora-qv: query/value of the text towers (self- and cross-attention); ia3-kvo: key/value/output.dense with
+    every output.dense scaled as feed-forward (TIMMY-CHAN/MISS models/peft_miss.py); both leave the ViT alone."""
+    import peft
+
+    ref = resolve("tiny-miss")
+    model, acc = apply_method(load_model(ref), ref, "lora-qv")
+    lora = {n.rsplit(".lora_", 1)[0] for n, p in model.named_parameters() if p.requires_grad}
+    assert lora and all(n.endswith((".query", ".value")) and ".vision_model." not in n for n in lora)
+    # 2 text towers x 2 layers x (self + cross) x (query + value) = 16 adapted linears of 32 x 32, r = 8
+    assert len(lora) == 16 and acc.trainable == 16 * 8 * (32 + 32)
+    model, acc = apply_method(load_model(ref), ref, "ia3-kvo")
+    cfg = model.peft_config["default"]
+    assert isinstance(cfg, peft.IA3Config) and set(cfg.feedforward_modules) <= set(cfg.target_modules)
+    assert {t.rsplit(".", 2)[-2] + "." + t.rsplit(".", 1)[-1] for t in cfg.feedforward_modules} == {"output.dense"}
+    assert not any("vision_model" in t for t in cfg.target_modules)
+    # per text layer: key, value (self + cross, 32 each), 3 x output.dense as feed-forward (inputs 32, 32, 64)
+    assert acc.trainable == 2 * 2 * (4 * 32 + 32 + 32 + 64)
+    with pytest.raises(MethodError, match="applies to family miss, not 'llava'"):
+        apply_method(load_model("tiny-llava"), resolve("tiny-llava"), "lora-qv")

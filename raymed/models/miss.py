@@ -1,26 +1,57 @@
 """MISS family (BLIP-VQA architecture): `BlipForQuestionAnswering`.
 
 Towers: vision (ViT), text_encoder (BERT with cross-attention to image tokens), text_decoder (BERT decoder
-cross-attending to the question encoding, with its LM head). MISS preprocessing: resize, `ToTensor()`, no
-mean/std normalisation. Answers are generated with beam search 3, max length 10 (DESIGN.md §2).
+cross-attending to the question encoding, with its LM head).
+
+How a model reads its inputs and writes its answers is data, kept with its processor (`processor_config.json`,
+key `miss_recipe`) and config, so each model keeps the recipe it was trained with:
+
+- `MISS_ORIGINAL` (converted MISS checkpoints, `miss-base`, any directory without the key): as TIMMY-CHAN/MISS
+  runs it (`train_rad.py`, `models/miss_vqa.py`, `data/*_dataset.py`; docs/DESIGN.md §7): images resized to
+  480 x 480 bilinear, `ToTensor()` and divided by 255 once more (pixels in [0, 1/255], no mean/std; the image
+  processor's `rescale_factor` is 1/255^2); questions truncated to 35 tokens with the first token replaced by
+  `[ENC]` and padded to the longest in the batch; label smoothing 0.1 (`text_config.label_smoothing`); answers by
+  beam search 3, max length 10, min length 1; the answer decoder does not attend to question pads.
+  Not reproduced: the ViT's stochastic depth 0.1 in fine-tuning (transformers' BLIP has none), and the loss scale
+  (MISS sums each answer's token losses and averages over questions, transformers averages over tokens: the same
+  per-token weights, a constant factor AdamW does not see; miss-base.yaml turns gradient clipping off as MISS has).
+- `RAYMED_TINY` (the tiny presets and the shipped `tiny-miss-med`, pretrained so): `[CLS]` first, questions padded
+  to `data.max_length`, pixels in [0, 1], beam search 3 with max length `train.max_new_tokens`.
 """
 
 from __future__ import annotations
 
-import re
 from collections.abc import Mapping, Sequence
+from pathlib import Path
 from typing import Any
 
 import numpy as np
 import torch
 from torch import nn
 from transformers import BlipConfig, BlipForQuestionAnswering, BlipImageProcessorPil, BlipProcessor
+from transformers.image_utils import PILImageResampling
 
 from ..pretrained import shipped_path
 from .base import Family, Preset
 from .vocab import build_bert_tokenizer
 
 NUM_BEAMS = 3
+#: TIMMY-CHAN/MISS's recipe (see the module docstring); `None` lengths fall back to the run's config.
+MISS_ORIGINAL: dict[str, Any] = {
+    "name": "miss-original", "question_first_token": "[ENC]", "question_max_length": 35,
+    "question_padding": "longest", "generate": {"num_beams": NUM_BEAMS, "max_length": 10, "min_length": 1},
+    "decoder_masks_question_pads": True,
+}
+#: What raymed's tiny MISS models were built and pretrained with.
+RAYMED_TINY: dict[str, Any] = {
+    "name": "raymed-tiny", "question_first_token": None, "question_max_length": None,
+    "question_padding": "max_length", "generate": {"num_beams": NUM_BEAMS, "max_length": None},
+    "decoder_masks_question_pads": False,
+}
+MISS_IMAGE_SIZE = 480
+MISS_RESCALE = 1 / 255 / 255  # ToTensor() (1/255) then the dataset's second /255
+MISS_LABEL_SMOOTHING = 0.1
+BLIP_VIT_LN_EPS = 1e-6  # BLIP's ViT: partial(nn.LayerNorm, eps=1e-6) (salesforce/BLIP models/vit.py)
 # Shipped pretrained base (relative to the package), made by `python -m raymed.pretrain --family miss`.
 TINY_MISS_MED = "pretrained/tiny-miss-med"
 
@@ -29,12 +60,12 @@ def _miss_base() -> BlipConfig:
     return BlipConfig(
         vision_config=dict(
             hidden_size=768, intermediate_size=3072, num_hidden_layers=12, num_attention_heads=12,
-            image_size=480, patch_size=16,
+            image_size=MISS_IMAGE_SIZE, patch_size=16, layer_norm_eps=BLIP_VIT_LN_EPS,
         ),
         text_config=dict(
             vocab_size=30524, hidden_size=768, intermediate_size=3072, num_hidden_layers=12,
             num_attention_heads=12, encoder_hidden_size=768, max_position_embeddings=512,
-            pad_token_id=0, bos_token_id=30522, sep_token_id=102,
+            pad_token_id=0, bos_token_id=30522, sep_token_id=102, label_smoothing=MISS_LABEL_SMOOTHING,
         ),
     )
 
@@ -57,9 +88,67 @@ def tiny_miss_config(vocab_size: int, pad_id: int, bos_id: int, sep_id: int) -> 
     )
 
 
+class MissProcessor(BlipProcessor):
+    """A `BlipProcessor` that keeps the model's MISS recipe (saved in `processor_config.json`).
+
+    `BlipProcessor.from_pretrained` still reads the directory (it ignores the extra key).
+    """
+
+    def __init__(self, image_processor: Any, tokenizer: Any, miss_recipe: dict[str, Any] | None = None,
+                 **kwargs: Any) -> None:
+        super().__init__(image_processor, tokenizer, **kwargs)
+        self.miss_recipe = dict(miss_recipe) if miss_recipe is not None else dict(MISS_ORIGINAL)
+
+
+def miss_image_processor(size: int = MISS_IMAGE_SIZE) -> BlipImageProcessorPil:
+    """MISS's image transform: `Resize((size, size))` (PIL bilinear), `ToTensor()`, `/255` again."""
+    return BlipImageProcessorPil(size={"height": size, "width": size}, resample=PILImageResampling.BILINEAR,
+                                 rescale_factor=MISS_RESCALE, do_normalize=False, do_convert_rgb=True)
+
+
+def recipe_of(processor: Any) -> dict[str, Any]:
+    """The MISS recipe a processor carries (MISS's original one for a plain `BlipProcessor`)."""
+    return getattr(processor, "miss_recipe", None) or MISS_ORIGINAL
+
+
+def trim_questions(batch: Mapping[str, torch.Tensor], recipe: Mapping[str, Any]) -> dict[str, torch.Tensor]:
+    """Questions padded to the longest in the batch, as MISS tokenizes them (`padding='longest'`).
+
+    The stream pads to a fixed width (Ray Data stacks batches); this cuts the all-padding columns. Training
+    gives the same loss either way (pads are masked), but BLIP's `generate` lets the answer decoder attend to
+    every question position, pads included, so answers depend on the padded width.
+    """
+    out = dict(batch)
+    if recipe.get("question_padding") == "longest":
+        width = int(batch["attention_mask"].sum(dim=1).max())
+        out["input_ids"], out["attention_mask"] = batch["input_ids"][:, :width], batch["attention_mask"][:, :width]
+    return out
+
+
+def mask_question_pads(model: nn.Module) -> int:
+    """Make the answer decoder's cross-attention honour the question mask, as BLIP's `models/med.py` does.
+
+    transformers 5.23's `BlipTextAttention.forward` hands the encoder mask to `BlipTextSelfAttention` as
+    `attention_mask`, which a cross-attention module then ignores (it reads `encoder_attention_mask`): the decoder
+    attends to question pads in training. This pre-hook passes the mask on. Returns the modules hooked.
+    """
+    def hook(module: nn.Module, args: tuple, kwargs: dict) -> tuple[tuple, dict]:
+        if kwargs.get("encoder_hidden_states") is not None and kwargs.get("encoder_attention_mask") is None:
+            kwargs["encoder_attention_mask"] = kwargs.get("attention_mask")
+        return args, kwargs
+
+    n = 0
+    for name, module in model.named_modules():
+        if name.endswith("crossattention.self") and not getattr(module, "_raymed_masks_pads", False):
+            module.register_forward_pre_hook(hook, with_kwargs=True)
+            module._raymed_masks_pads = True
+            n += 1
+    return n
+
+
 class MissFamily(Family):
     model_class = BlipForQuestionAnswering
-    processor_class = BlipProcessor
+    processor_class = MissProcessor
 
     def __init__(self) -> None:
         super().__init__(
@@ -86,56 +175,59 @@ class MissFamily(Family):
         tok = build_bert_tokenizer()
         return tiny_miss_config(len(tok), tok.pad_token_id, tok.bos_token_id, tok.sep_token_id)
 
-    def new_processor(self, cfg: BlipConfig) -> BlipProcessor:
+    def new_processor(self, cfg: BlipConfig, recipe: Mapping[str, Any] | None = None,
+                      tokenizer: Any = None) -> MissProcessor:
+        """A processor for `cfg`: MISS's original transform and recipe when `recipe` is `MISS_ORIGINAL`,
+        raymed's tiny one (pixels in [0, 1], bicubic) otherwise; the tiny local tokenizer unless one is given."""
         size = cfg.vision_config.image_size
-        image_processor = BlipImageProcessorPil(
-            size={"height": size, "width": size}, do_normalize=False, do_convert_rgb=True
-        )
-        return BlipProcessor(image_processor=image_processor, tokenizer=build_bert_tokenizer())
+        recipe = dict(recipe or RAYMED_TINY)
+        if recipe["name"] == MISS_ORIGINAL["name"]:
+            image_processor = miss_image_processor(size)
+        else:
+            image_processor = BlipImageProcessorPil(
+                size={"height": size, "width": size}, do_normalize=False, do_convert_rgb=True
+            )
+        return MissProcessor(image_processor=image_processor, tokenizer=tokenizer or build_bert_tokenizer(),
+                             miss_recipe=recipe)
+
+    def build(self, preset: Preset, device: str = "cpu", seed: int = 0) -> nn.Module:
+        model = super().build(preset, device=device, seed=seed)
+        if device != "meta" and self.build_processor(preset).miss_recipe.get("decoder_masks_question_pads"):
+            mask_question_pads(model)
+        return model
+
+    def load_pretrained(self, path: Path, dtype: torch.dtype = torch.float32) -> nn.Module:
+        model = super().load_pretrained(path, dtype=dtype)
+        if self.load_processor(path).miss_recipe.get("decoder_masks_question_pads"):
+            mask_question_pads(model)
+        return model
+
+    def build_processor(self, preset: Preset) -> MissProcessor:
+        if preset.meta_only:  # the full-size architecture runs MISS's own recipe
+            return self.new_processor(preset.build_config(), MISS_ORIGINAL)
+        return super().build_processor(preset)
 
     def convert_original(self, state_dict: Mapping[str, torch.Tensor]) -> dict[str, torch.Tensor]:
-        """BLIP/MISS original naming (`visual_encoder.*`, ...) → HF `BlipForQuestionAnswering` keys.
+        """BLIP/MISS original naming (`visual_encoder.*`, ...) → HF keys (`miss_convert.rename_original`)."""
+        from .miss_convert import rename_original
 
-        Momentum copies (`*_m.*`) and queues used only in pretraining are dropped.
-        """
-        rules = [
-            (r"^visual_encoder\.cls_token$", "vision_model.embeddings.class_embedding"),
-            (r"^visual_encoder\.pos_embed$", "vision_model.embeddings.position_embedding"),
-            (r"^visual_encoder\.patch_embed\.proj\.", "vision_model.embeddings.patch_embedding."),
-            (r"^visual_encoder\.blocks\.(\d+)\.norm1\.", r"vision_model.encoder.layers.\1.layer_norm1."),
-            (r"^visual_encoder\.blocks\.(\d+)\.norm2\.", r"vision_model.encoder.layers.\1.layer_norm2."),
-            (r"^visual_encoder\.blocks\.(\d+)\.attn\.qkv\.", r"vision_model.encoder.layers.\1.self_attn.qkv."),
-            (r"^visual_encoder\.blocks\.(\d+)\.attn\.proj\.", r"vision_model.encoder.layers.\1.self_attn.projection."),
-            (r"^visual_encoder\.blocks\.(\d+)\.mlp\.", r"vision_model.encoder.layers.\1.mlp."),
-            (r"^visual_encoder\.norm\.", "vision_model.post_layernorm."),
-            (r"^text_encoder\.(embeddings|encoder)\.", r"text_encoder.\1."),
-            (r"^text_decoder\.(bert|cls)\.", r"text_decoder.\1."),
-        ]
-        dropped = re.compile(r"^(visual_encoder_m|text_encoder_m|text_decoder_m)\.|_queue$|^(temp|queue_ptr)$")
-        out: dict[str, torch.Tensor] = {}
-        for key, value in state_dict.items():
-            if dropped.search(key) or key.startswith("text_encoder.pooler."):
-                continue
-            for pat, rep in rules:
-                new, n = re.subn(pat, rep, key)
-                if n:
-                    out[new] = value
-                    break
-            else:
-                raise KeyError(f"miss converter: no rule for original key {key!r}")
-        return out
+        return rename_original(state_dict).state_dict
 
     # ---- data ----------------------------------------------------------------------------------
     def encode(
         self, processor: Any, rows: Mapping[str, Sequence[Any]], *, train: bool, max_length: int
     ) -> dict[str, np.ndarray]:
-        tok = processor.tokenizer
+        tok, recipe = processor.tokenizer, recipe_of(processor)
         pixel_values = processor.image_processor(list(rows["image"]), return_tensors="np")["pixel_values"]
         questions = [str(q) or "describe the findings." for q in rows["question"]]
-        q = tok(questions, padding="max_length", truncation=True, max_length=max_length, return_tensors="np")
+        q_len = recipe.get("question_max_length") or max_length
+        q = tok(questions, padding="max_length", truncation=True, max_length=q_len, return_tensors="np")
+        input_ids = q["input_ids"].astype(np.int64)
+        if recipe.get("question_first_token"):  # MISS: `question.input_ids[:, 0] = tokenizer.enc_token_id`
+            input_ids[:, 0] = tok.convert_tokens_to_ids(recipe["question_first_token"])
         out = {
             "pixel_values": pixel_values.astype(np.float32),
-            "input_ids": q["input_ids"].astype(np.int64),
+            "input_ids": input_ids,
             "attention_mask": q["attention_mask"].astype(np.int64),
         }
         if train:
@@ -153,8 +245,11 @@ class MissFamily(Family):
         self, model: nn.Module, processor: Any, batch: Mapping[str, torch.Tensor], max_new_tokens: int,
         **kwargs: Any,
     ) -> list[str]:
-        out = model.generate(**kwargs,
-            input_ids=batch["input_ids"], attention_mask=batch["attention_mask"],
-            pixel_values=batch["pixel_values"], max_length=max_new_tokens, num_beams=NUM_BEAMS,
+        recipe = recipe_of(processor)
+        settings = dict(recipe["generate"])
+        settings["max_length"] = settings.get("max_length") or max_new_tokens  # BLIP counts [DEC] in max_length
+        q = trim_questions(batch, recipe)
+        out = model.generate(**kwargs, **settings,
+            input_ids=q["input_ids"], attention_mask=q["attention_mask"], pixel_values=batch["pixel_values"],
         )
         return [s.strip() for s in processor.tokenizer.batch_decode(out, skip_special_tokens=True)]
