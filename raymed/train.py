@@ -172,7 +172,8 @@ def build_trainer(cfg: Config, storage: str | None = None, extra_callbacks: list
     family = resolve(cfg.model.name).family.name
     train_ds = encoded_split(
         train_dir, cfg.data.train_split,
-        FamilyEncoderFactory(family, cfg.model.name, cfg.data.max_length, train=True),
+        FamilyEncoderFactory(family, cfg.model.name, cfg.data.max_length, train=True, template=cfg.model.template,
+                             image_aspect=cfg.data.image_aspect),
         batch_size=max(cfg.train.batch_size, 16), actors=cfg.data.preprocess_actors, num_cpus=PREPROCESS_CPUS,
     )
     return TorchTrainer(

@@ -241,7 +241,9 @@ class Evaluator:
         rows = read_rows(data_dir, cfg.data.eval_split)[: cfg.data.max_eval_rows]
         mine = rows[self.rank :: self.world]
         encode = DecodeAndEncode(lambda: lambda r: family.encode(self.processor, r, train=False,
-                                                                 max_length=cfg.data.max_length))
+                                                                 max_length=cfg.data.max_length,
+                                                                 template=cfg.model.template,
+                                                                 image_aspect=cfg.data.image_aspect))
         bs = cfg.train.eval_batch_size
         n_batches = torch.tensor(math.ceil(len(mine) / bs))
         dist.all_reduce(n_batches, op=dist.ReduceOp.MAX)  # ZeRO-3 ranks must run generate in lock-step

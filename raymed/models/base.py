@@ -157,12 +157,14 @@ class Family:
 
     # ---- data ----------------------------------------------------------------------------------
     def encode(
-        self, processor: Any, rows: Mapping[str, Sequence[Any]], *, train: bool, max_length: int
+        self, processor: Any, rows: Mapping[str, Sequence[Any]], *, train: bool, max_length: int,
+        template: str = "auto", image_aspect: str = "auto",
     ) -> dict[str, np.ndarray]:
         """Turn decoded rows (`image` PIL images, `question`, `answer`) into fixed-shape model inputs.
 
         ``train=True`` includes the answer as the target; ``train=False`` gives prompt-only inputs
-        for generation.
+        for generation. ``template`` (`model.template`) and ``image_aspect`` (`data.image_aspect`) choose the
+        conversation template and pad-vs-crop preprocessing where the family has them.
         """
         raise NotImplementedError
 

@@ -78,7 +78,7 @@ def original_config() -> dict:
 
 
 def train_sentencepiece(vocab_size: int = VOCAB, seed: int = 0) -> bytes:
-    """A sentencepiece BPE model like Mistral's: byte fallback, `<unk>`=0, `<s>`=1, `</s>`=2, no pad piece."""
+    """A sentencepiece BPE model trained like Mistral's: byte fallback, `<unk>`=0, `<s>`=1, `</s>`=2, no pad piece."""
     import sentencepiece as spm
 
     rng = random.Random(seed)
@@ -87,7 +87,9 @@ def train_sentencepiece(vocab_size: int = VOCAB, seed: int = 0) -> bytes:
     spm.SentencePieceTrainer.train(
         sentence_iterator=iter(sentences), model_writer=buf, vocab_size=vocab_size, model_type="bpe",
         byte_fallback=True, split_digits=True, unk_id=0, bos_id=1, eos_id=2, pad_id=-1, hard_vocab_limit=True,
-        minloglevel=2,
+        # LLaMA / Mistral trainer settings: no text normalisation, whitespace kept, a dummy prefix space.
+        normalization_rule_name="identity", remove_extra_whitespaces=False, add_dummy_prefix=True,
+        allow_whitespace_only_pieces=True, minloglevel=2,
     )
     return buf.getvalue()
 
