@@ -106,6 +106,10 @@ class DeepSpeedConfig(_Section):
     """ZeRO-3 only: keep parameters on CPU."""
     precision: Literal["auto", "fp32", "bf16"] = "auto"
     """auto: bf16 on GPU, fp32 on CPU."""
+    zero3_init: bool = True
+    """ZeRO-3: partition the weights while `from_pretrained` loads them (transformers' HfDeepSpeedConfig /
+    deepspeed.zero.Init), so no rank holds the whole model. false: every rank loads it whole first (the earlier
+    behaviour, kept for `python -m raymed.bench load`)."""
     shard_single_worker: bool = False
     """ZeRO partitions across workers; one fp32 worker has nothing to partition, and stages 1-3 then only add
     flat fp32 copies of weights and gradients (profiled: +0.6 s on a 2.6 s CPU step of a 56 M model). So a
@@ -148,8 +152,9 @@ class Config(_Section):
         d = self.model_dump(mode="json")
         d["run"] = {k: v for k, v in d["run"].items() if k not in ("name", "storage", "metrics_export", "save_full_model")}
         # Keys added later count only when set, so earlier runs keep their hashes (names, resumes, provenance).
-        for section, key in (("model", "template"), ("data", "image_aspect")):
-            if d[section][key] == "auto":
+        for section, key, default in (("model", "template", "auto"), ("data", "image_aspect", "auto"),
+                                      ("deepspeed", "zero3_init", True)):
+            if d[section][key] == default:
                 del d[section][key]
         return hashlib.sha256(json.dumps(d, sort_keys=True).encode()).hexdigest()[:12]
 

@@ -112,7 +112,8 @@ class Family:
                 seen.add(id(p))
                 full = f"{mod_name}.{pname}" if mod_name else pname
                 infos.append(
-                    ParamInfo(full, self.tower_of(full), self.group_of_module(path, full), p.numel(), full in unused)
+                    ParamInfo(full, self.tower_of(full), self.group_of_module(path, full),
+                              int(getattr(p, "ds_numel", 0) or p.numel()), full in unused)  # ZeRO-3: ds_numel
                 )
         return infos
 
