@@ -71,7 +71,7 @@ def train_loop(loop_config: dict[str, Any]) -> None:
     batches = EpochBatches(ray.train.get_dataset_shard("train"), cfg.train.batch_size, cfg.data.cache_mb, log)
 
     # 3. Engine: optimizer over trainable parameters only; frozen ones get no grads and no state.
-    engine = _engine(deepspeed, model, cfg, ds_cfg, total_steps)
+    engine = _engine(deepspeed, model, cfg, bf16, total_steps, world, ds_cfg)
     del hf_ds_config
     telemetry = Telemetry(plan["run_name"], cfg.method.name, enabled=cfg.run.metrics_export)
     log(f"model {ref.name}, method {cfg.method.name}: {acc.trainable:,} trainable of {acc.total:,}; engine ready "
@@ -216,8 +216,11 @@ def zero3_loading(ds_cfg: dict[str, Any], cfg: Config) -> Any:
     return HfDeepSpeedConfig(ds_cfg)
 
 
-def _engine(deepspeed: Any, model: torch.nn.Module, cfg: Config, ds_cfg: dict[str, Any], total_steps: int) -> Any:
+def _engine(deepspeed: Any, model: torch.nn.Module, cfg: Config, bf16: bool, total_steps: int, world: int,
+            ds_cfg: dict[str, Any] | None = None) -> Any:
     from transformers import get_cosine_schedule_with_warmup
+
+    ds_cfg = ds_cfg or ds_config(cfg, world, bf16)
 
     decay, no_decay = [], []
     for p in model.parameters():
