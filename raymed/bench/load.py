@@ -111,7 +111,7 @@ def run(model: str = BENCH_MODEL, workers: int = 2, method: str = "ln", cpus_per
               "method": method, "zero_stage": 3, "dtype": "float32 (CPU training precision)"}
     targets = [
         target("peak RSS growth per rank, partitioned / whole", worst("partitioned", "peak_over_start_mb")
-               / max(worst("whole", "peak_over_start_mb"), 1e-9), 1.0, "<", "load + engine, max over ranks"),
+               / max(worst("whole", "peak_over_start_mb"), 1e-9), 0.9, "<=", "load + engine, max over ranks"),
         target("parameter elements held per rank, partitioned / model",
                worst("partitioned", "local_param_elements") / rows[0]["model_elements"], 1.0 / workers + 0.01, "<=",
                "after from_pretrained under zero.Init"),
