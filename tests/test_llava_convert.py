@@ -172,3 +172,25 @@ def test_tokenizer_that_does_not_fit_the_embeddings_is_refused(release, tmp_path
     src = _copy(release, tmp_path)
     (src / "tokenizer.model").write_bytes(train_sentencepiece(vocab_size=VOCAB + 20))
     _fails(src, tmp_path, "tokenizer.model", "model.embed_tokens.weight", str(VOCAB + 20))
+
+
+def test_pickled_bin_shards_convert_to_the_same_weights(release, converted, tmp_path):
+    """Older releases ship `pytorch_model-*.bin` shards (read with weights_only=True): same result."""
+    src = _copy(release, tmp_path)
+    index = json.loads((src / "model.safetensors.index.json").read_text())
+    renamed = {}
+    for f in sorted(src.glob("model-*.safetensors")):
+        with safe_open(f, framework="pt") as fh:
+            part = {k: fh.get_tensor(k) for k in fh.keys()}
+        name = f.name.replace("model-", "pytorch_model-").replace(".safetensors", ".bin")
+        torch.save(part, src / name)
+        renamed[f.name] = name
+        f.unlink()
+    (src / "model.safetensors.index.json").unlink()
+    (src / "pytorch_model.bin.index.json").write_text(json.dumps(
+        {"weight_map": {k: renamed[v] for k, v in index["weight_map"].items()}}))
+    out = convert_llava_med(src, tmp_path / "from-bin")["out"]
+    for f in sorted(Path(converted).glob("model-*.safetensors")):
+        with safe_open(f, framework="pt") as a, safe_open(Path(out) / f.name, framework="pt") as b:
+            assert set(a.keys()) == set(b.keys())
+            assert all(torch.equal(a.get_tensor(k), b.get_tensor(k)) for k in a.keys())
