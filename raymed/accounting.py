@@ -76,17 +76,23 @@ def account(
             tower, group = tower_of_adapter(family, name, prompt_tower), ADAPTER
             groups[tower].setdefault(ADAPTER, 0)
             trainable_groups[tower].setdefault(ADAPTER, 0)
-        groups[tower][group] += p.numel()
-        total += p.numel()
+        n = numel(p)
+        groups[tower][group] += n
+        total += n
         if p.requires_grad:
-            trainable_groups[tower][group] += p.numel()
-            trainable += p.numel()
+            trainable_groups[tower][group] += n
+            trainable += n
     unused = [i for i in base_infos if i.unused]
     return Accounting(
         model=model_name, family=family.name, method=method, towers=list(towers), total=total, trainable=trainable,
         groups=groups, trainable_groups=trainable_groups, unused=sum(i.numel for i in unused),
         unused_names=[i.name for i in unused],
     )
+
+
+def numel(p: Any) -> int:
+    """Elements of a parameter, also when ZeRO-3 has partitioned it (`ds_numel`; the local tensor is empty)."""
+    return int(getattr(p, "ds_numel", 0) or p.numel())
 
 
 def format_table(acc: Accounting) -> str:

@@ -37,6 +37,9 @@ class ModelConfig(_Section):
     """Family of a model directory, to validate configs before the directory exists (e.g. on a laptop)."""
     gradient_checkpointing: bool = False
     """Recompute activations in backward (non-reentrant: works when the first layers are frozen)."""
+    template: Literal["auto", "plain", "llava-med-v1.5", "llava-med-v1.0"] = "auto"
+    """LLaVA conversation template for training, evaluation and inference. auto: the model directory's chat
+    template (a converted LLaVA-Med v1.5 carries `[INST] <image>\n{q} [/INST]`), else `plain` (the tiny presets)."""
 
 
 class MethodConfig(_Section):
@@ -55,6 +58,10 @@ class DataConfig(_Section):
     eval_split: str = "test"
     eval_sets: dict[str, str] = Field(default_factory=dict)
     """Extra prepared directories evaluated on their `eval_split` (e.g. out-of-distribution), by name."""
+    image_aspect: Literal["auto", "pad", "crop"] = "auto"
+    """LLaVA preprocessing of non-square images: pad to a square with the image mean colour, then resize (LLaVA-1.5
+    and LLaVA-Med); or resize the short side and centre-crop (loses `1 - short/long` of the long axis). auto: the
+    processor's `do_pad` (the tiny presets crop, as they were pretrained), pad otherwise."""
     max_length: int = Field(64, ge=8, le=8192)
     """Token length of model inputs (LLaVA: prompt incl. image tokens + answer)."""
     synth_n: int = Field(400, ge=10)
@@ -108,6 +115,10 @@ class DeepSpeedConfig(_Section):
     """ZeRO-3 only: keep parameters on CPU."""
     precision: Literal["auto", "fp32", "bf16"] = "auto"
     """auto: bf16 on GPU, fp32 on CPU."""
+    zero3_init: bool = True
+    """ZeRO-3: partition the weights while `from_pretrained` loads them (transformers' HfDeepSpeedConfig /
+    deepspeed.zero.Init), so no rank holds the whole model. false: every rank loads it whole first (the earlier
+    behaviour, kept for `python -m raymed.bench load`)."""
     shard_single_worker: bool = False
     """ZeRO partitions across workers; one fp32 worker has nothing to partition, and stages 1-3 then only add
     flat fp32 copies of weights and gradients (profiled: +0.6 s on a 2.6 s CPU step of a 56 M model). So a
@@ -153,6 +164,11 @@ class Config(_Section):
         d = self.model_dump(mode="json")
         d["run"] = {k: v for k, v in d["run"].items() if k not in ("name", "storage", "metrics_export", "save_full_model",
                                                                     "allow_config_change")}
+        # Keys added later count only when set, so earlier runs keep their hashes (names, resumes, provenance).
+        for section, key, default in (("model", "template", "auto"), ("data", "image_aspect", "auto"),
+                                      ("deepspeed", "zero3_init", True)):
+            if d[section][key] == default:
+                del d[section][key]
         return hashlib.sha256(json.dumps(d, sort_keys=True).encode()).hexdigest()[:12]
 
     def run_name(self) -> str:
@@ -302,6 +318,10 @@ def semantic_errors(cfg: Config, check_paths: bool = True) -> list[str]:
             check_towers(family, cfg.method.name, cfg.method.towers)
     except MethodError as e:
         errors.append(f"method: {e}")
+    if family is not None and family.name != "llava":
+        for key, value in (("model.template", cfg.model.template), ("data.image_aspect", cfg.data.image_aspect)):
+            if value != "auto":
+                errors.append(f"{key}: {value!r} applies to LLaVA models only ({cfg.model.name!r} is {family.name!r})")
     from .data.synth import STYLES
 
     for key in ("synth_style", "synth_ood_style"):

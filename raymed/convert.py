@@ -2,8 +2,10 @@
 
     python -m raymed.convert --family miss  --input model_base_vqa.pth  --config-from DIR_OR_PRESET --out DIR \
         [--tokenizer-from BERT_BASE_UNCASED_DIR]
-    python -m raymed.convert --family llava --input llava-med-v1.5/      --config-from DIR_OR_PRESET --out DIR
+    python -m raymed.convert --family llava --input llava-med-v1.5-mistral-7b/ --out DIR
 
+The LLaVA-Med v1.5 release directory (`llava_mistral` config, sharded weights, sentencepiece tokenizer) is
+converted from its own files (`raymed.models.llava_convert`); `--config-from` is not needed for it.
 `--input` is a file (`.safetensors`, `.bin`, `.pth`) or a directory of shards. Pickled checkpoints are read
 with `torch.load(weights_only=True)` (no code execution). `--config-from` supplies the HF config and processor
 (an HF directory, or a preset with a local processor such as `tiny-llava`): the original releases carry their
@@ -22,6 +24,7 @@ import torch
 from safetensors.torch import load_file
 
 from .models import ModelLoadError, get_family, load_model, load_processor, resolve
+from .models.llava_convert import convert_llava_med
 from .models.miss_convert import convert_miss
 
 
@@ -66,14 +69,27 @@ def main(argv: list[str] | None = None) -> int:
                                  formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--family", required=True, choices=["llava", "miss"])
     ap.add_argument("--input", required=True, type=Path)
-    ap.add_argument("--config-from", required=True, help="HF model directory or preset giving config + processor")
+    ap.add_argument("--config-from", help="HF model directory or preset giving config + processor (MISS; LLaVA "
+                    "checkpoints that are not a release directory)")
+    ap.add_argument("--vision-config", type=Path, help="llava: a CLIP config.json for a vision tower the converter "
+                    "does not know by name (default: known towers by name, others from the tensor shapes)")
     ap.add_argument("--out", required=True, type=Path)
     ap.add_argument("--tokenizer-from", help="miss: a local bert-base-uncased directory ([DEC], [ENC] are added)")
     args = ap.parse_args(argv)
     try:
         if args.family == "miss":
+            if args.config_from is None:
+                raise ModelLoadError("--config-from is required for --family miss")
             convert_miss(args.input, args.config_from, args.out, args.tokenizer_from)
             print(f"wrote {args.out}")
+            return 0
+        if args.family == "llava" and args.config_from is None:
+            if not args.input.is_dir():
+                raise ModelLoadError(f"--input {args.input}: expected the release directory (config.json, shards, "
+                                     "tokenizer), or pass --config-from for a bare checkpoint file")
+            summary = convert_llava_med(args.input, args.out, args.vision_config)
+            print(f"wrote {args.out} ({summary['dtype']}, vocabulary {summary['vocab_size']}, "
+                  f"{summary['shards']} shards)")
             return 0
         missing = convert(args.family, args.input, args.config_from, args.out)
     except (ModelLoadError, KeyError) as e:

@@ -51,7 +51,8 @@ def evaluate(model_spec: str, data_dir: str, *, split: str = "test", out: Path |
         preds = predict.answer_rows(model, ref.family, processor, rows,
                                     batch_size=batch_size or cfg.train.eval_batch_size,
                                     max_new_tokens=max_new_tokens or cfg.train.max_new_tokens,
-                                    max_length=cfg.data.max_length)
+                                    max_length=cfg.data.max_length, template=cfg.model.template,
+                                    image_aspect=cfg.data.image_aspect)
     metrics = predict.score(rows, preds)
     summary = {"model": model_spec, "data": str(data_dir), "split": split, "rows": len(rows), "metrics": metrics}
     if out is not None:

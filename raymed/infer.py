@@ -42,7 +42,8 @@ def answer(model_spec: str, image: Path, question: str, max_new_tokens: int | No
     with torch.no_grad():
         [text] = predict.answer_rows(model, ref.family, processor, [row], batch_size=1,
                                      max_new_tokens=max_new_tokens or cfg.train.max_new_tokens,
-                                     max_length=cfg.data.max_length)
+                                     max_length=cfg.data.max_length, template=cfg.model.template,
+                                     image_aspect=cfg.data.image_aspect)
     return text
 
 

@@ -21,16 +21,19 @@ PREDICTIONS_FILE = "predictions.jsonl"
 METRICS_FILE = "metrics.json"
 
 
-def encoder(family: Any, processor: Any, max_length: int) -> Any:
-    """Decode + encode rows for generation (prompt only), as the training stream does for training."""
+def encoder(family: Any, processor: Any, max_length: int, template: str = "auto", image_aspect: str = "auto") -> Any:
+    """Decode + encode rows for generation (prompt only), as the training stream does for training: the same
+    prompt template (`model.template`) and image preprocessing (`data.image_aspect`)."""
     from .data.transform import DecodeAndEncode
 
-    return DecodeAndEncode(lambda: lambda r: family.encode(processor, r, train=False, max_length=max_length))
+    return DecodeAndEncode(lambda: lambda r: family.encode(processor, r, train=False, max_length=max_length,
+                                                          template=template, image_aspect=image_aspect))
 
 
 def answer_rows(model: torch.nn.Module, family: Any, processor: Any, rows: Sequence[Mapping[str, Any]], *,
-                batch_size: int, max_new_tokens: int, max_length: int, n_batches: int | None = None,
-                bf16: bool = False, **generate_kwargs: Any) -> list[str]:
+                batch_size: int, max_new_tokens: int, max_length: int, template: str = "auto",
+                image_aspect: str = "auto", n_batches: int | None = None, bf16: bool = False,
+                **generate_kwargs: Any) -> list[str]:
     """Generated answers to ``rows``, in order.
 
     ``n_batches`` larger than needed runs extra batches (repeating the last rows, answers dropped): ZeRO-3 ranks
@@ -38,7 +41,7 @@ def answer_rows(model: torch.nn.Module, family: Any, processor: Any, rows: Seque
     that the caller passes as ``rows=[]`` plus ``generate_kwargs["filler"]``.
     """
     filler = generate_kwargs.pop("filler", None)
-    encode = encoder(family, processor, max_length)
+    encode = encoder(family, processor, max_length, template, image_aspect)
     device = next(model.parameters()).device
     needed = math.ceil(len(rows) / batch_size)
     answers: list[str] = []

@@ -161,6 +161,12 @@ def build_trainer(cfg: Config, storage: str | None = None, extra_callbacks: list
     train_dir, eval_sets = data_plan(cfg)
     storage = storage or storage_path(cfg)
     name = cfg.run_name()
+    # Ray workers do not run in the driver's directory: a relative model directory is made absolute for them
+    # (after the run name, so the name does not depend on where the command ran).
+    model_name = str(Path(cfg.model.name).resolve()) if Path(cfg.model.name).is_dir() else cfg.model.name
+    loop_cfg = cfg.model_dump(mode="json")
+    loop_cfg["model"]["name"] = model_name
+    eval_sets = {k: v if "://" in str(v) else str(Path(v).resolve()) for k, v in eval_sets.items()}
     plan = {
         "run_name": name,
         "steps_per_epoch": steps_per_epoch(train_dir, cfg),
@@ -170,12 +176,13 @@ def build_trainer(cfg: Config, storage: str | None = None, extra_callbacks: list
     family = resolve(cfg.model.name).family.name
     train_ds = encoded_split(
         train_dir, cfg.data.train_split,
-        FamilyEncoderFactory(family, cfg.model.name, cfg.data.max_length, train=True),
+        FamilyEncoderFactory(family, model_name, cfg.data.max_length, train=True, template=cfg.model.template,
+                             image_aspect=cfg.data.image_aspect),
         batch_size=max(cfg.train.batch_size, 16), actors=cfg.data.preprocess_actors, num_cpus=PREPROCESS_CPUS,
     )
     return TorchTrainer(
         train_loop,
-        train_loop_config={"config": cfg.model_dump(mode="json"), "plan": plan},
+        train_loop_config={"config": loop_cfg, "plan": plan},
         torch_config=TorchConfig(backend="nccl" if cfg.scaling.use_gpu else "gloo"),
         scaling_config=ray.train.ScalingConfig(
             num_workers=cfg.scaling.num_workers, use_gpu=cfg.scaling.use_gpu,

@@ -53,10 +53,16 @@ def train_loop(loop_config: dict[str, Any]) -> None:
         torch.cuda.set_device(device)  # all_gather_object and NCCL collectives use the current device
     bf16 = cfg.deepspeed.precision == "bf16" or (cfg.deepspeed.precision == "auto" and cfg.scaling.use_gpu)
 
-    # 1. Model and method. Every rank builds identical weights (same seed), then freezes / wraps.
+    # 1. Model and method. Every rank builds identical weights (same seed), then freezes / wraps. Weights load in
+    # the training precision; under ZeRO-3 an HfDeepSpeedConfig alive during from_pretrained makes transformers
+    # partition them as they load (deepspeed.zero.Init), so no rank holds the whole model.
     ref = resolve(cfg.model.name)
     processor = load_processor(ref)
-    model = load_model(ref, seed=cfg.train.seed)
+    steps_per_epoch = plan["steps_per_epoch"]
+    total_steps = steps_per_epoch * cfg.train.epochs
+    ds_cfg = ds_config(cfg, world, bf16)
+    hf_ds_config = zero3_loading(ds_cfg, cfg)  # keep alive until the engine exists
+    model = load_model(ref, seed=cfg.train.seed, dtype=torch.bfloat16 if bf16 else torch.float32)
     model, acc = apply_method(model, ref, cfg.method.name, cfg.method.towers, cfg.method.options,
                               seed=cfg.train.seed)
     if cfg.model.gradient_checkpointing:
@@ -70,10 +76,9 @@ def train_loop(loop_config: dict[str, Any]) -> None:
                            seed=cfg.train.seed, shuffle=cfg.data.shuffle)
 
     # 3. Engine: optimizer over trainable parameters only; frozen ones get no grads and no state.
-    steps_per_epoch = plan["steps_per_epoch"]
-    total_steps = steps_per_epoch * cfg.train.epochs
     schedule = Schedule.fresh(total_steps, math.ceil(cfg.train.warmup_ratio * total_steps))
-    engine = _engine(deepspeed, model, cfg, bf16, schedule, world)
+    engine = _engine(deepspeed, model, cfg, bf16, schedule, world, ds_cfg)
+    del hf_ds_config
     telemetry = Telemetry(plan["run_name"], cfg.method.name, enabled=cfg.run.metrics_export)
     log(f"model {ref.name}, method {cfg.method.name}: {acc.trainable:,} trainable of {acc.total:,}; engine ready "
         f"(ZeRO-{engine.zero_optimization_stage()} [asked {cfg.deepspeed.zero_stage}], {'bf16' if bf16 else 'fp32'}, "
@@ -198,8 +203,40 @@ def zero_stage(cfg: Config, world: int, bf16: bool) -> int:
     return 0 if lone and not ds.shard_single_worker else ds.zero_stage
 
 
-def _engine(deepspeed: Any, model: torch.nn.Module, cfg: Config, bf16: bool, schedule: Schedule,
-            world: int) -> Any:
+def ds_config(cfg: Config, world: int, bf16: bool) -> dict[str, Any]:
+    """The DeepSpeed config of a run (shared by model loading under ZeRO-3 and the engine)."""
+    zero: dict[str, Any] = {"stage": zero_stage(cfg, world, bf16)}
+    if cfg.deepspeed.offload_optimizer:
+        zero["offload_optimizer"] = {"device": "cpu"}
+    if cfg.deepspeed.offload_param:
+        zero["offload_param"] = {"device": "cpu"}
+    return {
+        "train_micro_batch_size_per_gpu": cfg.train.batch_size,
+        "gradient_accumulation_steps": cfg.train.grad_accum,
+        "gradient_clipping": cfg.train.max_grad_norm,
+        "zero_optimization": zero,
+        "bf16": {"enabled": bf16},
+        # A client torch AdamW: avoids JIT-building DeepSpeed's CPU Adam (~45 s) on CPU clusters.
+        "zero_force_ds_cpu_optimizer": False,
+        "steps_per_print": 10**9,
+        "wall_clock_breakdown": False,
+    }
+
+
+def zero3_loading(ds_cfg: dict[str, Any], cfg: Config) -> Any:
+    """Under ZeRO-3 (and `deepspeed.zero3_init`), an HfDeepSpeedConfig: while it is alive, `from_pretrained`
+    partitions the weights as they load. transformers holds it by a weak reference: keep the returned object."""
+    if ds_cfg["zero_optimization"]["stage"] != 3 or not cfg.deepspeed.zero3_init:
+        return None
+    from transformers.integrations import HfDeepSpeedConfig
+
+    return HfDeepSpeedConfig(ds_cfg)
+
+
+def _engine(deepspeed: Any, model: torch.nn.Module, cfg: Config, bf16: bool, schedule: Schedule, world: int,
+            ds_cfg: dict[str, Any] | None = None) -> Any:
+    ds_cfg = ds_cfg or ds_config(cfg, world, bf16)
+
     decay, no_decay = [], []
     for p in model.parameters():
         if p.requires_grad:
@@ -211,23 +248,7 @@ def _engine(deepspeed: Any, model: torch.nn.Module, cfg: Config, bf16: bool, sch
         # A plain function, not the Schedule object: LambdaLR saves (and would restore over) an object's state.
         return torch.optim.lr_scheduler.LambdaLR(opt, lambda step: schedule(step))
 
-    zero: dict[str, Any] = {"stage": zero_stage(cfg, world, bf16)}
-    if cfg.deepspeed.offload_optimizer:
-        zero["offload_optimizer"] = {"device": "cpu"}
-    if cfg.deepspeed.offload_param:
-        zero["offload_param"] = {"device": "cpu"}
-    ds_config = {
-        "train_micro_batch_size_per_gpu": cfg.train.batch_size,
-        "gradient_accumulation_steps": cfg.train.grad_accum,
-        "gradient_clipping": cfg.train.max_grad_norm,
-        "zero_optimization": zero,
-        "bf16": {"enabled": bf16},
-        # A client torch AdamW: avoids JIT-building DeepSpeed's CPU Adam (~45 s) on CPU clusters.
-        "zero_force_ds_cpu_optimizer": False,
-        "steps_per_print": 10**9,
-        "wall_clock_breakdown": False,
-    }
-    engine, _, _, _ = deepspeed.initialize(model=model, optimizer=optimizer, lr_scheduler=scheduler, config=ds_config)
+    engine, _, _, _ = deepspeed.initialize(model=model, optimizer=optimizer, lr_scheduler=scheduler, config=ds_cfg)
     return engine
 
 
@@ -267,6 +288,7 @@ class Evaluator:
         kwargs = {"synced_gpus": True} if self.engine.zero_optimization_stage() == 3 and self.world > 1 else {}
         answers = predict.answer_rows(model, self.ref.family, self.processor, mine, batch_size=bs,
                                       max_new_tokens=cfg.train.max_new_tokens, max_length=cfg.data.max_length,
+                                      template=cfg.model.template, image_aspect=cfg.data.image_aspect,
                                       n_batches=int(n_batches), bf16=self.engine.bfloat16_enabled(),
                                       filler=rows[0], **kwargs)
         gathered: list[dict[str, str]] = [{} for _ in range(self.world)]

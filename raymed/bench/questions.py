@@ -65,7 +65,7 @@ def mcnemar(base: Sequence[bool], other: Sequence[bool]) -> dict[str, Any]:
 
 
 def answer(model: Any, processor: Any, family: Any, rows: Sequence[dict[str, Any]], max_length: int,
-           max_new_tokens: int, batch_size: int = 60) -> list[str]:
+           max_new_tokens: int, batch_size: int = 60, template: str = "auto", image_aspect: str = "auto") -> list[str]:
     import torch
 
     from raymed.predict import answer_rows
@@ -73,7 +73,7 @@ def answer(model: Any, processor: Any, family: Any, rows: Sequence[dict[str, Any
     model.eval()
     with torch.no_grad():
         return answer_rows(model, family, processor, rows, batch_size=batch_size, max_new_tokens=max_new_tokens,
-                           max_length=max_length)
+                           max_length=max_length, template=template, image_aspect=image_aspect)
 
 
 def run(sweep_dir: Path | str, n: int | None = None, seed: int | None = None, rows: int | None = None,
@@ -116,16 +116,18 @@ def run(sweep_dir: Path | str, n: int | None = None, seed: int | None = None, ro
     if not test:
         raise ValueError(f"{data_dir}: split {split!r} has no rows")
     max_length, max_new = cfg_data["max_length"], meta["config"]["train"]["max_new_tokens"]
+    recipe = {"template": meta["config"]["model"].get("template", "auto"),
+              "image_aspect": cfg_data.get("image_aspect", "auto")}
 
     ref = resolve(meta["model"])
     base = load_model(ref, seed=train_seed)
-    base_hits = hits(answer(base, load_processor(ref), ref.family, test, max_length, max_new), test)
+    base_hits = hits(answer(base, load_processor(ref), ref.family, test, max_length, max_new, **recipe), test)
     zero_shot = breakdown(base_hits, test)
     out_rows = [{"method": ZERO_SHOT, "lr": None, "trainable": 0, "sweep_acc": best[0]["metrics"].get(SWEEP_ZERO_SHOT),
                  **_flat(zero_shot), "gained": 0, "lost": 0, "p": 1.0}]
     for t in best:
         model, processor, _ = load_trainable(checkpoints[t["trial_id"]])
-        h = hits(answer(model, processor, ref.family, test, max_length, max_new), test)
+        h = hits(answer(model, processor, ref.family, test, max_length, max_new, **recipe), test)
         out_rows.append({"method": t["method"], "lr": t["lr"], "trainable": t["params"]["trainable"],
                          "sweep_acc": t["metrics"].get(SWEEP_ACC), **_flat(breakdown(h, test)),
                          **mcnemar(base_hits, h)})

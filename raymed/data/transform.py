@@ -46,6 +46,8 @@ class FamilyEncoderFactory:
     model_ref: str
     max_length: int
     train: bool = True
+    template: str = "auto"
+    image_aspect: str = "auto"
 
     def __call__(self) -> Encoder:
         from raymed.models import load_processor, resolve
@@ -54,8 +56,8 @@ class FamilyEncoderFactory:
         if ref.family.name != self.family:
             raise ValueError(f"model {self.model_ref!r} belongs to family {ref.family.name!r}, not {self.family!r}")
         family, processor = ref.family, load_processor(ref)
-        train, max_length = self.train, self.max_length
-        return lambda rows: family.encode(processor, rows, train=train, max_length=max_length)
+        kw = dict(train=self.train, max_length=self.max_length, template=self.template, image_aspect=self.image_aspect)
+        return lambda rows: family.encode(processor, rows, **kw)
 
 
 def shard_paths(data_dir: Path | str, split: str) -> list[str]:

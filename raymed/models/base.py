@@ -112,7 +112,8 @@ class Family:
                 seen.add(id(p))
                 full = f"{mod_name}.{pname}" if mod_name else pname
                 infos.append(
-                    ParamInfo(full, self.tower_of(full), self.group_of_module(path, full), p.numel(), full in unused)
+                    ParamInfo(full, self.tower_of(full), self.group_of_module(path, full),
+                              int(getattr(p, "ds_numel", 0) or p.numel()), full in unused)  # ZeRO-3: ds_numel
                 )
         return infos
 
@@ -157,12 +158,14 @@ class Family:
 
     # ---- data ----------------------------------------------------------------------------------
     def encode(
-        self, processor: Any, rows: Mapping[str, Sequence[Any]], *, train: bool, max_length: int
+        self, processor: Any, rows: Mapping[str, Sequence[Any]], *, train: bool, max_length: int,
+        template: str = "auto", image_aspect: str = "auto",
     ) -> dict[str, np.ndarray]:
         """Turn decoded rows (`image` PIL images, `question`, `answer`) into fixed-shape model inputs.
 
         ``train=True`` includes the answer as the target; ``train=False`` gives prompt-only inputs
-        for generation.
+        for generation. ``template`` (`model.template`) and ``image_aspect`` (`data.image_aspect`) choose the
+        conversation template and pad-vs-crop preprocessing where the family has them.
         """
         raise NotImplementedError
 

@@ -7,6 +7,7 @@ LLaVA takes image features from vision layer `vision_feature_layer` (−2 for LL
 
 from __future__ import annotations
 
+import json
 import re
 from collections.abc import Mapping, Sequence
 from typing import Any
@@ -14,22 +15,23 @@ from typing import Any
 import numpy as np
 import torch
 from torch import nn
+from PIL import Image
 from transformers import (
-    CLIPImageProcessorPil,
     CLIPVisionConfig,
     LlamaConfig,
     LlavaConfig,
     LlavaForConditionalGeneration,
+    LlavaImageProcessorPil,
     LlavaProcessor,
     MistralConfig,
 )
 
 from ..pretrained import shipped_path
 from .base import Family, Preset
+from .templates import IMAGE, PLAIN_CHAT_TEMPLATE, resolve_template
 from .vocab import build_llava_tokenizer
 
-# The conversation template of the tiny presets (LLaVA "plain v1" style). The answer follows directly.
-PROMPT = "USER: <image>\n{question} ASSISTANT:"
+IMAGE_ASPECTS = ("auto", "pad", "crop")
 REPORT_INSTRUCTION = "describe the findings of this image."
 # Shipped pretrained base (relative to the package), made by `python -m raymed.pretrain --family llava`.
 TINY_LLAVA_MED = "pretrained/tiny-llava-med"
@@ -139,9 +141,10 @@ class LlavaFamily(Family):
         return tiny_llava_config(len(tok), tok.convert_tokens_to_ids("<image>"), tok.pad_token_id)
 
     def new_processor(self, cfg: LlavaConfig) -> LlavaProcessor:
+        """The tiny presets' processor: CLIP resize + centre crop (no pad) and the `plain` template, as pretrained."""
         size = cfg.vision_config.image_size
-        image_processor = CLIPImageProcessorPil(
-            size={"shortest_edge": size}, crop_size={"height": size, "width": size}
+        image_processor = LlavaImageProcessorPil(
+            size={"shortest_edge": size}, crop_size={"height": size, "width": size}, do_pad=False
         )
         return LlavaProcessor(
             image_processor=image_processor,
@@ -150,7 +153,35 @@ class LlavaFamily(Family):
             vision_feature_select_strategy=cfg.vision_feature_select_strategy,
             num_additional_image_tokens=1,
             image_token="<image>",
+            chat_template=PLAIN_CHAT_TEMPLATE,
         )
+
+    def build_processor(self, preset: Preset) -> Any:
+        processor = super().build_processor(preset)
+        if preset.shipped_dir and not getattr(processor, "chat_template", None):
+            # The shipped tiny base predates templates-as-data: it was pretrained with `plain` and centre crops.
+            processor.chat_template = PLAIN_CHAT_TEMPLATE
+            ip = processor.image_processor
+            processor.image_processor = LlavaImageProcessorPil(
+                size=dict(ip.size), crop_size=dict(ip.crop_size), image_mean=ip.image_mean, image_std=ip.image_std,
+                resample=ip.resample, do_pad=False)
+        return processor
+
+    def load_processor(self, path: Any) -> LlavaProcessor:
+        """An HF LLaVA directory's processor; fields it lacks (older conversions) come from the model config."""
+        processor = super().load_processor(path)
+        saved = {}
+        proc_file = path / "processor_config.json"
+        if proc_file.is_file():
+            saved = json.loads(proc_file.read_text())
+        cfg = LlavaConfig.from_pretrained(path)
+        if processor.patch_size is None:
+            processor.patch_size = cfg.vision_config.patch_size
+        if processor.vision_feature_select_strategy is None:
+            processor.vision_feature_select_strategy = cfg.vision_feature_select_strategy
+        if "num_additional_image_tokens" not in saved and cfg.vision_config.model_type == "clip_vision_model":
+            processor.num_additional_image_tokens = 1  # CLIP's CLS token
+        return processor
 
     def convert_original(self, state_dict: Mapping[str, torch.Tensor]) -> dict[str, torch.Tensor]:
         """LLaVA-Med `llava_mistral` / original LLaVA naming → HF `LlavaForConditionalGeneration` keys."""
@@ -180,26 +211,36 @@ class LlavaFamily(Family):
         return n - 1 if processor.vision_feature_select_strategy == "default" else n
 
     def encode(
-        self, processor: Any, rows: Mapping[str, Sequence[Any]], *, train: bool, max_length: int
+        self, processor: Any, rows: Mapping[str, Sequence[Any]], *, train: bool, max_length: int,
+        template: str = "auto", image_aspect: str = "auto",
     ) -> dict[str, np.ndarray]:
+        """See `Family.encode`. `template` / `image_aspect`: `model.template` / `data.image_aspect` (auto: the
+        processor's chat template / its `do_pad`, LLaVA's pad-to-square unless the processor says otherwise)."""
         tok = processor.tokenizer
+        tpl = resolve_template(template, processor)
         image_id = tok.convert_tokens_to_ids(processor.image_token)
         n_img = self.num_image_tokens(processor)
-        pixel_values = processor.image_processor(list(rows["image"]), return_tensors="np")["pixel_values"]
+        pixel_values = self.pixel_values(processor, list(rows["image"]), image_aspect)
         batch = len(rows["question"])
         ids = np.full((batch, max_length), tok.pad_token_id, dtype=np.int64)
         mask = np.zeros((batch, max_length), dtype=np.int64)
         labels = np.full((batch, max_length), -100, dtype=np.int64)
         for i in range(batch):
             question = str(rows["question"][i]) or REPORT_INSTRUCTION
-            before, after = PROMPT.format(question=question).split("<image>")
+            prompt_text, answer_text = tpl.render(question, str(rows["answer"][i]))
+            before, after = prompt_text.split(IMAGE)
+            after_ids = tok(after, add_special_tokens=False)["input_ids"]
             prompt = (
-                [tok.bos_token_id]
+                ([tok.bos_token_id] if tpl.bos else [])
                 + tok(before, add_special_tokens=False)["input_ids"]
                 + [image_id] * n_img
-                + tok(after, add_special_tokens=False)["input_ids"]
+                + after_ids
             )
-            answer = tok(" " + str(rows["answer"][i]), add_special_tokens=False)["input_ids"] + [tok.eos_token_id]
+            # The answer as the prompt's end and the answer tokenize together (as in the original training).
+            joint = tok(after + answer_text, add_special_tokens=False)["input_ids"] if train else []
+            answer = (joint[len(after_ids):] if joint[: len(after_ids)] == after_ids
+                      else tok(answer_text, add_special_tokens=False)["input_ids"])
+            answer += [tok.eos_token_id] if tpl.eos else []
             if len(prompt) >= max_length:
                 raise ValueError(
                     f"max_length={max_length} is too short for the prompt ({len(prompt)} tokens incl. "
@@ -219,6 +260,24 @@ class LlavaFamily(Family):
             out["labels"] = labels
         return out
 
+    @staticmethod
+    def image_aspect(processor: Any, image_aspect: str = "auto") -> str:
+        if image_aspect not in IMAGE_ASPECTS:
+            raise ValueError(f"unknown image_aspect {image_aspect!r}; known: {', '.join(IMAGE_ASPECTS)}")
+        if image_aspect == "auto":
+            do_pad = getattr(processor.image_processor, "do_pad", None)
+            return "crop" if do_pad is False else "pad"
+        return image_aspect
+
+    def pixel_values(self, processor: Any, images: list[Image.Image], image_aspect: str = "auto") -> np.ndarray:
+        """CLIP pixels; `pad` first pads each image to a square with the image mean colour (LLaVA's
+        `expand2square`), so resize + centre crop keep the whole image; `crop` loses `1 - short/long` of it."""
+        ip = processor.image_processor
+        if self.image_aspect(processor, image_aspect) == "pad":
+            images = [expand_to_square(im, tuple(int(x * 255) for x in ip.image_mean)) for im in images]
+        kwargs = {"do_pad": False} if hasattr(ip, "do_pad") else {}
+        return ip(images, return_tensors="np", **kwargs)["pixel_values"]
+
     def generate(
         self, model: nn.Module, processor: Any, batch: Mapping[str, torch.Tensor], max_new_tokens: int,
         **kwargs: Any,
@@ -230,7 +289,19 @@ class LlavaFamily(Family):
             num_beams=1, pad_token_id=tok.pad_token_id, eos_token_id=tok.eos_token_id,
         )
         new = out[:, batch["input_ids"].shape[1] :]
-        return [s.strip() for s in tok.batch_decode(new, skip_special_tokens=True)]
+        # `###` ends an answer in LLaVA-Med v1.0's template; no answer of the other templates contains it.
+        return [s.split("###")[0].strip() for s in tok.batch_decode(new, skip_special_tokens=True)]
+
+
+def expand_to_square(image: Image.Image, fill: tuple[int, ...]) -> Image.Image:
+    """`image` centred on a square canvas of its long side, filled with `fill` (LLaVA's `expand2square`)."""
+    w, h = image.size
+    if w == h:
+        return image
+    side = max(w, h)
+    canvas = Image.new(image.mode, (side, side), fill)
+    canvas.paste(image, ((side - w) // 2, (side - h) // 2))
+    return canvas
 
 
 def _config(model: nn.Module) -> LlavaConfig:

@@ -215,8 +215,11 @@ class MissFamily(Family):
 
     # ---- data ----------------------------------------------------------------------------------
     def encode(
-        self, processor: Any, rows: Mapping[str, Sequence[Any]], *, train: bool, max_length: int
+        self, processor: Any, rows: Mapping[str, Sequence[Any]], *, train: bool, max_length: int,
+        template: str = "auto", image_aspect: str = "auto",
     ) -> dict[str, np.ndarray]:
+        # MISS has no conversation template and resizes to a square as its authors did: `template` and
+        # `image_aspect` apply to LLaVA only (the config refuses other values for MISS).
         tok, recipe = processor.tokenizer, recipe_of(processor)
         pixel_values = processor.image_processor(list(rows["image"]), return_tensors="np")["pixel_values"]
         questions = [str(q) or "describe the findings." for q in rows["question"]]

@@ -1,0 +1,146 @@
+"""Suite `load`: host memory per worker while loading a model directory under ZeRO-3, before vs after.
+
+Two Ray Train workers (gloo) load the same HF directory (the ~58 M `bench-llava`, saved once, fp32 on CPU) and
+build the DeepSpeed ZeRO-3 engine exactly as the worker recipe does (`raymed.worker.ds_config`,
+`zero3_loading`, `raymed.models.load_model`, `apply_method`, `_engine`), in two modes:
+- `whole` (`deepspeed.zero3_init=false`, the earlier recipe): every rank loads the whole model, then DeepSpeed
+  partitions it;
+- `partitioned` (`deepspeed.zero3_init=true`, the default now): an `HfDeepSpeedConfig` is alive during
+  `from_pretrained`, so transformers loads under `deepspeed.zero.Init` and each rank keeps only its partition.
+Per rank: RSS after imports, peak RSS (VmHWM) while loading and building the engine, RSS after, and the parameter
+elements the rank holds. A node's host memory for loading is what its ranks' peaks add up to.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import tempfile
+import time
+from pathlib import Path
+from typing import Any
+
+from .common import BENCH_MODEL, fit_model_name, header, result, table, target, targets_table
+
+MODES = {"whole": False, "partitioned": True}
+
+
+def load_loop(config: dict[str, Any]) -> None:
+    """Ray Train worker: load + engine as the recipe does; rank 0 writes every rank's figures to `out`."""
+    import ray.train
+    import torch
+    import torch.distributed as dist
+
+    from .common import peak_rss_mb, release_memory, reset_peak_rss, rss_mb
+
+    os.environ.setdefault("DS_ACCELERATOR", "cpu")
+    import deepspeed
+
+    from raymed.config import load_config
+    from raymed.methods import apply_method
+    from raymed.models import load_model, resolve
+    from raymed.worker import _engine, ds_config, zero3_loading
+
+    ctx = ray.train.get_context()
+    rank, world = ctx.get_world_rank(), ctx.get_world_size()
+    deepspeed.init_distributed(dist_backend="gloo")
+    cfg = load_config(None, {"model.name": config["model_dir"], "method.name": config["method"],
+                             "deepspeed.zero_stage": 3, "deepspeed.zero3_init": config["zero3_init"],
+                             "scaling.num_workers": world, "train.batch_size": 2})
+    release_memory()
+    base = rss_mb()
+    reset_peak_rss()
+    t0 = time.perf_counter()
+    ds_cfg = ds_config(cfg, world, False)
+    keep = zero3_loading(ds_cfg, cfg)
+    ref = resolve(cfg.model.name)
+    model = load_model(ref, dtype=torch.float32)
+    model, acc = apply_method(model, ref, cfg.method.name, cfg.method.towers, cfg.method.options)
+    loaded_peak, loaded = peak_rss_mb(), rss_mb()
+    local_elements = sum(p.numel() for p in model.parameters())
+    engine = _engine(deepspeed, model, cfg, False, 10, world, ds_cfg)
+    del keep
+    release_memory()
+    row = {"rank": rank, "rss_start_mb": base, "peak_load_mb": loaded_peak, "rss_loaded_mb": loaded,
+           "peak_engine_mb": peak_rss_mb(), "rss_engine_mb": rss_mb(), "load_engine_s": time.perf_counter() - t0,
+           "local_param_elements": local_elements, "model_elements": acc.total,
+           "zero_stage": engine.zero_optimization_stage()}
+    rows: list[dict[str, Any]] = [{} for _ in range(world)]
+    dist.all_gather_object(rows, row)
+    if rank == 0:
+        Path(config["out"]).write_text(json.dumps(rows))
+
+
+def run(model: str = BENCH_MODEL, workers: int = 2, method: str = "ln", cpus_per_worker: float = 0.5) -> dict:
+    import ray
+    from ray.train import RunConfig, ScalingConfig
+    from ray.train.torch import TorchConfig, TorchTrainer
+
+    from raymed.train import init_ray
+
+    started = time.time()
+    model_dir = fit_model_name(model)
+    weights_mb = sum(f.stat().st_size for f in Path(model_dir).glob("*.safetensors")) / 2**20
+    started_ray = not ray.is_initialized()
+    init_ray(workers * cpus_per_worker + 2)
+    rows = []
+    try:
+        with tempfile.TemporaryDirectory(prefix="raymed-bench-load-") as tmp:
+            for mode, zero3_init in MODES.items():
+                out = Path(tmp) / f"{mode}.json"
+                TorchTrainer(
+                    load_loop,
+                    train_loop_config={"model_dir": model_dir, "method": method, "zero3_init": zero3_init,
+                                       "out": str(out)},
+                    torch_config=TorchConfig(backend="gloo"),
+                    scaling_config=ScalingConfig(num_workers=workers, resources_per_worker={"CPU": cpus_per_worker}),
+                    run_config=RunConfig(name=f"bench-load-{mode}", storage_path=tmp),
+                ).fit()
+                for r in json.loads(out.read_text()):
+                    rows.append({"mode": mode, **r, "peak_over_start_mb": r["peak_engine_mb"] - r["rss_start_mb"]})
+                print(f"[bench load] {mode}: peak per rank "
+                      f"{[round(r['peak_engine_mb']) for r in rows if r['mode'] == mode]} MB", flush=True)
+    finally:
+        if started_ray:
+            ray.shutdown()
+
+    def worst(mode: str, key: str) -> float:
+        return max(r[key] for r in rows if r["mode"] == mode)
+
+    config = {"model": model, "model_dir": model_dir, "weights_mb": weights_mb, "workers": workers,
+              "method": method, "zero_stage": 3, "dtype": "float32 (CPU training precision)"}
+    targets = [
+        target("peak RSS growth per rank, partitioned / whole", worst("partitioned", "peak_over_start_mb")
+               / max(worst("whole", "peak_over_start_mb"), 1e-9), 0.9, "<=", "load + engine, max over ranks"),
+        target("parameter elements held per rank, partitioned / model",
+               worst("partitioned", "local_param_elements") / rows[0]["model_elements"], 1.0 / workers + 0.01, "<=",
+               "after from_pretrained under zero.Init"),
+    ]
+    return result("load", config, rows, targets, started)
+
+
+COLUMNS = [("mode", "mode"), ("rank", "rank"), ("rss_start_mb", "RSS start MB"), ("peak_load_mb", "peak load MB"),
+           ("peak_engine_mb", "peak +engine MB"), ("rss_engine_mb", "RSS after MB"),
+           ("peak_over_start_mb", "peak - start MB"), ("local_param_elements", "elements held"),
+           ("load_engine_s", "s")]
+
+
+def render(doc: dict[str, Any]) -> str:
+    c = doc["config"]
+    return "\n".join([
+        header(doc),
+        f"model {c['model']} ({c['weights_mb']:.0f} MB of weights), {c['workers']} workers, ZeRO-3, method "
+        f"{c['method']}, {c['dtype']}",
+        table(doc["rows"], COLUMNS), targets_table(doc["targets"]),
+    ])
+
+
+def add_arguments(ap: Any) -> None:
+    ap.add_argument("--model", default=BENCH_MODEL, help="bench-llava (saved once as a directory) or a directory")
+    ap.add_argument("--workers", type=int, default=2)
+    ap.add_argument("--method", default="ln")
+    ap.add_argument("--cpus-per-worker", type=float, default=0.5)
+
+
+def from_args(args: Any) -> dict[str, Any]:
+    return run(model=args.model, workers=args.workers, method=args.method, cpus_per_worker=args.cpus_per_worker)
