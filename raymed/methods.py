@@ -3,7 +3,7 @@
 Intrinsic methods (`full`, `ln`, `attn`, `ffn`, and unions like `ln+attn`) unfreeze parameter groups of
 the chosen towers. Extrinsic methods wrap the model with a `peft` config whose targets come from the same
 group tables (`lora`: attention projections; `ia3`: attention projections + FFN down projections).
-Parameters that take no part in the forward pass are never trainable (DESIGN.md §2).
+Parameters that take no part in the forward pass are never trainable (docs/DESIGN.md §2.3).
 """
 
 from __future__ import annotations

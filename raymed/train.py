@@ -81,7 +81,7 @@ def init_ray(min_cpus: float) -> None:
     cluster on this machine) or start a new local one.
 
     A local cluster gets logical CPUs = max(cores, `min_cpus`): on a 2-core machine a 2-worker run plus
-    its data tasks (or two light sweep trials) still schedule (DESIGN.md §6).
+    its data tasks (or two light sweep trials) still schedule (docs/DESIGN.md §6.4).
     """
     import ray
 

@@ -2,7 +2,7 @@
 
 Towers: vision (ViT), text_encoder (BERT with cross-attention to image tokens), text_decoder (BERT decoder
 cross-attending to the question encoding, with its LM head). MISS preprocessing: resize, `ToTensor()`, no
-mean/std normalisation. Answers are generated with beam search 3, max length 10 (DESIGN.md §2).
+mean/std normalisation. Answers are generated with beam search 3, max length 10 (docs/DESIGN.md §2.1).
 """
 
 from __future__ import annotations
