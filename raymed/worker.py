@@ -68,7 +68,7 @@ def train_loop(loop_config: dict[str, Any]) -> None:
     steps_per_epoch = plan["steps_per_epoch"]
     total_steps = steps_per_epoch * cfg.train.epochs
     engine = _engine(deepspeed, model, cfg, bf16, total_steps, world)
-    telemetry = Telemetry(plan["run_name"], cfg.method.name, enabled=cfg.run.metrics_export)
+    telemetry = Telemetry.for_train_worker(cfg.method.name, enabled=cfg.run.metrics_export)
     log(f"model {ref.name}, method {cfg.method.name}: {acc.trainable:,} trainable of {acc.total:,}; engine ready "
         f"(ZeRO-{engine.zero_optimization_stage()} [asked {cfg.deepspeed.zero_stage}], {'bf16' if bf16 else 'fp32'}, "
         f"{world} workers)")
