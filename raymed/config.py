@@ -90,6 +90,9 @@ class TrainConfig(_Section):
     """Evaluate every N epochs (and always after the last)."""
     eval_batch_size: int = Field(16, ge=1)
     max_new_tokens: int = Field(10, ge=1)
+    log_every: int = Field(10, ge=0)
+    """Every N optimizer steps, rank 0 prints loss, lr, throughput and ETA and logs them to `run.report_to`
+    (0: per epoch only)."""
 
 
 class DeepSpeedConfig(_Section):
@@ -125,6 +128,8 @@ class RunConfig(_Section):
     """Also save every parameter (gathered) in the last checkpoint: `model/full.safetensors` (debugging, audits)."""
     metrics_export: bool = True
     """Export training metrics with ray.util.metrics (Ray dashboard / Prometheus)."""
+    report_to: list[Literal["tensorboard", "mlflow", "wandb"]] = Field(default_factory=lambda: ["tensorboard"])
+    """Experiment trackers (offline by default: TensorBoard event files, MLflow `file:` store, W&B offline)."""
 
 
 class Config(_Section):
@@ -139,7 +144,9 @@ class Config(_Section):
     def hash(self) -> str:
         """Hash of everything that affects the result (not the run's name or storage)."""
         d = self.model_dump(mode="json")
-        d["run"] = {k: v for k, v in d["run"].items() if k not in ("name", "storage", "metrics_export", "save_full_model")}
+        d["run"] = {k: v for k, v in d["run"].items()
+                    if k not in ("name", "storage", "metrics_export", "save_full_model", "report_to")}
+        d["train"].pop("log_every")  # logging only
         return hashlib.sha256(json.dumps(d, sort_keys=True).encode()).hexdigest()[:12]
 
     def run_name(self) -> str:
@@ -280,6 +287,9 @@ def semantic_errors(cfg: Config, check_paths: bool = True) -> list[str]:
         errors.append("deepspeed.precision: bf16 needs scaling.use_gpu=true (CPU runs train in fp32)")
     if not check_paths:
         return errors
+    from .tracking import missing_packages
+
+    errors += missing_packages(cfg.run.report_to)
     if cfg.data.path is not None and "://" not in cfg.data.path and not Path(cfg.data.path).exists():
         errors.append(f"data.path: {cfg.data.path!r} does not exist (run `python -m raymed.data prepare` first)")
     for name, path in cfg.data.eval_sets.items():

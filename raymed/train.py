@@ -150,14 +150,17 @@ def check_resources(cfg: Config) -> None:
 
 
 # ---- the trainer --------------------------------------------------------------------------------
-def build_trainer(cfg: Config, storage: str | None = None, extra_callbacks: list | None = None) -> Any:
-    """The Ray Train `TorchTrainer` of a validated config (the data is generated / checked here)."""
+def build_trainer(cfg: Config, storage: str | None = None, extra_callbacks: list | None = None,
+                  track: bool = True) -> Any:
+    """The Ray Train `TorchTrainer` of a validated config (the data is generated / checked here).
+    `track=False` inside sweep trials: Tune's logger callbacks track them (`raymed.tracking`)."""
     import ray.train
     from ray.train.torch import TorchConfig, TorchTrainer
 
     from .data.stream import encoded_split, ingest_config
     from .data.transform import FamilyEncoderFactory
     from .models import resolve
+    from .tracking import tracking_dir
     from .worker import train_loop
 
     train_dir, eval_sets = data_plan(cfg)
@@ -168,6 +171,7 @@ def build_trainer(cfg: Config, storage: str | None = None, extra_callbacks: list
         "steps_per_epoch": steps_per_epoch(train_dir, cfg),
         "eval_sets": eval_sets,
         "fault_marker": str(Path(storage) / name / "fault-injected.txt"),
+        "tracking_dir": str(tracking_dir(storage, name)) if track else None,
     }
     family = resolve(cfg.model.name).family.name
     train_ds = encoded_split(

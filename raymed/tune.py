@@ -24,6 +24,7 @@ from typing import Any, Literal
 from pydantic import Field
 
 from .config import Config, ConfigError, _Section, _format, deep_merge, parse_override, read_yaml, set_dotted, validate
+from .tracking import tune_callbacks
 from .train import ResourceError, build_trainer, init_ray, required_cpus, summarize
 
 DEFAULT_SWEEP = Path(__file__).parent / "defaults" / "sweep.yaml"
@@ -190,7 +191,7 @@ def trial(config: dict[str, Any]) -> None:
     data = set_dotted(data, "run.name", trial_name)
     cfg = validate(data, trial_name)
     t0 = time.time()
-    trainer = build_trainer(cfg, storage=config["storage"], extra_callbacks=[TuneReportCallback()])
+    trainer = build_trainer(cfg, storage=config["storage"], extra_callbacks=[TuneReportCallback()], track=False)
     result = trainer.fit()
     summary = summarize(cfg, result, time.time() - t0)
     (Path(result.path) / "result.json").write_text(json.dumps(summary, indent=2))
@@ -243,7 +244,8 @@ def run_sweep(sweep: SweepConfig, base: dict[str, Any], out: Path, resume: bool 
             param_space={"base": base, "overrides": _search_space(sweep), "storage": str(out.resolve() / sweep.name / "runs")},
             tune_config=tune.TuneConfig(metric=sweep.metric, mode=sweep.mode, scheduler=scheduler,
                                         num_samples=sweep.num_samples, max_concurrent_trials=concurrency),
-            run_config=tune.RunConfig(name=sweep.name, storage_path=storage),
+            run_config=tune.RunConfig(name=sweep.name, storage_path=storage,
+                                      callbacks=tune_callbacks(base_cfg.run.report_to, sweep.name, out / sweep.name)),
         )
     print(f"[raymed] sweep {sweep.name}: {len(points(sweep)) * sweep.num_samples} trials, "
           f"{concurrency} at a time, metric {sweep.metric} ({sweep.mode}) -> {out}", flush=True)

@@ -43,6 +43,7 @@ def train_loop(loop_config: dict[str, Any]) -> None:
     from .checkpoint import load_resume_state, save_checkpoint
     from .data.stream import quiet_data_context
     from .telemetry import Telemetry
+    from .tracking import RunTracker
 
     quiet_data_context()
     deepspeed.init_distributed(dist_backend="nccl" if cfg.scaling.use_gpu else "gloo")
@@ -69,6 +70,7 @@ def train_loop(loop_config: dict[str, Any]) -> None:
     total_steps = steps_per_epoch * cfg.train.epochs
     engine = _engine(deepspeed, model, cfg, bf16, total_steps, world)
     telemetry = Telemetry.for_train_worker(cfg.method.name, enabled=cfg.run.metrics_export)
+    tracker = RunTracker.for_worker(cfg, plan, rank, total_steps, log)  # run.report_to, train.log_every
     log(f"model {ref.name}, method {cfg.method.name}: {acc.trainable:,} trainable of {acc.total:,}; engine ready "
         f"(ZeRO-{engine.zero_optimization_stage()} [asked {cfg.deepspeed.zero_stage}], {'bf16' if bf16 else 'fp32'}, "
         f"{world} workers)")
@@ -108,6 +110,8 @@ def train_loop(loop_config: dict[str, Any]) -> None:
             _maybe_inject_fault(cfg, plan, engine.global_steps, rank, world)
             telemetry.step(loss.item(), engine.get_lr()[0], stats, time.perf_counter() - t0 + stats["train_s"],
                            acc.trainable)
+            tracker.step(engine.global_steps, loss.item(), engine.get_lr()[0], stats,
+                         time.perf_counter() - t0 + stats["train_s"])
         stats["train_s"] += time.perf_counter() - t0
         metrics: dict[str, Any] = {
             "epoch": epoch + 1,
@@ -128,6 +132,7 @@ def train_loop(loop_config: dict[str, Any]) -> None:
         log(f"epoch {epoch + 1}: step {metrics['step']}, loss {metrics['loss']:.4f}, "
             f"{metrics['samples_per_s']:.1f} samples/s")
         history.append({k: v for k, v in metrics.items() if not k.startswith("zeroshot/")})
+        tracker.epoch(metrics)
         with tempfile.TemporaryDirectory() as tmp:
             last = epoch + 1 == cfg.train.epochs
             save_checkpoint(engine, acc, cfg, Path(tmp), rank,
@@ -135,6 +140,7 @@ def train_loop(loop_config: dict[str, Any]) -> None:
                             full=cfg.run.save_full_model and last)
             ray.train.report(metrics, checkpoint=ray.train.Checkpoint.from_directory(tmp),
                              checkpoint_dir_name=f"epoch-{epoch + 1:04d}")
+    tracker.close()
 
 
 class EpochBatches:
