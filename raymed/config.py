@@ -106,6 +106,9 @@ class TrainConfig(_Section):
     lengths (docs/scoring.md): dataset answers are 1-12 tokens; verbose zero-shot LLaVA-Med answers put their
     verdict in a first sentence of ~10-30 tokens. Report generation sets its own (configs/data/iu-xray.yaml: 100).
     A MISS model's recipe may fix its own length (MISS: 10 including [DEC])."""
+    log_every: int = Field(10, ge=0)
+    """Every N optimizer steps, rank 0 prints loss, lr, throughput and ETA and logs them to `run.report_to`
+    (0: per epoch only)."""
 
 
 class DeepSpeedConfig(_Section):
@@ -148,6 +151,8 @@ class RunConfig(_Section):
     allow_config_change: bool = False
     """Resume a run (same `run.name`) although its config changed. Without it such a resume is refused, naming
     each changed key. With it, a changed schedule continues from the lr reached (never re-stretched)."""
+    report_to: list[Literal["tensorboard", "mlflow", "wandb"]] = Field(default_factory=lambda: ["tensorboard"])
+    """Experiment trackers (offline by default: TensorBoard event files, MLflow `file:` store, W&B offline)."""
 
 
 class Config(_Section):
@@ -163,12 +168,13 @@ class Config(_Section):
         """Hash of everything that affects the result (not the run's name or storage)."""
         d = self.model_dump(mode="json")
         d["run"] = {k: v for k, v in d["run"].items() if k not in ("name", "storage", "metrics_export", "save_full_model",
-                                                                    "allow_config_change")}
+                                                                    "allow_config_change", "report_to")}
         # Keys added later count only when set, so earlier runs keep their hashes (names, resumes, provenance).
         for section, key, default in (("model", "template", "auto"), ("data", "image_aspect", "auto"),
                                       ("deepspeed", "zero3_init", True)):
             if d[section][key] == default:
                 del d[section][key]
+        d["train"].pop("log_every")  # logging only
         return hashlib.sha256(json.dumps(d, sort_keys=True).encode()).hexdigest()[:12]
 
     def run_name(self) -> str:
@@ -178,8 +184,8 @@ class Config(_Section):
 # Keys that do not change what a run computes: a run may resume with other values.
 RESUME_FREE_KEYS = frozenset({
     "run.name", "run.storage", "run.metrics_export", "run.max_failures", "run.keep_checkpoints", "run.fail_at_step",
-    "run.save_full_model", "run.allow_config_change", "data.cache_mb", "data.preprocess_actors",
-    "train.eval_batch_size", "scaling.cpus_per_worker",
+    "run.save_full_model", "run.allow_config_change", "run.report_to", "data.cache_mb", "data.preprocess_actors",
+    "train.eval_batch_size", "train.log_every", "scaling.cpus_per_worker",
 })
 
 
@@ -334,6 +340,9 @@ def semantic_errors(cfg: Config, check_paths: bool = True) -> list[str]:
         errors.append("deepspeed.precision: bf16 needs scaling.use_gpu=true (CPU runs train in fp32)")
     if not check_paths:
         return errors
+    from .tracking import missing_packages
+
+    errors += missing_packages(cfg.run.report_to)
     if cfg.data.path is not None and "://" not in cfg.data.path and not Path(cfg.data.path).exists():
         errors.append(f"data.path: {cfg.data.path!r} does not exist (run `python -m raymed.data prepare` first)")
     for name, path in cfg.data.eval_sets.items():

@@ -4,7 +4,7 @@ Intrinsic methods (`full`, `ln`, `attn`, `ffn`, and unions like `ln+attn`) unfre
 the chosen towers. Extrinsic methods wrap the model with a `peft` config whose targets come from the same
 group tables (`lora`: attention projections; `ia3`: key and value projections + FFN down projections, the
 (IA)3 paper's and peft's default placement).
-Parameters that take no part in the forward pass are never trainable (DESIGN.md §2).
+Parameters that take no part in the forward pass are never trainable (docs/DESIGN.md §2.3).
 """
 
 from __future__ import annotations

@@ -1,4 +1,4 @@
-"""Evaluation metrics: Med-VQA accuracy and token recall, report-generation scores (DESIGN.md §4).
+"""Evaluation metrics: Med-VQA accuracy and token recall, report-generation scores (docs/DESIGN.md §4).
 
 VQA answers are compared after :func:`normalize_answer`. Closed questions score exact-match accuracy;
 open questions score exact-match accuracy and token recall (LLaVA-Med). Report generation uses the

@@ -79,7 +79,7 @@ def init_ray(min_cpus: float) -> None:
     cluster on this machine) or start a new local one.
 
     A local cluster gets logical CPUs = max(cores, `min_cpus`): on a 2-core machine a 2-worker run plus
-    its data tasks (or two light sweep trials) still schedule (DESIGN.md §6).
+    its data tasks (or two light sweep trials) still schedule (docs/DESIGN.md §6.4).
     """
     import ray
 
@@ -148,14 +148,17 @@ def check_resources(cfg: Config) -> None:
 
 
 # ---- the trainer --------------------------------------------------------------------------------
-def build_trainer(cfg: Config, storage: str | None = None, extra_callbacks: list | None = None) -> Any:
-    """The Ray Train `TorchTrainer` of a validated config (the data is generated / checked here)."""
+def build_trainer(cfg: Config, storage: str | None = None, extra_callbacks: list | None = None,
+                  track: bool = True) -> Any:
+    """The Ray Train `TorchTrainer` of a validated config (the data is generated / checked here).
+    `track=False` inside sweep trials: Tune's logger callbacks track them (`raymed.tracking`)."""
     import ray.train
     from ray.train.torch import TorchConfig, TorchTrainer
 
     from .data.stream import encoded_split, ingest_config
     from .data.transform import FamilyEncoderFactory
     from .models import resolve
+    from .tracking import tracking_dir
     from .worker import train_loop
 
     train_dir, eval_sets = data_plan(cfg)
@@ -172,6 +175,7 @@ def build_trainer(cfg: Config, storage: str | None = None, extra_callbacks: list
         "steps_per_epoch": steps_per_epoch(train_dir, cfg),
         "eval_sets": eval_sets,
         "fault_marker": str(Path(storage) / name / "fault-injected.txt"),
+        "tracking_dir": str(tracking_dir(storage, name)) if track else None,
     }
     family = resolve(cfg.model.name).family.name
     train_ds = encoded_split(

@@ -27,6 +27,7 @@ from ray.tune.schedulers import AsyncHyperBandScheduler, FIFOScheduler, TrialSch
 from .config import Config, ConfigError, _Section, _format, deep_merge, parse_override, read_yaml, set_dotted, validate
 from .metrics import VQA_KEYS
 from .train import ResourceError, build_trainer, init_ray, required_cpus
+from .tracking import tune_callbacks
 
 DEFAULT_SWEEP = Path(__file__).parent / "defaults" / "sweep.yaml"
 VQA_METRICS = VQA_KEYS  # every scoring rule: strict, @llava-med, @miss
@@ -259,7 +260,7 @@ def trial(config: dict[str, Any]) -> None:
     trial_name = f"trial-{ray.tune.get_context().get_trial_id()}"
     data = set_dotted(data, "run.name", trial_name)
     cfg = validate(data, trial_name)
-    trainer = build_trainer(cfg, storage=config["storage"], extra_callbacks=[TuneReportCallback()])
+    trainer = build_trainer(cfg, storage=config["storage"], extra_callbacks=[TuneReportCallback()], track=False)
     try:
         result = trainer.fit()
         if result.error is not None:
@@ -341,7 +342,8 @@ def run_sweep(sweep: SweepConfig, base: dict[str, Any], out: Path, resume: bool 
             param_space={"base": base, **_search_space(sweep, base), "storage": str(out.resolve() / sweep.name / "runs")},
             tune_config=tune.TuneConfig(metric=sweep.metric, mode=sweep.mode, scheduler=scheduler,
                                         num_samples=sweep.num_samples, max_concurrent_trials=concurrency),
-            run_config=tune.RunConfig(name=sweep.name, storage_path=storage),
+            run_config=tune.RunConfig(name=sweep.name, storage_path=storage,
+                                      callbacks=tune_callbacks(base_cfg.run.report_to, sweep.name, out / sweep.name)),
         )
     print(f"[raymed] sweep {sweep.name}: {len(grid_points(sweep, base)) * sweep.num_samples} trials, "
           f"{concurrency} at a time, metric {sweep.metric} ({sweep.mode}) -> {out}", flush=True)

@@ -45,6 +45,7 @@ def train_loop(loop_config: dict[str, Any]) -> None:
     from .data.epochs import EpochBatches
     from .data.stream import quiet_data_context
     from .telemetry import Telemetry
+    from .tracking import RunTracker
 
     quiet_data_context()
     deepspeed.init_distributed(dist_backend="nccl" if cfg.scaling.use_gpu else "gloo")
@@ -79,7 +80,8 @@ def train_loop(loop_config: dict[str, Any]) -> None:
     schedule = Schedule.fresh(total_steps, math.ceil(cfg.train.warmup_ratio * total_steps))
     engine = _engine(deepspeed, model, cfg, bf16, schedule, world, ds_cfg)
     del hf_ds_config
-    telemetry = Telemetry(plan["run_name"], cfg.method.name, enabled=cfg.run.metrics_export)
+    telemetry = Telemetry.for_train_worker(cfg.method.name, enabled=cfg.run.metrics_export)
+    tracker = RunTracker.for_worker(cfg, plan, rank, total_steps, log)  # run.report_to, train.log_every
     log(f"model {ref.name}, method {cfg.method.name}: {acc.trainable:,} trainable of {acc.total:,}; engine ready "
         f"(ZeRO-{engine.zero_optimization_stage()} [asked {cfg.deepspeed.zero_stage}], {'bf16' if bf16 else 'fp32'}, "
         f"{world} workers)")
@@ -123,6 +125,8 @@ def train_loop(loop_config: dict[str, Any]) -> None:
             _maybe_inject_fault(cfg, plan, engine.global_steps, rank, world)
             telemetry.step(loss.item(), engine.get_lr()[0], stats, time.perf_counter() - t0 + stats["train_s"],
                            acc.trainable)
+            tracker.step(engine.global_steps, loss.item(), engine.get_lr()[0], stats,
+                         time.perf_counter() - t0 + stats["train_s"])
         stats["train_s"] += time.perf_counter() - t0
         metrics: dict[str, Any] = {
             "epoch": epoch + 1,
@@ -145,6 +149,7 @@ def train_loop(loop_config: dict[str, Any]) -> None:
         log(f"epoch {epoch + 1}: step {metrics['step']}, loss {metrics['loss']:.4f}, "
             f"{metrics['samples_per_s']:.1f} samples/s")
         history.append({k: v for k, v in metrics.items() if not k.startswith("zeroshot/")})
+        tracker.epoch(metrics)
         wall_s += time.perf_counter() - t_mark
         t_mark = time.perf_counter()
         name = f"epoch-{epoch + 1:04d}"
@@ -156,6 +161,7 @@ def train_loop(loop_config: dict[str, Any]) -> None:
             if rank == 0:
                 write_evaluation(Path(tmp), cfg, acc, history, zero_shot, zero_shot_records, records, wall_s, name)
             ray.train.report(metrics, checkpoint=ray.train.Checkpoint.from_directory(tmp), checkpoint_dir_name=name)
+    tracker.close()
 
 
 class Schedule:

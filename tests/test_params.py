@@ -1,4 +1,4 @@
-"""Accounting: group partition, exact counts (DESIGN.md §2), the CLI and its errors."""
+"""Accounting: group partition, exact counts (docs/DESIGN.md §2), the CLI and its errors."""
 
 from __future__ import annotations
 
@@ -34,7 +34,7 @@ def test_groups_partition_parameters(name):
 
 
 def test_full_size_reference_counts():
-    """Analytic counts from DESIGN.md §2, checked on meta-device models."""
+    """Analytic counts from docs/DESIGN.md §2, checked on meta-device models."""
     for name, towers in {
         "miss-base": {"vision": 86.34e6, "text_encoder": 137.26e6, "text_decoder": 137.88e6},
     }.items():

@@ -17,7 +17,7 @@ from raymed.pretrain import RECIPES, _architecture_summary, main
 from raymed.pretrained import PACKAGE_ROOT, provenance
 
 SHIPPED = {"tiny-llava-med": "llava", "tiny-miss-med": "miss"}
-# Exact parameter counts of the shipped architectures (DESIGN: assert the numbers that are known).
+# Exact parameter counts of the shipped architectures (docs/DESIGN.md §2: assert the numbers that are known).
 PARAMETERS = {"tiny-llava-med": 875_776, "tiny-miss-med": 1_052_937}
 # Fresh pretraining-style closed questions: well above chance (0.5) for LLaVA; MISS is near chance (see the test).
 CLOSED_FLOOR = {"tiny-llava-med": 0.7, "tiny-miss-med": 0.45}

@@ -178,7 +178,7 @@ def ratio(a: float, b: float) -> float:
 
 
 def target(name: str, value: float, limit: float, op: str, note: str = "") -> dict[str, Any]:
-    """One checked target of issue 7: `value op limit`."""
+    """One checked target `value op limit`: a figure the suite must reach (e.g. near the cost model, little overhead)."""
     met = value <= limit if op == "<=" else value >= limit
     return {"name": name, "value": value, "target": f"{op} {limit}", "met": bool(met), "note": note}
 
@@ -262,7 +262,7 @@ def table(rows: Sequence[Mapping[str, Any]], columns: Sequence[tuple[str, str]])
 def targets_table(targets: Sequence[Mapping[str, Any]]) -> str:
     if not targets:
         return ""
-    return "targets (issue 7):\n" + table(
+    return "targets (figures each suite must reach):\n" + table(
         [{**t, "met": "yes" if t["met"] else "NO"} for t in targets],
         [("name", "target"), ("value", "measured"), ("target", "limit"), ("met", "met"), ("note", "note")],
     )

@@ -5,7 +5,7 @@ process and the variants take one step each in turn (order rotating), `steps` ro
 processes, so a load change on a shared machine hits all of them alike; ratios to `full` are paired by
 round. Memory: each variant in its own fresh process, so peaks do not mix. Reported per variant: median
 step time and its ratio to `full` (also in CPU time and for forward+backward alone), training memory
-(peak RSS minus the loaded model) and its ratio, trainable parameters, and the cost model of DESIGN.md §5 computed from the profiled forward
+(peak RSS minus the loaded model) and its ratio, trainable parameters, and the cost model of docs/DESIGN.md §5 computed from the profiled forward
 pass: expected step FLOPs relative to `full`, AdamW state (12 B per trainable parameter on top of the
 4 B weight), and the bytes autograd saves for backward.
 """

@@ -5,7 +5,7 @@ Two modes, because the two measurements need opposite things:
 
 - `memory` (one method per process, so peaks do not mix): training memory = peak RSS during the steps
   minus RSS of the loaded model (+ method + batch + optimizer object) just before them. Before that, one
-  profiled forward pass (autograd on, no backward) records what the cost model of DESIGN.md §5 needs:
+  profiled forward pass (autograd on, no backward) records what the cost model of docs/DESIGN.md §5 needs:
   the FLOPs of every linear/conv call, whether autograd will compute its input gradient (input requires
   grad) and its weight gradient (weight trainable), and the bytes autograd saves for backward.
   Expected step cost = `sum(F) + sum(F if input needs grad) + sum(F if weight trainable)`.

@@ -4,7 +4,7 @@ Every reader turns its published format into rows of :data:`SCHEMA`. Images stay
 (the file bytes exactly as stored) or are referenced by ``image_uri``; they are decoded late, in
 the Ray Data stream (:mod:`raymed.data.stream`).
 
-Real files are dirty (DESIGN §3): ids stored as numbers, answers stored as integers, categorical
+Real files are dirty (docs/DESIGN.md §3): ids stored as numbers, answers stored as integers, categorical
 fields with stray spaces or odd case. :class:`Normaliser` fixes these and counts every fix, so the
 manifest says what was changed and nothing is changed silently.
 """

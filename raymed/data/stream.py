@@ -111,7 +111,7 @@ def encoded_split(
     ``actors=0`` runs the transform as Ray tasks instead, each process building the encoder once
     (:func:`decode_and_encode`): no actor start-up per run, so short runs and sweeps of many trials
     start faster on warm clusters. A fractional ``num_cpus`` leaves room for Ray Train workers on small
-    machines (DESIGN §6).
+    machines (docs/DESIGN.md §6.4).
     """
     import ray.data
 

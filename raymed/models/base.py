@@ -3,7 +3,7 @@
 A parameter's *group* is decided by the type of the module that owns it and by that module's position
 (the nearest enclosing attention / FFN / embedding block), never by loose substrings of its name:
 in BERT/BLIP `attention` also matches `crossattention` and `attention.output.LayerNorm`, and
-`output.dense` is both the FFN output and the attention output projection (DESIGN.md §2).
+`output.dense` is both the FFN output and the attention output projection (docs/DESIGN.md §2.4).
 """
 
 from __future__ import annotations

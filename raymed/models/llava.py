@@ -2,7 +2,7 @@
 
 Towers: vision (CLIP), projector (2-layer MLP), language (Mistral/LLaMA + `lm_head`).
 LLaVA takes image features from vision layer `vision_feature_layer` (−2 for LLaVA-1.5) *before*
-`post_layernorm`, so the encoder layers after it and `post_layernorm` are unused (DESIGN.md §2).
+`post_layernorm`, so the encoder layers after it and `post_layernorm` are unused (docs/DESIGN.md §2.3).
 """
 
 from __future__ import annotations
