@@ -125,9 +125,10 @@ def test_checkpoint_rebuilds_and_exports_the_model(ray_cluster, tmp_path, method
 
 def test_resume_refuses_a_changed_config_and_continues_the_schedule_when_allowed(ray_cluster):
     common = ("model.name=tiny-llava", "method.name=ln", "train.eval_every=1", "scaling.num_workers=1")
-    # A run of 4 epochs (12 steps) dies in epoch 3 (no restarts): its last checkpoint is epoch 2, step 6.
+    # A run of 4 epochs (6 steps each: 48 rows, 1 worker) dies in epoch 3 (no restarts): its last checkpoint is
+    # epoch 2, step 12.
     with pytest.raises(Exception):
-        run(ray_cluster, "resume", *common, "train.epochs=4", "run.fail_at_step=8")
+        run(ray_cluster, "resume", *common, "train.epochs=4", "run.fail_at_step=14")
     with pytest.raises(ConfigError) as err:  # re-run with more epochs: refused before any worker starts
         run(ray_cluster, "resume", *common, "train.epochs=6", "train.lr=1e-2")
     assert "train.epochs: 4 in the checkpoint, 6 now" in str(err.value)
@@ -135,13 +136,13 @@ def test_resume_refuses_a_changed_config_and_continues_the_schedule_when_allowed
     assert "run.allow_config_change" in str(err.value)
 
     resumed = run(ray_cluster, "resume", *common, "train.epochs=6", "run.allow_config_change=true")
-    assert [h["step"] for h in resumed["history"]] == [3, 6, 9, 12, 15, 18]
-    # The lr continues from where the 12-step schedule had brought it at step 6 and decays to zero at step 18:
-    # no jump back up, no re-stretching of the first 6 steps (warm-up 2 steps of 12, 5e-3 peak).
-    at6 = 5e-3 * 0.5 * (1 + math.cos(math.pi * (6 - 2) / (12 - 2)))
-    assert resumed["history"][1]["lr"] == pytest.approx(at6)
+    assert [h["step"] for h in resumed["history"]] == [6, 12, 18, 24, 30, 36]
+    # The lr continues from where the 24-step schedule had brought it at step 12 and decays to zero at step 36:
+    # no jump back up, no re-stretching of the first 12 steps (warm-up 3 steps of 24, 5e-3 peak).
+    at12 = 5e-3 * 0.5 * (1 + math.cos(math.pi * (12 - 3) / (24 - 3)))
+    assert resumed["history"][1]["lr"] == pytest.approx(at12)
     for h in resumed["history"][2:]:
-        assert h["lr"] == pytest.approx(at6 * 0.5 * (1 + math.cos(math.pi * (h["step"] - 6) / 12)), abs=1e-12)
+        assert h["lr"] == pytest.approx(at12 * 0.5 * (1 + math.cos(math.pi * (h["step"] - 12) / 24)), abs=1e-12)
     assert resumed["history"][-1]["lr"] == pytest.approx(0.0, abs=1e-12)
 
 

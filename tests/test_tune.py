@@ -28,7 +28,7 @@ def ray_cluster():
 
 
 def _check_report(exp: Path) -> dict:
-    for name in ("results.json", "results.csv", "report.md", "frontier.png"):
+    for name in ("results.json", "results.csv", "report.md", "frontier.png", "curves.png"):
         assert (exp / name).is_file(), name
     summary = json.loads((exp / "results.json").read_text())
     tables = _md_tables((exp / "report.md").read_text())
@@ -54,6 +54,14 @@ def test_sweep_with_asha_writes_the_report(ray_cluster, tmp_path, capsys):
     assert any(t["stopped_early"] for t in rows), "ASHA stopped no trial"
     assert all(t["steps"] > 0 for t in rows)
     assert "report.md" in capsys.readouterr().out or (tmp_path / "tiny-cpu" / "report.md").exists()
+    # `raymed.report DIR` rebuilds the very results.json the sweep wrote, stopped trials included.
+    from raymed.report import main as report_main
+
+    first = (tmp_path / "tiny-cpu" / "results.json").read_text()
+    (tmp_path / "tiny-cpu" / "results.json").unlink()
+    assert report_main([str(tmp_path / "tiny-cpu"), "--metric", "loss", "--mode", "min"]) == 0
+    assert (tmp_path / "tiny-cpu" / "results.json").read_text() == first
+    assert (tmp_path / "tiny-cpu" / "curves.png").is_file()
     # Each method's best trial, rebuilt from its checkpoint, answers the sweep's own test questions as the
     # trial did (one question of slack: greedy ties may break differently with another thread count).
     doc = questions.run(tmp_path / "tiny-cpu")

@@ -4,8 +4,8 @@ Training path (the driver builds the dataset, the workers consume their shards):
 
     ds = encoded_split(data_dir, "train", FamilyEncoderFactory("miss", model_ref, max_length=32))
     trainer = TorchTrainer(loop, datasets={"train": ds}, ...)
-    # in the worker loop:
-    for batch in torch_batches(ray.train.get_dataset_shard("train"), batch_size=8): ...
+    # in the worker loop (a seeded order per epoch, see raymed.data.epochs):
+    for batch in EpochBatches(ray.train.get_dataset_shard("train"), 8, limit_mb=2048, seed=0).epoch(e): ...
 
 Images stay compressed in the object store until :class:`DecodeAndEncode` (an actor pool in the
 stream) decodes them with PIL and calls the model family's encoder, so memory is bounded by Ray
@@ -46,8 +46,9 @@ def ingest_config(preserve_order: bool = True) -> "ray.train.DataConfig":
 
     Ray Data's default hands blocks to the workers as they finish, so with more than one block in flight the
     batch order (and the trained weights) depend on timing: a re-run on a busier machine trains on another
-    order. With ``preserve_order`` the blocks arrive in file order (rows are shuffled when prepared), and a
-    run is reproducible for its seed.
+    order. With ``preserve_order`` the blocks arrive in file order (prepared shards keep the source order), and
+    the worker's :class:`raymed.data.epochs.EpochBatches` shuffles them per (seed, epoch): a run is reproducible
+    for its seed.
     """
     import ray.train
 
