@@ -9,6 +9,9 @@ Files raymed writes, named so that none is mistaken for Ray's own (`result.json`
     <run>/epoch-NNNN/row.json        the run's row after epoch NNNN (in the checkpoint, see raymed.checkpoint)
     <run>/raymed-result.json         a single run's final row, written by the driver (same content)
     <run>/raymed-error.json          a run that failed: the error, written by the driver or trial
+    <run>/raymed-stopped.json        a sweep trial that ASHA stopped: the epoch Tune stopped it at (its workers
+                                     may still write a checkpoint or two before they are gone; the row is cut
+                                     back to what the scheduler saw), written by the sweep's driver
 """
 
 from __future__ import annotations
@@ -24,6 +27,7 @@ from typing import Any
 ROW_FILE = "row.json"
 RUN_RESULT_FILE = "raymed-result.json"
 RUN_ERROR_FILE = "raymed-error.json"
+RUN_STOPPED_FILE = "raymed-stopped.json"
 CHECKPOINT_RE = re.compile(r"^epoch-(\d{4,})$")
 
 
@@ -86,8 +90,11 @@ def read_run_row(run_dir: Path) -> dict[str, Any] | None:
     if ckpt is None or not (ckpt / ROW_FILE).is_file():
         return None
     row = json.loads((ckpt / ROW_FILE).read_text())
+    stopped = run_dir / RUN_STOPPED_FILE
+    if stopped.is_file():
+        row = cut_back(row, int(json.loads(stopped.read_text())["epoch"]))
     error = run_dir / RUN_ERROR_FILE
-    if error.is_file():
+    if error.is_file() and not stopped.is_file():  # a stopped trial's controller dies with it: no failure
         row["error"] = json.loads(error.read_text()).get("error")
         row["stopped_early"] = False
     return row
@@ -100,6 +107,25 @@ def read_rows(root: str | Path) -> list[dict[str, Any]]:
         raise FileNotFoundError(f"experiment folder {root} does not exist")
     rows = [r for d in run_dirs(root) if (r := read_run_row(d)) is not None]
     return sorted(rows, key=lambda r: r["trial_id"])
+
+
+def cut_back(row: dict[str, Any], epoch: int) -> dict[str, Any]:
+    """A row as it stood after `epoch` (the scheduler's last view of a stopped trial), marked stopped early."""
+    history = [h for h in row["history"] if h["epoch"] <= epoch]
+    if not history or history[-1]["epoch"] == row["epochs"]:
+        return {**row, "stopped_early": True}
+    last = history[-1]
+    zero_shot = {k: v for k, v in row["metrics"].items() if k.startswith("zeroshot/")}
+    return {**row, "history": history, "epochs": int(last["epoch"]), "steps": last["step"], "loss": last["loss"],
+            "metrics": {**zero_shot, **{k: v for k, v in last.items() if k.startswith("eval/")}, "loss": last["loss"]},
+            "samples_per_s": last.get("samples_per_s"), "tokens_per_s": last.get("tokens_per_s"),
+            "stopped_early": True}
+
+
+def write_stopped(run_dir: Path, epoch: int) -> None:
+    """Mark a sweep trial as stopped by the scheduler after `epoch`."""
+    run_dir.mkdir(parents=True, exist_ok=True)
+    (run_dir / RUN_STOPPED_FILE).write_text(json.dumps({"epoch": epoch}))
 
 
 def write_error(run_dir: Path, error: BaseException) -> None:

@@ -350,6 +350,17 @@ def run_sweep(sweep: SweepConfig, base: dict[str, Any], out: Path, resume: bool 
     return tuner.fit()
 
 
+def mark_stopped(results: Any, runs_dir: Path, epochs: int) -> None:
+    """Record, in each trial's run folder, the epoch at which the scheduler stopped it: its workers may go on for a
+    moment and checkpoint a later epoch, which the trial's result row must not count (raymed.results)."""
+    from .results import write_stopped
+
+    for r in results:
+        m = r.metrics or {}
+        if r.error is None and m.get("epoch") and m["epoch"] < epochs and m.get("trial_id"):
+            write_stopped(runs_dir / f"trial-{m['trial_id']}", int(m["epoch"]))
+
+
 def main(argv: list[str] | None = None) -> int:
     ap = argparse.ArgumentParser(prog="python -m raymed.tune", description=__doc__,
                                  formatter_class=argparse.RawDescriptionHelpFormatter)
@@ -369,6 +380,7 @@ def main(argv: list[str] | None = None) -> int:
         return 2
     from .results import read_rows
 
+    mark_stopped(results, out / "runs", validate(base).train.epochs)
     rows = read_rows(out / "runs")  # the same rows `python -m raymed.report` reads back
     errored = [r for r in results if r.error is not None]
     if not rows:

@@ -62,7 +62,9 @@ def train_loop(loop_config: dict[str, Any]) -> None:
     steps_per_epoch = plan["steps_per_epoch"]
     total_steps = steps_per_epoch * cfg.train.epochs
     ds_cfg = ds_config(cfg, world, bf16)
-    hf_ds_config = zero3_loading(ds_cfg, cfg)  # keep alive until the engine exists
+    # keep alive until the engine exists; only for weights loaded from a directory (a preset built from its config
+    # with random init would be partitioned before transformers initialises it)
+    hf_ds_config = zero3_loading(ds_cfg, cfg) if ref.path is not None or ref.preset.shipped_dir else None
     model = load_model(ref, seed=cfg.train.seed, dtype=torch.bfloat16 if bf16 else torch.float32)
     model, acc = apply_method(model, ref, cfg.method.name, cfg.method.towers, cfg.method.options,
                               seed=cfg.train.seed)
