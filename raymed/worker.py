@@ -57,7 +57,9 @@ def train_loop(loop_config: dict[str, Any]) -> None:
     steps_per_epoch = plan["steps_per_epoch"]
     total_steps = steps_per_epoch * cfg.train.epochs
     ds_cfg = ds_config(cfg, world, bf16)
-    hf_ds_config = zero3_loading(ds_cfg, cfg)  # keep alive until the engine exists
+    # Only around from_pretrained: a preset built from its config (tiny, seeded) must not be partitioned at
+    # construction (transformers would then zero.Init its sub-models built with from_config).
+    hf_ds_config = zero3_loading(ds_cfg, cfg) if ref.path is not None else None  # alive until the engine exists
     model = load_model(ref, seed=cfg.train.seed, dtype=torch.bfloat16 if bf16 else torch.float32)
     model, acc = apply_method(model, ref, cfg.method.name, cfg.method.towers, cfg.method.options,
                               seed=cfg.train.seed)
