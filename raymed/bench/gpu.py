@@ -52,7 +52,8 @@ def random_batch(cfg: Any, batch_size: int, text_tokens: int, device: Any, dtype
     vc, tc = cfg.vision_config, cfg.text_config
     n_img = (vc.image_size // vc.patch_size) ** 2  # "default" strategy drops CLS
     g = torch.Generator().manual_seed(0)
-    ids = torch.randint(5, min(tc.vocab_size, cfg.image_token_index), (batch_size, 1 + n_img + text_tokens), generator=g)
+    ids = torch.randint(5, tc.vocab_size, (batch_size, 1 + n_img + text_tokens), generator=g)
+    ids[ids == cfg.image_token_index] = 5 if cfg.image_token_index != 5 else 6  # text never holds the image token
     ids[:, 0] = tc.bos_token_id if tc.bos_token_id is not None else 1
     ids[:, 1:1 + n_img] = cfg.image_token_index
     labels = torch.full_like(ids, -100)
@@ -184,7 +185,8 @@ def recipe(cuda: bool, synth_n: int = 40) -> dict[str, Any]:
             ray.shutdown()
     m = summary["metrics"]
     return {"wall_s": time.time() - t0, "steps": summary["steps"], "overrides": overrides,
-            **{k: m[k] for k in sorted(m) if k.startswith(("loss", "eval/", "zeroshot/", "peak", "tokens_per_s"))}}
+            **{k: m[k] for k in sorted(m) if k.startswith(("loss", "eval/test/", "zeroshot/test/", "peak", "tokens_per_s"))
+               and not k.endswith(("n_closed", "n_open"))}}
 
 
 def run(model: str = "llava-med-v1.5", batch_size: int = 4, text_tokens: int = 64, steps: int = 5, warmup: int = 2,

@@ -42,10 +42,11 @@ def _llava_med_v15() -> LlavaConfig:
         hidden_size=1024, intermediate_size=4096, num_hidden_layers=24, num_attention_heads=16,
         image_size=336, patch_size=14, projection_dim=768,
     )
+    # As `python -m raymed.convert` writes it: 32000 tokens + <image> (32000) + <pad> (32001), padded to 32064.
     text = MistralConfig(
-        vocab_size=32000, hidden_size=4096, intermediate_size=14336, num_hidden_layers=32,
+        vocab_size=32064, hidden_size=4096, intermediate_size=14336, num_hidden_layers=32,
         num_attention_heads=32, num_key_value_heads=8, max_position_embeddings=32768,
-        rms_norm_eps=1e-5, rope_theta=1e6, tie_word_embeddings=False,
+        rms_norm_eps=1e-5, rope_theta=1e6, tie_word_embeddings=False, pad_token_id=32001,
     )
     return LlavaConfig(
         vision_config=vision, text_config=text, image_token_index=32000, projector_hidden_act="gelu",
@@ -61,7 +62,7 @@ def _llava_med_v10() -> LlavaConfig:
         image_size=224, patch_size=14, projection_dim=768,
     )
     text = LlamaConfig(
-        vocab_size=32000, hidden_size=4096, intermediate_size=11008, num_hidden_layers=32,
+        vocab_size=32064, hidden_size=4096, intermediate_size=11008, num_hidden_layers=32,
         num_attention_heads=32, num_key_value_heads=32, max_position_embeddings=2048, rms_norm_eps=1e-6,
         tie_word_embeddings=False,
     )
