@@ -11,29 +11,48 @@ from __future__ import annotations
 import argparse
 import json
 import sys
+import tempfile
 from pathlib import Path
 
+from . import storage
 from .checkpoint import load_trainable, peft_host
 
 
-def find_checkpoint(run: Path) -> Path:
-    """The checkpoint directory for `run`: itself, result.json's checkpoint, or the latest epoch-*."""
-    if (run / "model" / "raymed.json").is_file():
+def _is_checkpoint(path: str) -> bool:
+    return bool(path) and storage.is_file(storage.join(path, "model", "raymed.json"))
+
+
+def find_checkpoint(run: str | Path) -> str:
+    """The checkpoint folder (path or URI) for `run`: itself, result.json's checkpoint, or the latest epoch-*."""
+    run = storage.resolve(run)
+    if _is_checkpoint(run):
         return run
-    result = run / "result.json"
-    if result.is_file():
-        ckpt = Path(json.loads(result.read_text()).get("checkpoint", ""))
-        if (ckpt / "model" / "raymed.json").is_file():
+    result = storage.join(run, "result.json")
+    if storage.is_file(result):
+        ckpt = storage.read_json(result).get("checkpoint", "")
+        if _is_checkpoint(ckpt):
             return ckpt
-    epochs = sorted(p for p in run.glob("epoch-*") if (p / "model" / "raymed.json").is_file())
+    epochs = [storage.join(run, n) for n in storage.listdir(run) if n.startswith("epoch-")]
+    epochs = [p for p in epochs if _is_checkpoint(p)]
     if not epochs:
         raise FileNotFoundError(f"{run}: no raymed checkpoint (expected epoch-*/model/raymed.json)")
     return epochs[-1]
 
 
-def export(run: Path, out: Path, adapter: bool = False) -> Path:
+def export(run: str | Path, out: str | Path, adapter: bool = False) -> str:
+    """Write the exported model (or adapter) into `out` (a folder or URI); return `out`."""
     ckpt = find_checkpoint(run)
-    model, processor, meta = load_trainable(ckpt / "model")
+    with tempfile.TemporaryDirectory(prefix="raymed-export-") as tmp, storage.staged_output(out) as local:
+        model_dir = storage.join(ckpt, "model")
+        if storage.is_uri(model_dir):  # only model/ (the trainable tensors), never resume/
+            storage.download_dir(model_dir, tmp)
+            model_dir = tmp
+        _export(Path(model_dir), ckpt, local, adapter)
+    return storage.resolve(out)
+
+
+def _export(model_dir: Path, ckpt: str, out: Path, adapter: bool) -> None:
+    model, processor, meta = load_trainable(model_dir)
     host = peft_host(model)
     if adapter:
         if host is None:
@@ -53,19 +72,18 @@ def export(run: Path, out: Path, adapter: bool = False) -> Path:
         model.save_pretrained(out, safe_serialization=True)
     processor.save_pretrained(out)
     (out / "raymed.json").write_text(json.dumps({"exported_from": str(ckpt), **meta}, indent=2))
-    return out
 
 
 def main(argv: list[str] | None = None) -> int:
     ap = argparse.ArgumentParser(prog="python -m raymed.export", description=__doc__,
                                  formatter_class=argparse.RawDescriptionHelpFormatter)
-    ap.add_argument("--run", required=True, type=Path, help="run directory or checkpoint directory")
-    ap.add_argument("--out", required=True, type=Path)
+    ap.add_argument("--run", required=True, help="run or checkpoint folder, or its URI (s3://, gs://)")
+    ap.add_argument("--out", required=True, help="output folder or URI")
     ap.add_argument("--adapter", action="store_true", help="write the peft adapter instead of a merged model")
     args = ap.parse_args(argv)
     try:
         path = export(args.run, args.out, adapter=args.adapter)
-    except (FileNotFoundError, ValueError) as e:
+    except (FileNotFoundError, ValueError, storage.StorageError) as e:
         print(f"error: {e}", file=sys.stderr)
         return 2
     print(f"wrote {path}")

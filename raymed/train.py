@@ -17,11 +17,16 @@ import time
 from pathlib import Path
 from typing import Any
 
+from . import storage as store
 from .config import Config, ConfigError, load_config
 
 CACHE = Path(os.environ.get("RAYMED_CACHE", Path.home() / ".cache" / "raymed"))
 # Logical CPUs the Ray Data preprocessing actors ask for: fractional, so they never starve the workers.
 PREPROCESS_CPUS = 0.25
+
+
+# Storage settings the workers need to reach the same object store as the driver (no secrets).
+STORAGE_ENV = ("AWS_ENDPOINT_URL", "AWS_ENDPOINT_URL_S3", "AWS_REGION", "AWS_DEFAULT_REGION")
 
 
 class ResourceError(RuntimeError):
@@ -87,7 +92,9 @@ def init_ray(min_cpus: float) -> None:
 
     if ray.is_initialized():
         return
-    env = {"env_vars": {"TRANSFORMERS_VERBOSITY": "error", "RAY_TRAIN_ENABLE_V2_MIGRATION_WARNINGS": "0"}}
+    env = {"env_vars": {"TRANSFORMERS_VERBOSITY": "error", "RAY_TRAIN_ENABLE_V2_MIGRATION_WARNINGS": "0",
+                        # where object storage is (never credentials: workers use their own identity)
+                        **{k: os.environ[k] for k in STORAGE_ENV if k in os.environ}}}
     if os.environ.get("RAY_ADDRESS"):
         ray.init(runtime_env=env)
     else:
@@ -167,8 +174,9 @@ def build_trainer(cfg: Config, storage: str | None = None, extra_callbacks: list
         "run_name": name,
         "steps_per_epoch": steps_per_epoch(train_dir, cfg),
         "eval_sets": eval_sets,
-        "fault_marker": str(Path(storage) / name / "fault-injected.txt"),
+        "fault_marker": store.join(storage, name, "fault-injected.txt"),
     }
+    ray_path, ray_fs = store.ray_storage(storage)
     family = resolve(cfg.model.name).family.name
     train_ds = encoded_split(
         train_dir, cfg.data.train_split,
@@ -184,7 +192,7 @@ def build_trainer(cfg: Config, storage: str | None = None, extra_callbacks: list
             resources_per_worker={"CPU": cfg.scaling.cpus_per_worker, **({"GPU": 1} if cfg.scaling.use_gpu else {})},
         ),
         run_config=ray.train.RunConfig(
-            name=name, storage_path=storage,
+            name=name, storage_path=ray_path, storage_filesystem=ray_fs,
             failure_config=ray.train.FailureConfig(max_failures=cfg.run.max_failures),
             checkpoint_config=ray.train.CheckpointConfig(num_to_keep=cfg.run.keep_checkpoints),
             callbacks=extra_callbacks or None,
@@ -199,9 +207,10 @@ def summarize(cfg: Config, result: Any, wall_s: float, stopped_early: bool = Fal
     metrics = dict(result.metrics or {})
     if result.checkpoint is None:
         raise RuntimeError(f"run {cfg.run_name()} finished without a checkpoint: {result.error}")
-    with result.checkpoint.as_directory() as d:
-        meta = json.loads((Path(d) / "model" / "raymed.json").read_text())
-        state = json.loads((Path(d) / "state.json").read_text())
+    # Only the two small JSON files: on object storage, `as_directory()` would download the whole
+    # checkpoint (optimizer state included).
+    ckpt_fs, ckpt = result.checkpoint.filesystem, result.checkpoint.path
+    meta, state = (_read_json(ckpt_fs, f"{ckpt}/{name}") for name in ("model/raymed.json", "state.json"))
     acc = meta["accounting"]
     return {
         "trial_id": cfg.run_name(),
@@ -223,16 +232,37 @@ def summarize(cfg: Config, result: Any, wall_s: float, stopped_early: bool = Fal
         "stopped_early": stopped_early,
         "config_hash": cfg.hash(),
         "config": cfg.model_dump(mode="json"),
-        "checkpoint": result.checkpoint.path,
+        "checkpoint": store.uri_of(ckpt_fs, ckpt),
         "machine": machine(),
     }
 
 
+def _read_json(fs: Any, path: str) -> Any:
+    with fs.open_input_stream(path) as f:
+        return json.loads(f.read())
+
+
+def write_result(result: Any, summary: dict[str, Any]) -> str:
+    """Write `result.json` into the run's folder (local or on the run storage); return its path or URI."""
+    out = store.uri_of(result.filesystem, f"{result.path}/result.json")
+    with result.filesystem.open_output_stream(f"{result.path}/result.json") as f:
+        f.write(json.dumps(summary, indent=2).encode())
+    return out
+
+
 def storage_path(cfg: Config) -> str:
     """Absolute local path or URI of the run storage."""
-    if "://" in cfg.run.storage:
-        return cfg.run.storage
-    return str(Path(cfg.run.storage).expanduser().resolve())
+    return store.resolve(cfg.run.storage)
+
+
+def check_storage(cfg: Config, storage: str | None = None) -> None:
+    """Run storage and data reachable and usable (driver side, before any worker starts): raises
+    `storage.StorageError` naming the URI."""
+    store.check(storage or storage_path(cfg), "run.storage")
+    if cfg.data.path is not None:
+        store.check_dataset(cfg.data.path, "data.path")
+    for name, path in cfg.data.eval_sets.items():
+        store.check_dataset(path, f"data.eval_sets.{name}")
 
 
 def machine() -> dict[str, Any]:
@@ -244,15 +274,14 @@ def machine() -> dict[str, Any]:
 
 def fit(cfg: Config) -> dict[str, Any]:
     """Run training to completion (resuming a same-named run) and write `<storage>/<name>/result.json`."""
+    check_storage(cfg)
     init_ray(required_cpus(cfg) + 1)
     check_resources(cfg)
     t0 = time.time()
     trainer = build_trainer(cfg)
     result = trainer.fit()
     summary = summarize(cfg, result, time.time() - t0)
-    out = Path(result.path) / "result.json"
-    out.write_text(json.dumps(summary, indent=2))
-    summary["result_json"] = str(out)
+    summary["result_json"] = write_result(result, summary)
     return summary
 
 
@@ -265,7 +294,7 @@ def main(argv: list[str] | None = None) -> int:
     try:
         cfg = load_config(args.config, args.overrides)
         summary = fit(cfg)
-    except (ConfigError, ResourceError) as e:
+    except (ConfigError, ResourceError, store.StorageError) as e:
         print(f"error: {e}", file=sys.stderr)
         return 2
     m = summary["metrics"]

@@ -14,7 +14,6 @@ from __future__ import annotations
 
 import argparse
 import itertools
-import json
 import os
 import sys
 import time
@@ -24,7 +23,8 @@ from typing import Any, Literal
 from pydantic import Field
 
 from .config import Config, ConfigError, _Section, _format, deep_merge, parse_override, read_yaml, set_dotted, validate
-from .train import ResourceError, build_trainer, init_ray, required_cpus, summarize
+from . import storage as store
+from .train import ResourceError, build_trainer, check_storage, init_ray, required_cpus, summarize, write_result
 
 DEFAULT_SWEEP = Path(__file__).parent / "defaults" / "sweep.yaml"
 VQA_METRICS = ("closed_acc", "open_acc", "open_recall", "overall_acc", "n_closed", "n_open")
@@ -192,8 +192,7 @@ def trial(config: dict[str, Any]) -> None:
     t0 = time.time()
     trainer = build_trainer(cfg, storage=config["storage"], extra_callbacks=[TuneReportCallback()])
     result = trainer.fit()
-    summary = summarize(cfg, result, time.time() - t0)
-    (Path(result.path) / "result.json").write_text(json.dumps(summary, indent=2))
+    write_result(result, summarize(cfg, result, time.time() - t0))
 
 
 def _search_space(sweep: SweepConfig) -> dict[str, Any]:
@@ -211,12 +210,14 @@ def trial_cpus(base_cfg: Config, sweep: SweepConfig) -> float:
     return sweep.trial_cpus + required_cpus(base_cfg)
 
 
-def run_sweep(sweep: SweepConfig, base: dict[str, Any], out: Path, resume: bool = False) -> Any:
-    """Run (or resume) the sweep; returns Tune's ResultGrid."""
+def run_sweep(sweep: SweepConfig, base: dict[str, Any], out: str | Path, resume: bool = False) -> Any:
+    """Run (or resume) the sweep in `out` (a folder or URI); returns Tune's ResultGrid."""
     import ray
     from ray import tune
 
     base_cfg = validate(base)
+    out = store.resolve(out)
+    check_storage(base_cfg, store.join(out, sweep.name, "runs"))
     need = trial_cpus(base_cfg, sweep)
     init_ray(2 * need)  # a local cluster runs two trials side by side
     cluster_cpus = ray.cluster_resources().get("CPU", 0)
@@ -229,21 +230,22 @@ def run_sweep(sweep: SweepConfig, base: dict[str, Any], out: Path, resume: bool 
                             "autoscales GPU nodes)")
     concurrency = sweep.max_concurrent or max(1, int(cluster_cpus // need))
     trainable = tune.with_resources(trial, {"cpu": sweep.trial_cpus})
-    storage = str(out.resolve())
+    storage, fs = store.ray_storage(out)
+    experiment = f"{storage}/{sweep.name}"
     if resume:
-        if not tune.Tuner.can_restore(str(out / sweep.name)):
-            raise ConfigError([f"--resume: no sweep to resume at {out / sweep.name}"])
-        tuner = tune.Tuner.restore(str(out / sweep.name), trainable=trainable, resume_unfinished=True,
-                                   resume_errored=True)
+        if not tune.Tuner.can_restore(experiment, storage_filesystem=fs):
+            raise ConfigError([f"--resume: no sweep to resume at {store.join(out, sweep.name)}"])
+        tuner = tune.Tuner.restore(experiment, trainable=trainable, resume_unfinished=True,
+                                   resume_errored=True, storage_filesystem=fs)
     else:
         epochs = base_cfg.train.epochs
         scheduler = make_scheduler(sweep, epochs)
         tuner = tune.Tuner(
             trainable,
-            param_space={"base": base, "overrides": _search_space(sweep), "storage": str(out.resolve() / sweep.name / "runs")},
+            param_space={"base": base, "overrides": _search_space(sweep), "storage": store.join(out, sweep.name, "runs")},
             tune_config=tune.TuneConfig(metric=sweep.metric, mode=sweep.mode, scheduler=scheduler,
                                         num_samples=sweep.num_samples, max_concurrent_trials=concurrency),
-            run_config=tune.RunConfig(name=sweep.name, storage_path=storage),
+            run_config=tune.RunConfig(name=sweep.name, storage_path=storage, storage_filesystem=fs),
         )
     print(f"[raymed] sweep {sweep.name}: {len(points(sweep)) * sweep.num_samples} trials, "
           f"{concurrency} at a time, metric {sweep.metric} ({sweep.mode}) -> {out}", flush=True)
@@ -287,7 +289,8 @@ def main(argv: list[str] | None = None) -> int:
     ap = argparse.ArgumentParser(prog="python -m raymed.tune", description=__doc__,
                                  formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--config", help=f"sweep YAML (default: the built-in {DEFAULT_SWEEP.name})")
-    ap.add_argument("--out", type=Path, default=Path("experiments"), help="experiment folder (default: ./experiments)")
+    ap.add_argument("--out", help="experiment folder or URI: s3://BUCKET/PREFIX, gs://... (default: the sweep's "
+                    "run.storage when it sets one, else ./experiments)")
     ap.add_argument("--resume", action="store_true", help="resume an interrupted sweep in --out")
     ap.add_argument("overrides", nargs="*", help="dotted overrides: training keys, or sweep.KEY=VALUE")
     args = ap.parse_args(argv)
@@ -295,9 +298,10 @@ def main(argv: list[str] | None = None) -> int:
 
     try:
         sweep, base = load_sweep(args.config, args.overrides)
-        out = args.out / sweep.name
-        results = run_sweep(sweep, base, args.out, resume=args.resume)
-    except (ConfigError, ResourceError) as e:
+        root = args.out or base.get("run", {}).get("storage") or "experiments"
+        out = store.join(store.resolve(root), sweep.name)
+        results = run_sweep(sweep, base, root, resume=args.resume)
+    except (ConfigError, ResourceError, store.StorageError) as e:
         print(f"error: {e}", file=sys.stderr)
         return 2
     rows = rows_from_results(results, base)
@@ -306,7 +310,7 @@ def main(argv: list[str] | None = None) -> int:
         print(f"error: no trial reported a result ({len(errored)} errored); see {out}", file=sys.stderr)
         return 1
     paths = build_report(rows, out, metric=sweep.metric, mode=sweep.mode)
-    print((out / "report.md").read_text())
+    print(store.read_text(paths["report_md"]))
     print(f"[raymed] report: {', '.join(str(p) for p in paths.values())}")
     if errored:
         print(f"warning: {len(errored)} trial(s) errored: " + "; ".join(str(r.error)[:200] for r in errored),

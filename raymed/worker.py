@@ -275,11 +275,12 @@ def _maybe_inject_fault(cfg: Config, plan: dict, step: int, rank: int, world: in
     """Test hook: the last worker dies once (hard exit) at `run.fail_at_step`."""
     if cfg.run.fail_at_step is None or step != cfg.run.fail_at_step or rank != world - 1:
         return
-    marker = Path(plan["fault_marker"])
-    if marker.exists():
+    from . import storage
+
+    marker = plan["fault_marker"]  # a path or URI under the run storage
+    if storage.exists(marker):
         return
-    marker.parent.mkdir(parents=True, exist_ok=True)
-    marker.write_text(f"worker {rank} killed at step {step}\n")
+    storage.write_text(marker, f"worker {rank} killed at step {step}\n")
     os._exit(17)
 
 
