@@ -109,6 +109,8 @@ class ScalingConfig(_Section):
     num_workers: int = Field(2, ge=1)
     use_gpu: bool = False
     cpus_per_worker: float = Field(1.0, gt=0)
+    placement_strategy: Literal["PACK", "SPREAD", "STRICT_PACK", "STRICT_SPREAD"] = "PACK"
+    """Ray placement of the workers: PACK (fewest nodes), SPREAD / STRICT_SPREAD (one worker per node)."""
 
 
 class RunConfig(_Section):
@@ -140,6 +142,7 @@ class Config(_Section):
         """Hash of everything that affects the result (not the run's name or storage)."""
         d = self.model_dump(mode="json")
         d["run"] = {k: v for k, v in d["run"].items() if k not in ("name", "storage", "metrics_export", "save_full_model")}
+        d["scaling"].pop("placement_strategy")  # where workers run does not change the result
         return hashlib.sha256(json.dumps(d, sort_keys=True).encode()).hexdigest()[:12]
 
     def run_name(self) -> str:

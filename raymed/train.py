@@ -189,6 +189,7 @@ def build_trainer(cfg: Config, storage: str | None = None, extra_callbacks: list
         torch_config=TorchConfig(backend="nccl" if cfg.scaling.use_gpu else "gloo"),
         scaling_config=ray.train.ScalingConfig(
             num_workers=cfg.scaling.num_workers, use_gpu=cfg.scaling.use_gpu,
+            placement_strategy=cfg.scaling.placement_strategy,
             resources_per_worker={"CPU": cfg.scaling.cpus_per_worker, **({"GPU": 1} if cfg.scaling.use_gpu else {})},
         ),
         run_config=ray.train.RunConfig(
@@ -222,6 +223,7 @@ def summarize(cfg: Config, result: Any, wall_s: float, stopped_early: bool = Fal
         "accounting": {"groups": acc["groups"], "trainable_groups": acc["trainable_groups"], "unused": acc["unused"]},
         "metrics": {k: v for k, v in metrics.items() if k.startswith(("eval/", "zeroshot/"))},
         "history": state["history"],
+        "worker_nodes": state.get("worker_nodes"),
         "epochs": metrics.get("epoch"),
         "steps": metrics.get("step"),
         "loss": metrics.get("loss"),

@@ -47,6 +47,9 @@ def train_loop(loop_config: dict[str, Any]) -> None:
     quiet_data_context()
     deepspeed.init_distributed(dist_backend="nccl" if cfg.scaling.use_gpu else "gloo")
     device = ray.train.torch.get_device()
+    # Ray node id of every rank (recorded in each checkpoint's state.json: where the workers ran).
+    nodes: list[str | None] = [None] * world
+    torch.distributed.all_gather_object(nodes, ray.get_runtime_context().get_node_id())
     bf16 = cfg.deepspeed.precision == "bf16" or (cfg.deepspeed.precision == "auto" and cfg.scaling.use_gpu)
 
     # 1. Model and method. Every rank builds identical weights (same seed), then freezes / wraps.
@@ -127,11 +130,11 @@ def train_loop(loop_config: dict[str, Any]) -> None:
             metrics.update(evaluator.run())
         log(f"epoch {epoch + 1}: step {metrics['step']}, loss {metrics['loss']:.4f}, "
             f"{metrics['samples_per_s']:.1f} samples/s")
-        history.append({k: v for k, v in metrics.items() if not k.startswith("zeroshot/")})
+        history.append({**{k: v for k, v in metrics.items() if not k.startswith("zeroshot/")}, "worker_nodes": nodes})
         with tempfile.TemporaryDirectory() as tmp:
             last = epoch + 1 == cfg.train.epochs
             save_checkpoint(engine, acc, cfg, Path(tmp), rank,
-                            {"epoch": epoch, "history": history, "zero_shot": zero_shot},
+                            {"epoch": epoch, "history": history, "zero_shot": zero_shot, "worker_nodes": nodes},
                             full=cfg.run.save_full_model and last)
             ray.train.report(metrics, checkpoint=ray.train.Checkpoint.from_directory(tmp),
                              checkpoint_dir_name=f"epoch-{epoch + 1:04d}")
