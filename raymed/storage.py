@@ -133,9 +133,10 @@ def read_json(path: str | os.PathLike) -> Any:
 
 
 def write_text(path: str | os.PathLike, text: str) -> None:
-    """Write a (small) text file; parent folders are created (a no-op on object storage)."""
+    """Write a (small) text file; local parent folders are created (object storage has none)."""
     fs, inner = filesystem(path)
-    fs.create_dir(posixpath.dirname(inner) if is_uri(path) else os.path.dirname(inner), recursive=True)
+    if not is_uri(path):
+        fs.create_dir(os.path.dirname(inner), recursive=True)
     with fs.open_output_stream(inner) as f:
         f.write(text.encode("utf-8"))
 
