@@ -78,7 +78,7 @@ class S3Server:
 
     def gets_since(self, mark: int) -> list[str]:
         """Keys of the GET requests (object reads) the server answered since `mark`."""
-        text = self.log.read_bytes()[mark:].decode(errors="replace")
+        text = re.sub(r"\x1b\[[0-9;]*m", "", self.log.read_bytes()[mark:].decode(errors="replace"))  # colours
         keys = re.findall(rf'"GET /{re.escape(self.bucket)}/([^ ?]+)[^ ]* HTTP/1\.1" 20[06]', text)
         return keys
 
@@ -184,12 +184,16 @@ class RayCluster:
     def processes(self, node: Node | None = None) -> list[psutil.Process]:
         """Processes of this cluster (or of one node): those whose command line names its temp dir."""
         dirs = [str(n.temp_dir) for n in ([node] if node else self.nodes)]
-        out = []
+        found: dict[int, psutil.Process] = {}
         for p in psutil.process_iter(["cmdline"]):
             cmdline = " ".join(p.info["cmdline"] or [])
             if any(d in cmdline for d in dirs):
-                out.append(p)
-        return out
+                found[p.pid] = p
+                try:  # the raylet's workers and agents
+                    found.update({c.pid: c for c in p.children(recursive=True)})
+                except psutil.NoSuchProcess:
+                    pass
+        return list(found.values())
 
     def kill_node(self, node: Node) -> int:
         """SIGKILL every process of a node (raylet, object store, workers): a lost machine, not a stop."""
@@ -224,9 +228,19 @@ class RayCluster:
 def cluster_env(s3: S3Server) -> dict[str, str]:
     """Environment of the cluster's processes and of the clients: object storage, token auth, quiet logs,
     this checkout importable on every node."""
-    return {**s3.env, "RAY_AUTH_MODE": "token", "PYTHONPATH": str(REPO), "DS_ACCELERATOR": "cpu",
+    return {**s3.env, "RAY_AUTH_MODE": "token", "PYTHONPATH": str(REPO),
+            "PATH": f"{Path(PYTHON).parent}{os.pathsep}{os.environ.get('PATH', '')}",  # `python` of jobs: this env "DS_ACCELERATOR": "cpu",
             "TRANSFORMERS_VERBOSITY": "error", "RAY_DATA_DISABLE_PROGRESS_BARS": "1",
             "RAY_TRAIN_ENABLE_V2_MIGRATION_WARNINGS": "0", "RAY_DEDUP_LOGS": "0"}
+
+
+def job_logs(cluster: RayCluster, env: dict[str, str]) -> str:
+    """Status and log tail of every job on the cluster (for assertion messages)."""
+    code = ("from ray.job_submission import JobSubmissionClient as C; c = C(%r)\n"
+            "for j in c.list_jobs(): print(j.submission_id, j.status, j.message); print(c.get_job_logs(j.submission_id)[-5000:])"
+            % cluster.dashboard)
+    done = subprocess.run([PYTHON, "-c", code], env={**os.environ, **env}, capture_output=True, text=True, timeout=120)
+    return done.stdout + done.stderr[-2000:]
 
 
 def run_cli(module: str, args: list[str], env: dict[str, str], timeout: float = 600,

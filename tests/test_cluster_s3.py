@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import json
 import os
+import re
 import time
 from pathlib import Path
 
@@ -19,7 +20,7 @@ import pytest
 import torch
 from safetensors.torch import load as load_safetensors
 
-from tests.cluster_fixtures import PYTHON, REPO, RayCluster, S3Server, cluster_env, run_cli, start_s3
+from tests.cluster_fixtures import PYTHON, REPO, RayCluster, S3Server, cluster_env, job_logs, run_cli, start_s3
 
 pytestmark = pytest.mark.integration
 
@@ -104,14 +105,14 @@ def test_zero3_workers_on_two_nodes_with_s3_storage(s3, cluster, reference):
     assert not (REPO / "s3:").exists()  # nothing written to a local path named after the URI
 
 
-def test_summarize_reads_only_two_small_files(s3, cluster, reference):
-    import pyarrow.fs  # noqa: F401
-
+def test_summarize_reads_only_two_small_files(s3, cluster, reference, monkeypatch):
     from raymed import storage
     from raymed.config import load_config
     from raymed.train import summarize
     from ray.train import Result
 
+    for key, value in s3.env.items():
+        monkeypatch.setenv(key, value)
     fs, path = storage.filesystem(s3.uri("runs", "z3"))
     result = Result.from_path(path, storage_filesystem=fs)
     cfg = load_config(None, [*TRAIN, *RUN, "run.name=z3"], check_paths=False)
@@ -178,10 +179,13 @@ SWEEP_ARGS = ["--config", "configs/sweeps/tiny-cpu.yaml", "train.epochs=1", "swe
 
 def _submit(s3: S3Server, cluster: RayCluster, *args: str, wait: bool = True) -> subprocess.CompletedProcess:
     """`ray job submit --working-dir . -- python -m raymed.tune ...`, from the repository root (README)."""
-    cmd = [str(Path(PYTHON).parent / "ray"), "job", "submit", "--address", cluster.dashboard, "--working-dir", ".",
-           *([] if wait else ["--no-wait"]), "--", "python", "-m", "raymed.tune", *args]
-    return subprocess.run(cmd, env={**os.environ, **cluster_env(s3)}, capture_output=True, text=True, timeout=900,
-                          cwd=REPO)
+    return _ray(s3, "job", "submit", "--address", cluster.dashboard, "--working-dir", ".",
+                *([] if wait else ["--no-wait"]), "--", "python", "-m", "raymed.tune", *args)
+
+
+def _ray(s3: S3Server, *args: str) -> subprocess.CompletedProcess:
+    return subprocess.run([str(Path(PYTHON).parent / "ray"), *args], env={**os.environ, **cluster_env(s3)},
+                          capture_output=True, text=True, timeout=900, cwd=REPO)
 
 
 def _terminated_trials(s3: S3Server, prefix: str) -> int:
@@ -206,9 +210,13 @@ def test_job_submitted_sweep_survives_driver_loss(s3, cluster, dataset):
         return [p for p in psutil.process_iter(["cmdline"])
                 if "raymed.tune" in " ".join(p.info["cmdline"] or []) and out in " ".join(p.info["cmdline"] or [])]
 
-    deadline = time.time() + 400
+    job_id = re.search(r"raysubmit_\w+", submitted.stdout + submitted.stderr).group(0)
+    deadline, polls = time.time() + 400, 0
     while _terminated_trials(s3, "exp/tiny-cpu/") < 1:
-        assert time.time() < deadline, "no trial finished"
+        polls += 1
+        status = _ray(s3, "job", "status", "--address", cluster.dashboard, job_id).stdout if polls % 10 == 0 else ""
+        if time.time() > deadline or "FAILED" in status or "SUCCEEDED" in status:
+            raise AssertionError(f"no trial finished:\n{job_logs(cluster, cluster_env(s3))}")
         time.sleep(1)
     finished = {k: v for k, v in s3.keys("exp/tiny-cpu/runs/").items() if k.endswith("/result.json")}
     assert len(finished) >= 1
@@ -220,7 +228,7 @@ def test_job_submitted_sweep_survives_driver_loss(s3, cluster, dataset):
     psutil.wait_procs(victims, timeout=10)
 
     resumed = _submit(s3, cluster, *args, "--resume")
-    assert resumed.returncode == 0, resumed.stdout[-4000:] + resumed.stderr[-4000:]
+    assert resumed.returncode == 0, resumed.stdout[-6000:] + resumed.stderr[-4000:]
     results = [k for k in s3.keys("exp/tiny-cpu/runs/") if k.endswith("/result.json")]
     assert len(results) == 3
     for key, stamp in stamps.items():  # the finished trial was not trained again
