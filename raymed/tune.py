@@ -293,7 +293,7 @@ def main(argv: list[str] | None = None) -> int:
                     "run.storage when it sets one, else ./experiments)")
     ap.add_argument("--resume", action="store_true", help="resume an interrupted sweep in --out")
     ap.add_argument("overrides", nargs="*", help="dotted overrides: training keys, or sweep.KEY=VALUE")
-    args = ap.parse_args(argv)
+    args = ap.parse_intermixed_args(argv)  # overrides may come before or after --out / --resume
     from .report import build_report
 
     try:

@@ -205,6 +205,7 @@ class RayCluster:
                 pass
         psutil.wait_procs(procs, timeout=10)
         self.nodes.remove(node)
+        shutil.rmtree(node.temp_dir, ignore_errors=True)
         return len(procs)
 
     def shutdown(self) -> None:
@@ -237,7 +238,7 @@ def cluster_env(s3: S3Server) -> dict[str, str]:
 def job_logs(cluster: RayCluster, env: dict[str, str]) -> str:
     """Status and log tail of every job on the cluster (for assertion messages)."""
     code = ("from ray.job_submission import JobSubmissionClient as C; c = C(%r)\n"
-            "for j in c.list_jobs(): print(j.submission_id, j.status, j.message); print(c.get_job_logs(j.submission_id)[-5000:])"
+            "for j in c.list_jobs():\n if j.submission_id: print(j.submission_id, j.status, c.get_job_logs(j.submission_id)[-5000:])"
             % cluster.dashboard)
     done = subprocess.run([PYTHON, "-c", code], env={**os.environ, **env}, capture_output=True, text=True, timeout=120)
     return done.stdout + done.stderr[-2000:]

@@ -214,7 +214,8 @@ def test_job_submitted_sweep_survives_driver_loss(s3, cluster, dataset):
     deadline, polls = time.time() + 400, 0
     while _terminated_trials(s3, "exp/tiny-cpu/") < 1:
         polls += 1
-        status = _ray(s3, "job", "status", "--address", cluster.dashboard, job_id).stdout if polls % 10 == 0 else ""
+        status = _ray(s3, "job", "status", "--address", cluster.dashboard, job_id) if polls % 5 == 0 else None
+        status = status.stdout + status.stderr if status else ""
         if time.time() > deadline or "FAILED" in status or "SUCCEEDED" in status:
             raise AssertionError(f"no trial finished:\n{job_logs(cluster, cluster_env(s3))}")
         time.sleep(1)
