@@ -139,7 +139,7 @@ def check_resources(cfg: Config) -> None:
     import ray
 
     nodes = [n["Resources"] for n in ray.nodes() if n.get("Alive")]
-    need = {"CPU": cfg.scaling.cpus_per_worker, **({"GPU": 1.0} if cfg.scaling.use_gpu else {})}
+    need = worker_resources(cfg)
     if not any(all(node.get(k, 0) >= v for k, v in need.items()) for node in nodes):
         autoscaling = bool(os.environ.get("RAYMED_AUTOSCALING"))
         if not autoscaling:
@@ -187,11 +187,7 @@ def build_trainer(cfg: Config, storage: str | None = None, extra_callbacks: list
         train_loop,
         train_loop_config={"config": cfg.model_dump(mode="json"), "plan": plan},
         torch_config=TorchConfig(backend="nccl" if cfg.scaling.use_gpu else "gloo"),
-        scaling_config=ray.train.ScalingConfig(
-            num_workers=cfg.scaling.num_workers, use_gpu=cfg.scaling.use_gpu,
-            placement_strategy=cfg.scaling.placement_strategy,
-            resources_per_worker={"CPU": cfg.scaling.cpus_per_worker, **({"GPU": 1} if cfg.scaling.use_gpu else {})},
-        ),
+        scaling_config=scaling_config(cfg),
         run_config=ray.train.RunConfig(
             name=name, storage_path=ray_path, storage_filesystem=ray_fs,
             failure_config=ray.train.FailureConfig(max_failures=cfg.run.max_failures),
@@ -201,6 +197,20 @@ def build_trainer(cfg: Config, storage: str | None = None, extra_callbacks: list
         datasets={"train": train_ds},
         dataset_config=ingest_config(cfg.data.preserve_order),
     )
+
+
+def worker_resources(cfg: Config) -> dict[str, float]:
+    """Ray resources of one training worker (a fractional GPU packs single-worker trials on one GPU)."""
+    return {"CPU": cfg.scaling.cpus_per_worker, **({"GPU": cfg.scaling.gpus_per_worker} if cfg.scaling.use_gpu else {})}
+
+
+def scaling_config(cfg: Config) -> Any:
+    """Ray Train's `ScalingConfig` of a run: what its worker group asks the cluster for."""
+    import ray.train
+
+    return ray.train.ScalingConfig(num_workers=cfg.scaling.num_workers, use_gpu=cfg.scaling.use_gpu,
+                                   placement_strategy=cfg.scaling.placement_strategy,
+                                   resources_per_worker=worker_resources(cfg))
 
 
 def summarize(cfg: Config, result: Any, wall_s: float, stopped_early: bool = False) -> dict[str, Any]:

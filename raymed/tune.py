@@ -210,6 +210,14 @@ def trial_cpus(base_cfg: Config, sweep: SweepConfig) -> float:
     return sweep.trial_cpus + required_cpus(base_cfg)
 
 
+def concurrent_trials(cluster: dict[str, float], base_cfg: Config, sweep: SweepConfig) -> int:
+    """Trials the cluster holds at once: by CPUs, and by GPUs (fractional GPUs pack several on one)."""
+    n = int(cluster.get("CPU", 0) // trial_cpus(base_cfg, sweep))
+    if base_cfg.scaling.use_gpu and cluster.get("GPU"):
+        n = min(n, int(cluster["GPU"] / (base_cfg.scaling.num_workers * base_cfg.scaling.gpus_per_worker) + 1e-9))
+    return max(1, n)
+
+
 def run_sweep(sweep: SweepConfig, base: dict[str, Any], out: str | Path, resume: bool = False) -> Any:
     """Run (or resume) the sweep in `out` (a folder or URI); returns Tune's ResultGrid."""
     import ray
@@ -228,7 +236,7 @@ def run_sweep(sweep: SweepConfig, base: dict[str, Any], out: str | Path, resume:
     if base_cfg.scaling.use_gpu and not ray.cluster_resources().get("GPU") and not os.environ.get("RAYMED_AUTOSCALING"):
         raise ResourceError("scaling.use_gpu=true but the cluster has no GPU (set RAYMED_AUTOSCALING=1 if it "
                             "autoscales GPU nodes)")
-    concurrency = sweep.max_concurrent or max(1, int(cluster_cpus // need))
+    concurrency = sweep.max_concurrent or concurrent_trials(ray.cluster_resources(), base_cfg, sweep)
     trainable = tune.with_resources(trial, {"cpu": sweep.trial_cpus})
     storage, fs = store.ray_storage(out)
     experiment = f"{storage}/{sweep.name}"
