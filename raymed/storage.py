@@ -12,6 +12,7 @@ prepared dataset's `manifest.json` is uploaded last: a dataset without it is not
 from __future__ import annotations
 
 import contextlib
+import functools
 import json
 import os
 import posixpath
@@ -52,7 +53,16 @@ def join(base: str | os.PathLike, *parts: str) -> str:
     return os.path.join(str(base), *parts)
 
 
-def _s3(region: str | None = None) -> pafs.S3FileSystem:
+@functools.lru_cache(maxsize=64)
+def _bucket_region(bucket: str) -> str:
+    """The region of an AWS bucket (what `FileSystem.from_uri` looks up too); us-east-1 when unknown."""
+    try:
+        return pafs.resolve_s3_region(bucket)
+    except OSError:  # unreachable or no such bucket: `check` reports it with the URI
+        return "us-east-1"
+
+
+def _s3(bucket: str) -> pafs.S3FileSystem:
     """S3 with the endpoint from `AWS_ENDPOINT_URL_S3` / `AWS_ENDPOINT_URL` (also honoured by pyarrow
     itself; set here so the filesystem pickled to workers carries it), short timeouts and few retries, so
     an unreachable endpoint fails in seconds, not minutes."""
@@ -60,12 +70,13 @@ def _s3(region: str | None = None) -> pafs.S3FileSystem:
     kwargs: dict[str, Any] = {
         "connect_timeout": 5.0, "request_timeout": 60.0,
         "retry_strategy": pafs.AwsStandardS3RetryStrategy(max_attempts=3),
-        "region": region or os.environ.get("AWS_REGION") or os.environ.get("AWS_DEFAULT_REGION") or "us-east-1",
     }
+    region = os.environ.get("AWS_REGION") or os.environ.get("AWS_DEFAULT_REGION")
     if endpoint:
         parsed = urlparse(endpoint)
         kwargs["endpoint_override"] = parsed.netloc or endpoint
         kwargs["scheme"] = parsed.scheme or "https"
+    kwargs["region"] = region or ("us-east-1" if endpoint else _bucket_region(bucket))
     return pafs.S3FileSystem(**kwargs)
 
 
@@ -74,7 +85,8 @@ def filesystem(path: str | os.PathLike) -> tuple[pafs.FileSystem, str]:
     if is_uri(path):
         uri = str(path)
         if urlparse(uri).scheme == "s3":
-            return _s3(), uri.split("://", 1)[1].rstrip("/")
+            inner = uri.split("://", 1)[1].rstrip("/")
+            return _s3(inner.split("/", 1)[0]), inner
         try:
             return pafs.FileSystem.from_uri(uri)
         except Exception as e:  # pyarrow raises ArrowInvalid / OSError for unknown schemes, bad URIs
