@@ -13,6 +13,7 @@ import os
 import re
 import time
 from pathlib import Path
+from typing import Any
 
 import subprocess
 
@@ -188,11 +189,21 @@ def _ray(s3: S3Server, *args: str) -> subprocess.CompletedProcess:
                           capture_output=True, text=True, timeout=900, cwd=REPO)
 
 
-def _terminated_trials(s3: S3Server, prefix: str) -> int:
-    """Trials the sweep's saved experiment state (on S3) records as finished."""
+def _finished_and_saved(s3: S3Server, prefix: str) -> dict[str, Any]:
+    """Trials whose raymed result.json is on S3 and which the sweep's experiment state, saved after it,
+    records as TERMINATED: result.json key -> its LastModified."""
+    client = s3.client()
+    results = {k: client.head_object(Bucket=s3.bucket, Key=k)["LastModified"]
+               for k in s3.keys(f"{prefix}runs/") if k.endswith("/result.json")}
     states = [k for k in s3.keys(prefix) if k.rsplit("/", 1)[-1].startswith("experiment_state")]
-    body = [s3.client().get_object(Bucket=s3.bucket, Key=k)["Body"].read().decode() for k in states]
-    return max((b.count('TERMINATED') for b in body), default=0)
+    saved = {}
+    for key in states:
+        obj = client.get_object(Bucket=s3.bucket, Key=key)
+        trials = [json.loads(t) for t, _ in json.loads(obj["Body"].read())["trial_data"]]
+        done = {t["trial_id"] for t in trials if t.get("status") == "TERMINATED"}
+        saved.update({k: stamp for k, stamp in results.items()
+                      if obj["LastModified"] > stamp and k.split("/")[-2].removeprefix("trial-") in done})
+    return saved
 
 
 def test_job_submitted_sweep_survives_driver_loss(s3, cluster, dataset):
@@ -212,22 +223,20 @@ def test_job_submitted_sweep_survives_driver_loss(s3, cluster, dataset):
 
     job_id = re.search(r"raysubmit_\w+", submitted.stdout + submitted.stderr).group(0)
     deadline, polls = time.time() + 400, 0
-    while _terminated_trials(s3, "exp/tiny-cpu/") < 1:
+    while not (stamps := _finished_and_saved(s3, "exp/tiny-cpu/")):
         polls += 1
         status = _ray(s3, "job", "status", "--address", cluster.dashboard, job_id) if polls % 5 == 0 else None
         status = status.stdout + status.stderr if status else ""
         if time.time() > deadline or "FAILED" in status or "SUCCEEDED" in status:
             raise AssertionError(f"no trial finished:\n{job_logs(cluster, cluster_env(s3))}")
         time.sleep(1)
-    finished = {k: v for k, v in s3.keys("exp/tiny-cpu/runs/").items() if k.endswith("/result.json")}
-    assert len(finished) >= 1
-    stamps = {k: s3.client().head_object(Bucket=s3.bucket, Key=k)["LastModified"] for k in finished}
     victims = driver()
     assert victims, "job driver not found"
     for p in victims:
         p.kill()
     psutil.wait_procs(victims, timeout=10)
 
+    assert len(stamps) < 3, "the sweep finished before its driver was killed"
     resumed = _submit(s3, cluster, *args, "--resume")
     assert resumed.returncode == 0, resumed.stdout[-6000:] + resumed.stderr[-4000:]
     results = [k for k in s3.keys("exp/tiny-cpu/runs/") if k.endswith("/result.json")]
