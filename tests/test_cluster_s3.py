@@ -189,21 +189,16 @@ def _ray(s3: S3Server, *args: str) -> subprocess.CompletedProcess:
                           capture_output=True, text=True, timeout=900, cwd=REPO)
 
 
-def _finished_and_saved(s3: S3Server, prefix: str) -> dict[str, Any]:
-    """Trials whose raymed result.json is on S3 and which the sweep's experiment state, saved after it,
-    records as TERMINATED: result.json key -> its LastModified."""
-    client = s3.client()
-    results = {k: client.head_object(Bucket=s3.bucket, Key=k)["LastModified"]
-               for k in s3.keys(f"{prefix}runs/") if k.endswith("/result.json")}
-    states = [k for k in s3.keys(prefix) if k.rsplit("/", 1)[-1].startswith("experiment_state")]
-    saved = {}
-    for key in states:
-        obj = client.get_object(Bucket=s3.bucket, Key=key)
-        trials = [json.loads(t) for t, _ in json.loads(obj["Body"].read())["trial_data"]]
-        done = {t["trial_id"] for t in trials if t.get("status") == "TERMINATED"}
-        saved.update({k: stamp for k, stamp in results.items()
-                      if obj["LastModified"] > stamp and k.split("/")[-2].removeprefix("trial-") in done})
-    return saved
+def _finished_trials(s3: S3Server, prefix: str) -> dict[str, dict[str, Any]]:
+    """Trials the sweep's saved experiment state (on S3) records as TERMINATED: trial id -> LastModified of
+    every object of its training run (`runs/trial-<id>/`)."""
+    client, done = s3.client(), set()
+    for key in [k for k in s3.keys(prefix) if k.rsplit("/", 1)[-1].startswith("experiment_state")]:
+        trials = [json.loads(t) for t, _ in json.loads(client.get_object(Bucket=s3.bucket, Key=key)["Body"].read())
+                  ["trial_data"]]
+        done |= {t["trial_id"] for t in trials if t.get("status") == "TERMINATED"}
+    return {t: {k: client.head_object(Bucket=s3.bucket, Key=k)["LastModified"]
+                for k in s3.keys(f"{prefix}runs/trial-{t}/")} for t in sorted(done)}
 
 
 def test_job_submitted_sweep_survives_driver_loss(s3, cluster, dataset):
@@ -223,7 +218,7 @@ def test_job_submitted_sweep_survives_driver_loss(s3, cluster, dataset):
 
     job_id = re.search(r"raysubmit_\w+", submitted.stdout + submitted.stderr).group(0)
     deadline, polls = time.time() + 400, 0
-    while not (stamps := _finished_and_saved(s3, "exp/tiny-cpu/")):
+    while not (stamps := _finished_trials(s3, "exp/tiny-cpu/")):
         polls += 1
         status = _ray(s3, "job", "status", "--address", cluster.dashboard, job_id) if polls % 5 == 0 else None
         status = status.stdout + status.stderr if status else ""
@@ -239,11 +234,10 @@ def test_job_submitted_sweep_survives_driver_loss(s3, cluster, dataset):
     assert len(stamps) < 3, "the sweep finished before its driver was killed"
     resumed = _submit(s3, cluster, *args, "--resume")
     assert resumed.returncode == 0, resumed.stdout[-6000:] + resumed.stderr[-4000:]
-    results = [k for k in s3.keys("exp/tiny-cpu/runs/") if k.endswith("/result.json")]
-    assert len(results) == 3
-    for key, stamp in stamps.items():  # the finished trial was not trained again
-        assert s3.client().head_object(Bucket=s3.bucket, Key=key)["LastModified"] == stamp, key
-        assert len({k.split("/")[4] for k in s3.keys(key.rsplit("/", 1)[0]) if "/epoch-" in k}) == 1
+    after = _finished_trials(s3, "exp/tiny-cpu/")
+    assert len(after) == 3
+    for trial_id, objects in stamps.items():  # the finished trials were not trained again: no object changed
+        assert after[trial_id] == objects, trial_id
 
     summary = s3_json(s3, "exp/tiny-cpu/results.json")  # the report, read back from S3
     assert sorted(t["method"] for t in summary["trials"]) == ["attn", "ln", "lora"]
