@@ -163,23 +163,26 @@ def load_trainable(ckpt_model_dir: Path) -> tuple[torch.nn.Module, Any, dict[str
     return model, load_processor(ref), meta
 
 
-def find_checkpoint(run: Path) -> Path:
-    """The checkpoint to use for `run`: itself when it is a checkpoint, else the run folder's latest `epoch-NNNN`.
+def find_checkpoint(run: str | Path) -> str:
+    """The checkpoint to use for `run` (a folder or URI): itself when it is a checkpoint, else the run folder's
+    latest `epoch-NNNN`.
 
     Raises FileNotFoundError, saying what was expected, for a folder that is neither.
     """
-    from .results import latest_checkpoint
+    from . import storage
+    from .results import CHECKPOINT_RE
 
-    run = Path(run)
-    if not run.is_dir():
+    run = storage.resolve(run)
+    if not storage.is_dir(run):
         raise FileNotFoundError(f"{run}: no such run or checkpoint folder")
-    if (run / "model" / "raymed.json").is_file():
+    if storage.is_file(storage.join(run, "model", "raymed.json")):
         return run
-    ckpt = latest_checkpoint(run)
-    if ckpt is None or not (ckpt / "model" / "raymed.json").is_file():
-        raise FileNotFoundError(f"{run}: no raymed checkpoint in this folder (expected epoch-NNNN/model/raymed.json; "
-                                "a run writes one after its first epoch)")
-    return ckpt
+    epochs = sorted((int(m.group(1)), n) for n in storage.listdir(run) if (m := CHECKPOINT_RE.match(n)))
+    for _, name in reversed(epochs):
+        if storage.is_file(storage.join(run, name, "model", "raymed.json")):
+            return storage.join(run, name)
+    raise FileNotFoundError(f"{run}: no raymed checkpoint in this folder (expected epoch-NNNN/model/raymed.json; "
+                            "a run writes one after its first epoch)")
 
 
 def load_for_inference(spec: str) -> tuple[torch.nn.Module, Any, Any, dict[str, Any] | None]:
@@ -189,7 +192,7 @@ def load_for_inference(spec: str) -> tuple[torch.nn.Module, Any, Any, dict[str, 
 
     path = Path(spec).expanduser()
     if path.is_dir() and not (path / "config.json").is_file():
-        model, processor, meta = load_trainable(find_checkpoint(path) / "model")
+        model, processor, meta = load_trainable(Path(find_checkpoint(path)) / "model")
         return model.eval(), resolve(meta["model"]), processor, meta["config"]
     ref = resolve(spec)
     return load_model(ref).eval(), ref, load_processor(ref), None

@@ -132,6 +132,11 @@ class ScalingConfig(_Section):
     num_workers: int = Field(2, ge=1)
     use_gpu: bool = False
     cpus_per_worker: float = Field(1.0, gt=0)
+    gpus_per_worker: float = Field(1.0, gt=0)
+    """GPUs each worker asks Ray for (with use_gpu). A fraction packs single-worker trials onto one GPU (0.25:
+    four `ln` / `lora` trials of a big frozen model share it); refused for multi-worker runs."""
+    placement_strategy: Literal["PACK", "SPREAD", "STRICT_PACK", "STRICT_SPREAD"] = "PACK"
+    """Ray placement of the workers: PACK (fewest nodes), SPREAD / STRICT_SPREAD (one worker per node)."""
 
 
 class RunConfig(_Section):
@@ -175,6 +180,8 @@ class Config(_Section):
             if d[section][key] == default:
                 del d[section][key]
         d["train"].pop("log_every")  # logging only
+        for key in ("placement_strategy", "gpus_per_worker"):  # where workers run does not change the result
+            d["scaling"].pop(key)
         return hashlib.sha256(json.dumps(d, sort_keys=True).encode()).hexdigest()[:12]
 
     def run_name(self) -> str:
@@ -338,6 +345,13 @@ def semantic_errors(cfg: Config, check_paths: bool = True) -> list[str]:
         errors.append(f"deepspeed.offload_param: needs zero_stage 3 (got {cfg.deepspeed.zero_stage})")
     if cfg.deepspeed.precision == "bf16" and not cfg.scaling.use_gpu:
         errors.append("deepspeed.precision: bf16 needs scaling.use_gpu=true (CPU runs train in fp32)")
+    gpus = cfg.scaling.gpus_per_worker
+    if gpus != int(gpus) and gpus > 1:
+        errors.append(f"scaling.gpus_per_worker: {gpus:g}: more than one GPU per worker must be a whole number")
+    elif gpus < 1 and cfg.scaling.use_gpu and cfg.scaling.num_workers > 1:
+        errors.append(f"scaling.gpus_per_worker: {gpus:g} GPU per worker with {cfg.scaling.num_workers} workers: "
+                      "fractional GPUs pack single-worker trials only (the ranks of an NCCL group cannot share a "
+                      "GPU); use scaling.num_workers=1 or whole GPUs")
     if not check_paths:
         return errors
     from .tracking import missing_packages

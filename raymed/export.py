@@ -11,14 +11,27 @@ from __future__ import annotations
 import argparse
 import json
 import sys
+import tempfile
 from pathlib import Path
 
+from . import storage
 from .checkpoint import find_checkpoint, load_trainable, peft_host
 
 
-def export(run: Path, out: Path, adapter: bool = False) -> Path:
+def export(run: str | Path, out: str | Path, adapter: bool = False) -> str:
+    """Write the exported model (or adapter) into `out` (a folder or URI); return `out`."""
     ckpt = find_checkpoint(run)
-    model, processor, meta = load_trainable(ckpt / "model")
+    with tempfile.TemporaryDirectory(prefix="raymed-export-") as tmp, storage.staged_output(out) as local:
+        model_dir = storage.join(ckpt, "model")
+        if storage.is_uri(model_dir):  # only model/ (the trainable tensors), never resume/
+            storage.download_dir(model_dir, tmp)
+            model_dir = tmp
+        _export(Path(model_dir), ckpt, local, adapter)
+    return storage.resolve(out)
+
+
+def _export(model_dir: Path, ckpt: str, out: Path, adapter: bool) -> None:
+    model, processor, meta = load_trainable(model_dir)
     host = peft_host(model)
     if adapter:
         if host is None:
@@ -38,19 +51,18 @@ def export(run: Path, out: Path, adapter: bool = False) -> Path:
         model.save_pretrained(out, safe_serialization=True)
     processor.save_pretrained(out)
     (out / "raymed.json").write_text(json.dumps({"exported_from": str(ckpt), **meta}, indent=2))
-    return out
 
 
 def main(argv: list[str] | None = None) -> int:
     ap = argparse.ArgumentParser(prog="python -m raymed.export", description=__doc__,
                                  formatter_class=argparse.RawDescriptionHelpFormatter)
-    ap.add_argument("--run", required=True, type=Path, help="run directory or checkpoint directory")
-    ap.add_argument("--out", required=True, type=Path)
+    ap.add_argument("--run", required=True, help="run or checkpoint folder, or its URI (s3://, gs://)")
+    ap.add_argument("--out", required=True, help="output folder or URI")
     ap.add_argument("--adapter", action="store_true", help="write the peft adapter instead of a merged model")
     args = ap.parse_args(argv)
     try:
         path = export(args.run, args.out, adapter=args.adapter)
-    except (FileNotFoundError, ValueError) as e:
+    except (FileNotFoundError, ValueError, storage.StorageError) as e:
         print(f"error: {e}", file=sys.stderr)
         return 2
     print(f"wrote {path}")

@@ -40,6 +40,7 @@ import os
 import platform
 import re
 import shutil
+import posixpath
 import subprocess
 import sys
 from collections import Counter
@@ -48,6 +49,8 @@ from datetime import datetime, timezone
 from importlib import metadata
 from pathlib import Path
 from typing import Any
+
+from . import storage
 
 logger = logging.getLogger(__name__)
 
@@ -132,13 +135,13 @@ def load_rows(experiment_dir: str | Path) -> list[dict[str, Any]]:
     or else the ``results.json`` of an earlier report."""
     from .results import read_rows
 
-    root = Path(experiment_dir)
-    rows = read_rows(root)
+    root = storage.resolve(experiment_dir)
+    rows = read_rows(root) if storage.is_dir(root) else []
     if rows:
         return [normalize_row(r, f"{root} run {r.get('trial_id')}") for r in rows]
-    summary = root / RESULTS_FILE
-    if summary.is_file():
-        data = json.loads(summary.read_text())
+    summary = storage.join(root, RESULTS_FILE)
+    if storage.is_file(summary):
+        data = storage.read_json(summary)
         trials = data.get("trials") if isinstance(data, Mapping) else data
         if not isinstance(trials, list):
             raise ValueError(f"{summary}: expected a list of trials or an object with 'trials'")
@@ -155,8 +158,9 @@ def build_report(
     out_dir: str | Path,
     metric: str = DEFAULT_METRIC,
     mode: str = "max",
-) -> dict[str, Path]:
-    """Write results.json, results.csv, report.md and frontier.png into ``out_dir``; return their paths.
+) -> dict[str, Path | str]:
+    """Write results.json, results.csv, report.md and frontier.png into ``out_dir`` (a folder or URI);
+    return their paths.
 
     Trials are ranked by ``metric`` (``mode`` "max" or "min"); the best trial of each method (and tower
     choice, when a method was run with several) is its representative in the summary and the plot.
@@ -191,10 +195,18 @@ def build_report(
     flat = [_flat(t, labels[t["trial_id"]], columns) for t in ranked]
     best_flat = [_flat(t, label, columns) for label, t in best.items()]
     machines = sorted({json.dumps(t["machine"], sort_keys=True) for t in ranked if t.get("machine")})
-    host = describe_machine()
 
-    out = Path(out_dir)
-    out.mkdir(parents=True, exist_ok=True)
+    with storage.staged_output(out_dir) as out:
+        files = _write_report(out, ranked, flat, best, best_flat, columns, metric, mode, machines,
+                              posixpath.basename(storage.resolve(out_dir)))
+    if not storage.is_uri(out_dir):
+        return files
+    return {k: storage.join(storage.resolve(out_dir), p.name) for k, p in files.items()}
+
+
+def _write_report(out: Path, ranked: list, flat: list, best: dict, best_flat: list, columns: list, metric: str,
+                  mode: str, machines: list, name: str) -> dict[str, Path]:
+    host = describe_machine()
     files = {
         "results_json": out / RESULTS_FILE,
         "results_csv": out / "results.csv",
@@ -212,7 +224,7 @@ def build_report(
     }
     files["results_json"].write_text(json.dumps(summary, indent=2, default=str) + "\n")
     _write_csv(files["results_csv"], flat)
-    files["report_md"].write_text(_markdown(flat, best_flat, columns, metric, mode, host, machines, out.resolve().name))
+    files["report_md"].write_text(_markdown(flat, best_flat, columns, metric, mode, host, machines, name))
     _plot_frontier(files["frontier_png"], best, metric, mode)
     _plot_curves(files["curves_png"], best, metric)
     return files
@@ -494,14 +506,14 @@ def main(argv: Sequence[str] | None = None) -> int:
     parser = argparse.ArgumentParser(
         prog="python -m raymed.report", description="Rebuild the sweep report of an experiment folder."
     )
-    parser.add_argument("experiment_dir", type=Path)
+    parser.add_argument("experiment_dir", help="experiment folder or URI (s3://, gs://)")
     parser.add_argument(
         "--metric", help=f"metric to rank by (default: the previous report's, else {DEFAULT_METRIC})"
     )
     parser.add_argument(
         "--mode", choices=("max", "min"), help="max or min (default: the previous report's, else max)"
     )
-    parser.add_argument("--out", type=Path, help="output folder (default: EXPERIMENT_DIR)")
+    parser.add_argument("--out", help="output folder or URI (default: EXPERIMENT_DIR)")
     args = parser.parse_args(argv)
     logging.basicConfig(level=logging.INFO, format="%(levelname)s %(message)s")
 
@@ -511,10 +523,10 @@ def main(argv: Sequence[str] | None = None) -> int:
     try:
         rows = load_rows(args.experiment_dir)
         files = build_report(rows, args.out or args.experiment_dir, metric=metric, mode=mode)
-    except (ValueError, FileNotFoundError) as exc:
+    except (ValueError, FileNotFoundError, storage.StorageError) as exc:
         print(f"error: {exc}", file=sys.stderr)
         return 2
-    summary = json.loads(files["results_json"].read_text())
+    summary = storage.read_json(files["results_json"])
     print(f"{len(rows)} trials ranked by {metric} ({mode}); best per method:")
     for label, trial_id in summary["best_per_method"].items():
         t = next(t for t in summary["trials"] if t["trial_id"] == trial_id)
@@ -524,10 +536,10 @@ def main(argv: Sequence[str] | None = None) -> int:
     return 0
 
 
-def _previous_settings(experiment_dir: Path) -> dict[str, Any]:
+def _previous_settings(experiment_dir: str) -> dict[str, Any]:
     try:
-        data = json.loads((experiment_dir / RESULTS_FILE).read_text())
-    except (OSError, json.JSONDecodeError):
+        data = storage.read_json(storage.join(experiment_dir, RESULTS_FILE))
+    except (OSError, json.JSONDecodeError, storage.StorageError):
         return {}
     return {k: data.get(k) for k in ("metric", "mode")} if isinstance(data, dict) else {}
 

@@ -24,6 +24,8 @@ from collections.abc import Mapping
 from pathlib import Path
 from typing import Any
 
+from . import storage
+
 ROW_FILE = "row.json"
 RUN_RESULT_FILE = "raymed-result.json"
 RUN_ERROR_FILE = "raymed-error.json"
@@ -71,39 +73,45 @@ def result_row(cfg: Any, accounting: Mapping[str, Any], history: list[dict[str, 
     }
 
 
-# ---- reading a folder of runs ---------------------------------------------------------------------
-def latest_checkpoint(run_dir: Path) -> Path | None:
+# ---- reading a folder of runs (local paths or URIs) ---------------------------------------------------
+def latest_checkpoint(run_dir: str | Path) -> str | None:
     """The newest `epoch-NNNN` checkpoint of a run folder (None when it has none)."""
-    found = [(int(m.group(1)), p) for p in run_dir.iterdir() if p.is_dir() and (m := CHECKPOINT_RE.match(p.name))]
-    return max(found)[1] if found else None
+    found = [(int(m.group(1)), n) for n in storage.listdir(run_dir) if (m := CHECKPOINT_RE.match(n))]
+    return storage.join(run_dir, max(found)[1]) if found else None
 
 
-def run_dirs(root: Path) -> list[Path]:
-    """Every run folder below ``root`` (a folder holding `epoch-NNNN` checkpoints), ``root`` included."""
-    dirs = {p.parent.parent for p in root.rglob(f"epoch-*/{ROW_FILE}") if CHECKPOINT_RE.match(p.parent.name)}
+def run_dirs(root: str | Path) -> list[str]:
+    """Every run folder below ``root`` (a folder holding `epoch-NNNN/row.json` checkpoints)."""
+    dirs = set()
+    for path, _ in storage.walk_files(root, ROW_FILE):
+        ckpt, _, _ = str(path).rpartition("/") if storage.is_uri(path) else (os.path.dirname(path), "", "")
+        if CHECKPOINT_RE.match(ckpt.rstrip("/").rsplit("/", 1)[-1]):
+            dirs.add(ckpt.rstrip("/").rsplit("/", 1)[0])
     return sorted(dirs)
 
 
-def read_run_row(run_dir: Path) -> dict[str, Any] | None:
-    """The row of a run folder's latest checkpoint, marked `errored` when the run failed."""
+def read_run_row(run_dir: str | Path) -> dict[str, Any] | None:
+    """The row of a run folder's latest checkpoint, cut back to where a scheduler stopped it, or marked
+    `errored` when the run failed."""
     ckpt = latest_checkpoint(run_dir)
-    if ckpt is None or not (ckpt / ROW_FILE).is_file():
+    if ckpt is None or not storage.is_file(storage.join(ckpt, ROW_FILE)):
         return None
-    row = json.loads((ckpt / ROW_FILE).read_text())
-    stopped = run_dir / RUN_STOPPED_FILE
-    if stopped.is_file():
-        row = cut_back(row, int(json.loads(stopped.read_text())["epoch"]))
-    error = run_dir / RUN_ERROR_FILE
-    if error.is_file() and not stopped.is_file():  # a stopped trial's controller dies with it: no failure
-        row["error"] = json.loads(error.read_text()).get("error")
+    row = storage.read_json(storage.join(ckpt, ROW_FILE))
+    stopped = storage.join(run_dir, RUN_STOPPED_FILE)
+    is_stopped = storage.is_file(stopped)
+    if is_stopped:
+        row = cut_back(row, int(storage.read_json(stopped)["epoch"]))
+    error = storage.join(run_dir, RUN_ERROR_FILE)
+    if not is_stopped and storage.is_file(error):  # a stopped trial's controller dies with it: no failure
+        row["error"] = storage.read_json(error).get("error")
         row["stopped_early"] = False
     return row
 
 
 def read_rows(root: str | Path) -> list[dict[str, Any]]:
     """The rows of every run below an experiment (or run) folder, ordered by trial id."""
-    root = Path(root)
-    if not root.is_dir():
+    root = storage.resolve(root)
+    if not storage.is_dir(root):
         raise FileNotFoundError(f"experiment folder {root} does not exist")
     rows = [r for d in run_dirs(root) if (r := read_run_row(d)) is not None]
     return sorted(rows, key=lambda r: r["trial_id"])
@@ -122,13 +130,12 @@ def cut_back(row: dict[str, Any], epoch: int) -> dict[str, Any]:
             "stopped_early": True}
 
 
-def write_stopped(run_dir: Path, epoch: int) -> None:
+def write_stopped(run_dir: str | Path, epoch: int) -> None:
     """Mark a sweep trial as stopped by the scheduler after `epoch`."""
-    run_dir.mkdir(parents=True, exist_ok=True)
-    (run_dir / RUN_STOPPED_FILE).write_text(json.dumps({"epoch": epoch}))
+    storage.write_text(storage.join(run_dir, RUN_STOPPED_FILE), json.dumps({"epoch": epoch}))
 
 
-def write_error(run_dir: Path, error: BaseException) -> None:
+def write_error(run_dir: str | Path, error: BaseException) -> None:
     """Mark a run as failed (its checkpoints, if any, stay readable)."""
-    run_dir.mkdir(parents=True, exist_ok=True)
-    (run_dir / RUN_ERROR_FILE).write_text(json.dumps({"error": f"{type(error).__name__}: {error}"[:2000]}))
+    storage.write_text(storage.join(run_dir, RUN_ERROR_FILE),
+                       json.dumps({"error": f"{type(error).__name__}: {error}"[:2000]}))

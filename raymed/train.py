@@ -15,11 +15,16 @@ import sys
 from pathlib import Path
 from typing import Any
 
+from . import storage as store
 from .config import Config, ConfigError, load_config
 
 CACHE = Path(os.environ.get("RAYMED_CACHE", Path.home() / ".cache" / "raymed"))
 # Logical CPUs the Ray Data preprocessing actors ask for: fractional, so they never starve the workers.
 PREPROCESS_CPUS = 0.25
+
+
+# Storage settings the workers need to reach the same object store as the driver (no secrets).
+STORAGE_ENV = ("AWS_ENDPOINT_URL", "AWS_ENDPOINT_URL_S3", "AWS_REGION", "AWS_DEFAULT_REGION")
 
 
 class ResourceError(RuntimeError):
@@ -85,7 +90,9 @@ def init_ray(min_cpus: float) -> None:
 
     if ray.is_initialized():
         return
-    env = {"env_vars": {"TRANSFORMERS_VERBOSITY": "error", "RAY_TRAIN_ENABLE_V2_MIGRATION_WARNINGS": "0"}}
+    env = {"env_vars": {"TRANSFORMERS_VERBOSITY": "error", "RAY_TRAIN_ENABLE_V2_MIGRATION_WARNINGS": "0",
+                        # where object storage is (never credentials: workers use their own identity)
+                        **{k: os.environ[k] for k in STORAGE_ENV if k in os.environ}}}
     if os.environ.get("RAY_ADDRESS"):
         ray.init(runtime_env=env)
     else:
@@ -130,7 +137,7 @@ def check_resources(cfg: Config) -> None:
     import ray
 
     nodes = [n["Resources"] for n in ray.nodes() if n.get("Alive")]
-    need = {"CPU": cfg.scaling.cpus_per_worker, **({"GPU": 1.0} if cfg.scaling.use_gpu else {})}
+    need = worker_resources(cfg)
     if not any(all(node.get(k, 0) >= v for k, v in need.items()) for node in nodes):
         autoscaling = bool(os.environ.get("RAYMED_AUTOSCALING"))
         if not autoscaling:
@@ -174,9 +181,10 @@ def build_trainer(cfg: Config, storage: str | None = None, extra_callbacks: list
         "run_name": name,
         "steps_per_epoch": steps_per_epoch(train_dir, cfg),
         "eval_sets": eval_sets,
-        "fault_marker": str(Path(storage) / name / "fault-injected.txt"),
+        "fault_marker": store.join(storage, name, "fault-injected.txt"),
         "tracking_dir": str(tracking_dir(storage, name)) if track else None,
     }
+    ray_path, ray_fs = store.ray_storage(storage)
     family = resolve(cfg.model.name).family.name
     train_ds = encoded_split(
         train_dir, cfg.data.train_split,
@@ -188,12 +196,9 @@ def build_trainer(cfg: Config, storage: str | None = None, extra_callbacks: list
         train_loop,
         train_loop_config={"config": loop_cfg, "plan": plan},
         torch_config=TorchConfig(backend="nccl" if cfg.scaling.use_gpu else "gloo"),
-        scaling_config=ray.train.ScalingConfig(
-            num_workers=cfg.scaling.num_workers, use_gpu=cfg.scaling.use_gpu,
-            resources_per_worker={"CPU": cfg.scaling.cpus_per_worker, **({"GPU": 1} if cfg.scaling.use_gpu else {})},
-        ),
+        scaling_config=scaling_config(cfg),
         run_config=ray.train.RunConfig(
-            name=name, storage_path=storage,
+            name=name, storage_path=ray_path, storage_filesystem=ray_fs,
             failure_config=ray.train.FailureConfig(max_failures=cfg.run.max_failures),
             checkpoint_config=ray.train.CheckpointConfig(num_to_keep=cfg.run.keep_checkpoints),
             callbacks=extra_callbacks or None,
@@ -201,6 +206,20 @@ def build_trainer(cfg: Config, storage: str | None = None, extra_callbacks: list
         datasets={"train": train_ds},
         dataset_config=ingest_config(cfg.data.preserve_order),
     )
+
+
+def worker_resources(cfg: Config) -> dict[str, float]:
+    """Ray resources of one training worker (a fractional GPU packs single-worker trials on one GPU)."""
+    return {"CPU": cfg.scaling.cpus_per_worker, **({"GPU": cfg.scaling.gpus_per_worker} if cfg.scaling.use_gpu else {})}
+
+
+def scaling_config(cfg: Config) -> Any:
+    """Ray Train's `ScalingConfig` of a run: what its worker group asks the cluster for."""
+    import ray.train
+
+    return ray.train.ScalingConfig(num_workers=cfg.scaling.num_workers, use_gpu=cfg.scaling.use_gpu,
+                                   placement_strategy=cfg.scaling.placement_strategy,
+                                   resources_per_worker=worker_resources(cfg))
 
 
 def summarize(result: Any) -> dict[str, Any]:
@@ -212,53 +231,67 @@ def summarize(result: Any) -> dict[str, Any]:
         raise RuntimeError(f"run {result.path} finished without a checkpoint: {result.error}")
     ckpt = result.checkpoint
     with ckpt.filesystem.open_input_stream(f"{ckpt.path}/{ROW_FILE}") as f:
-        return json.loads(f.read())
+        row = json.loads(f.read())
+    return {**row, "checkpoint": store.uri_of(ckpt.filesystem, ckpt.path),
+            "worker_nodes": row["history"][-1].get("worker_nodes")}
 
 
 def check_resume(cfg: Config) -> None:
     """Before any worker starts: a re-run of a named run resumes it only under the config it was started with
     (the worker checks again), unless `run.allow_config_change`."""
-    from pyarrow import fs
-
     from .config import config_changes
     from .results import CHECKPOINT_RE
 
-    root = f"{storage_path(cfg)}/{cfg.run_name()}"
-    filesystem, path = fs.FileSystem.from_uri(root) if "://" in root else (fs.LocalFileSystem(), root)
-    infos = filesystem.get_file_info(fs.FileSelector(path, allow_not_found=True))
-    ckpts = sorted(i.path for i in infos if CHECKPOINT_RE.match(i.base_name))
-    if not ckpts or cfg.run.allow_config_change:
+    root = store.join(storage_path(cfg), cfg.run_name())
+    if cfg.run.allow_config_change or not store.is_dir(root):
         return
+    ckpts = sorted((int(m.group(1)), n) for n in store.listdir(root) if (m := CHECKPOINT_RE.match(n)))
+    if not ckpts:
+        return
+    latest = store.join(root, ckpts[-1][1])
     try:
-        with filesystem.open_input_stream(f"{ckpts[-1]}/model/raymed.json") as f:
-            old = json.loads(f.read())["config"]
-    except (OSError, KeyError, json.JSONDecodeError):
+        old = store.read_json(store.join(latest, "model", "raymed.json"))["config"]
+    except (OSError, KeyError, ValueError):
         return  # an incomplete checkpoint: Ray Train resumes from its own record, the worker checks
     changes = config_changes(old, cfg.model_dump(mode="json"))
     if changes:
-        raise ConfigError([*changes, f"run {cfg.run_name()!r} exists ({ckpts[-1]}) with another config: pick a new "
+        raise ConfigError([*changes, f"run {cfg.run_name()!r} exists ({latest}) with another config: pick a new "
                            "run.name, or set run.allow_config_change=true to continue it with the new values"])
+
+
+def _read_json(fs: Any, path: str) -> Any:
+    with fs.open_input_stream(path) as f:
+        return json.loads(f.read())
 
 
 def storage_path(cfg: Config) -> str:
     """Absolute local path or URI of the run storage."""
-    if "://" in cfg.run.storage:
-        return cfg.run.storage
-    return str(Path(cfg.run.storage).expanduser().resolve())
+    return store.resolve(cfg.run.storage)
+
+
+def check_storage(cfg: Config, storage: str | None = None) -> None:
+    """Run storage and data reachable and usable (driver side, before any worker starts): raises
+    `storage.StorageError` naming the URI."""
+    store.check(storage or storage_path(cfg), "run.storage")
+    if cfg.data.path is not None:
+        store.check_dataset(cfg.data.path, "data.path")
+    for name, path in cfg.data.eval_sets.items():
+        store.check_dataset(path, f"data.eval_sets.{name}")
 
 
 def fit(cfg: Config) -> dict[str, Any]:
     """Run training to completion (resuming a same-named run) and write `<storage>/<name>/raymed-result.json`."""
     from .results import RUN_RESULT_FILE
 
+    check_storage(cfg)
     check_resume(cfg)
     init_ray(required_cpus(cfg) + 1)
     check_resources(cfg)
     trainer = build_trainer(cfg)
     result = trainer.fit()
-    summary = {**summarize(result), "checkpoint": result.checkpoint.path}
-    out = f"{result.path}/{RUN_RESULT_FILE}"
-    with result.filesystem.open_output_stream(out) as f:
+    summary = summarize(result)
+    out = store.uri_of(result.filesystem, f"{result.path}/{RUN_RESULT_FILE}")
+    with result.filesystem.open_output_stream(f"{result.path}/{RUN_RESULT_FILE}") as f:
         f.write(json.dumps(summary, indent=2).encode())
     return {**summary, "result_json": out}
 
@@ -272,7 +305,7 @@ def main(argv: list[str] | None = None) -> int:
     try:
         cfg = load_config(args.config, args.overrides)
         summary = fit(cfg)
-    except (ConfigError, ResourceError) as e:
+    except (ConfigError, ResourceError, store.StorageError) as e:
         print(f"error: {e}", file=sys.stderr)
         return 2
     m = summary["metrics"]

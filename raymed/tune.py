@@ -14,7 +14,6 @@ from __future__ import annotations
 
 import argparse
 import itertools
-import json
 import os
 import pickle
 import sys
@@ -25,9 +24,10 @@ from pydantic import Field
 from ray.tune.schedulers import AsyncHyperBandScheduler, FIFOScheduler, TrialScheduler
 
 from .config import Config, ConfigError, _Section, _format, deep_merge, parse_override, read_yaml, set_dotted, validate
+from . import storage as store
 from .metrics import VQA_KEYS
-from .train import ResourceError, build_trainer, init_ray, required_cpus
 from .tracking import tune_callbacks
+from .train import ResourceError, build_trainer, check_storage, init_ray, required_cpus
 
 DEFAULT_SWEEP = Path(__file__).parent / "defaults" / "sweep.yaml"
 VQA_METRICS = VQA_KEYS  # every scoring rule: strict, @llava-med, @miss
@@ -266,7 +266,7 @@ def trial(config: dict[str, Any]) -> None:
         if result.error is not None:
             raise result.error
     except Exception as err:
-        write_error(Path(config["storage"]) / trial_name, err)
+        write_error(store.join(config["storage"], trial_name), err)
         raise
 
 
@@ -310,12 +310,22 @@ def trial_cpus(base_cfg: Config, sweep: SweepConfig) -> float:
     return sweep.trial_cpus + required_cpus(base_cfg)
 
 
-def run_sweep(sweep: SweepConfig, base: dict[str, Any], out: Path, resume: bool = False) -> Any:
-    """Run (or resume) the sweep; returns Tune's ResultGrid."""
+def concurrent_trials(cluster: dict[str, float], base_cfg: Config, sweep: SweepConfig) -> int:
+    """Trials the cluster holds at once: by CPUs, and by GPUs (fractional GPUs pack several on one)."""
+    n = int(cluster.get("CPU", 0) // trial_cpus(base_cfg, sweep))
+    if base_cfg.scaling.use_gpu and cluster.get("GPU"):
+        n = min(n, int(cluster["GPU"] / (base_cfg.scaling.num_workers * base_cfg.scaling.gpus_per_worker) + 1e-9))
+    return max(1, n)
+
+
+def run_sweep(sweep: SweepConfig, base: dict[str, Any], out: str | Path, resume: bool = False) -> Any:
+    """Run (or resume) the sweep in `out` (a folder or URI); returns Tune's ResultGrid."""
     import ray
     from ray import tune
 
     base_cfg = validate(base)
+    out = store.resolve(out)
+    check_storage(base_cfg, store.join(out, sweep.name, "runs"))
     need = trial_cpus(base_cfg, sweep)
     init_ray(2 * need)  # a local cluster runs two trials side by side
     cluster_cpus = ray.cluster_resources().get("CPU", 0)
@@ -326,31 +336,33 @@ def run_sweep(sweep: SweepConfig, base: dict[str, Any], out: Path, resume: bool 
     if base_cfg.scaling.use_gpu and not ray.cluster_resources().get("GPU") and not os.environ.get("RAYMED_AUTOSCALING"):
         raise ResourceError("scaling.use_gpu=true but the cluster has no GPU (set RAYMED_AUTOSCALING=1 if it "
                             "autoscales GPU nodes)")
-    concurrency = sweep.max_concurrent or max(1, int(cluster_cpus // need))
+    concurrency = sweep.max_concurrent or concurrent_trials(ray.cluster_resources(), base_cfg, sweep)
     trainable = tune.with_resources(trial, {"cpu": sweep.trial_cpus})
-    storage = str(out.resolve())
+    storage, fs = store.ray_storage(out)
+    experiment = f"{storage}/{sweep.name}"
     if resume:
-        if not tune.Tuner.can_restore(str(out / sweep.name)):
-            raise ConfigError([f"--resume: no sweep to resume at {out / sweep.name}"])
-        tuner = tune.Tuner.restore(str(out / sweep.name), trainable=trainable, resume_unfinished=True,
-                                   resume_errored=True)
+        if not tune.Tuner.can_restore(experiment, storage_filesystem=fs):
+            raise ConfigError([f"--resume: no sweep to resume at {store.join(out, sweep.name)}"])
+        tuner = tune.Tuner.restore(experiment, trainable=trainable, resume_unfinished=True,
+                                   resume_errored=True, storage_filesystem=fs)
     else:
         epochs = base_cfg.train.epochs
         scheduler = make_scheduler(sweep, epochs)
         tuner = tune.Tuner(
             trainable,
-            param_space={"base": base, **_search_space(sweep, base), "storage": str(out.resolve() / sweep.name / "runs")},
+            param_space={"base": base, **_search_space(sweep, base), "storage": store.join(out, sweep.name, "runs")},
             tune_config=tune.TuneConfig(metric=sweep.metric, mode=sweep.mode, scheduler=scheduler,
                                         num_samples=sweep.num_samples, max_concurrent_trials=concurrency),
-            run_config=tune.RunConfig(name=sweep.name, storage_path=storage,
-                                      callbacks=tune_callbacks(base_cfg.run.report_to, sweep.name, out / sweep.name)),
+            run_config=tune.RunConfig(name=sweep.name, storage_path=storage, storage_filesystem=fs,
+                                      callbacks=tune_callbacks(base_cfg.run.report_to, sweep.name,
+                                                               Path(store.join(out, sweep.name)))),
         )
     print(f"[raymed] sweep {sweep.name}: {len(grid_points(sweep, base)) * sweep.num_samples} trials, "
           f"{concurrency} at a time, metric {sweep.metric} ({sweep.mode}) -> {out}", flush=True)
     return tuner.fit()
 
 
-def mark_stopped(results: Any, runs_dir: Path, epochs: int) -> None:
+def mark_stopped(results: Any, runs_dir: str | Path, epochs: int) -> None:
     """Record, in each trial's run folder, the epoch at which the scheduler stopped it: its workers may go on for a
     moment and checkpoint a later epoch, which the trial's result row must not count (raymed.results)."""
     from .results import write_stopped
@@ -358,36 +370,38 @@ def mark_stopped(results: Any, runs_dir: Path, epochs: int) -> None:
     for r in results:
         m = r.metrics or {}
         if r.error is None and m.get("epoch") and m["epoch"] < epochs and m.get("trial_id"):
-            write_stopped(runs_dir / f"trial-{m['trial_id']}", int(m["epoch"]))
+            write_stopped(store.join(runs_dir, f"trial-{m['trial_id']}"), int(m["epoch"]))
 
 
 def main(argv: list[str] | None = None) -> int:
     ap = argparse.ArgumentParser(prog="python -m raymed.tune", description=__doc__,
                                  formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--config", help=f"sweep YAML (default: the built-in {DEFAULT_SWEEP.name})")
-    ap.add_argument("--out", type=Path, default=Path("experiments"), help="experiment folder (default: ./experiments)")
+    ap.add_argument("--out", help="experiment folder or URI: s3://BUCKET/PREFIX, gs://... (default: the sweep's "
+                    "run.storage when it sets one, else ./experiments)")
     ap.add_argument("--resume", action="store_true", help="resume an interrupted sweep in --out")
     ap.add_argument("overrides", nargs="*", help="dotted overrides: training keys, or sweep.KEY=VALUE")
-    args = ap.parse_args(argv)
+    args = ap.parse_intermixed_args(argv)  # overrides may come before or after --out / --resume
     from .report import build_report
 
     try:
         sweep, base = load_sweep(args.config, args.overrides)
-        out = args.out / sweep.name
-        results = run_sweep(sweep, base, args.out, resume=args.resume)
-    except (ConfigError, ResourceError) as e:
+        root = args.out or base.get("run", {}).get("storage") or "experiments"
+        out = store.join(store.resolve(root), sweep.name)
+        results = run_sweep(sweep, base, root, resume=args.resume)
+    except (ConfigError, ResourceError, store.StorageError) as e:
         print(f"error: {e}", file=sys.stderr)
         return 2
     from .results import read_rows
 
-    mark_stopped(results, out / "runs", validate(base).train.epochs)
-    rows = read_rows(out / "runs")  # the same rows `python -m raymed.report` reads back
+    mark_stopped(results, store.join(out, "runs"), validate(base).train.epochs)
+    rows = read_rows(store.join(out, "runs"))  # the same rows `python -m raymed.report` reads back
     errored = [r for r in results if r.error is not None]
     if not rows:
         print(f"error: no trial reported a result ({len(errored)} errored); see {out}", file=sys.stderr)
         return 1
     paths = build_report(rows, out, metric=sweep.metric, mode=sweep.mode)
-    print((out / "report.md").read_text())
+    print(store.read_text(paths["report_md"]))
     print(f"[raymed] report: {', '.join(str(p) for p in paths.values())}")
     if errored:
         print(f"warning: {len(errored)} trial(s) errored: " + "; ".join(str(r.error)[:200] for r in errored),

@@ -52,6 +52,9 @@ def train_loop(loop_config: dict[str, Any]) -> None:
     device = ray.train.torch.get_device()
     if device.type == "cuda":
         torch.cuda.set_device(device)  # all_gather_object and NCCL collectives use the current device
+    # Ray node id of every rank (recorded in each checkpoint's state.json: where the workers ran).
+    nodes: list[str | None] = [None] * world
+    torch.distributed.all_gather_object(nodes, ray.get_runtime_context().get_node_id())
     bf16 = cfg.deepspeed.precision == "bf16" or (cfg.deepspeed.precision == "auto" and cfg.scaling.use_gpu)
 
     # 1. Model and method. Every rank builds identical weights (same seed), then freezes / wraps. Weights load in
@@ -150,7 +153,7 @@ def train_loop(loop_config: dict[str, Any]) -> None:
             metrics.update(evaluated)
         log(f"epoch {epoch + 1}: step {metrics['step']}, loss {metrics['loss']:.4f}, "
             f"{metrics['samples_per_s']:.1f} samples/s")
-        history.append({k: v for k, v in metrics.items() if not k.startswith("zeroshot/")})
+        history.append({**{k: v for k, v in metrics.items() if not k.startswith("zeroshot/")}, "worker_nodes": nodes})
         tracker.epoch(metrics)
         wall_s += time.perf_counter() - t_mark
         t_mark = time.perf_counter()
@@ -158,7 +161,7 @@ def train_loop(loop_config: dict[str, Any]) -> None:
         with tempfile.TemporaryDirectory() as tmp:
             last = epoch + 1 == cfg.train.epochs
             state = {"epoch": epoch, "history": history, "zero_shot": zero_shot, "wall_s": wall_s,
-                     "schedule": schedule.segments}
+                     "schedule": schedule.segments, "worker_nodes": nodes}
             save_checkpoint(engine, acc, cfg, Path(tmp), rank, state, full=cfg.run.save_full_model and last)
             if rank == 0:
                 write_evaluation(Path(tmp), cfg, acc, history, zero_shot, zero_shot_records, records, wall_s, name)
@@ -335,11 +338,12 @@ def _maybe_inject_fault(cfg: Config, plan: dict, step: int, rank: int, world: in
     """Test hook: the last worker dies once (hard exit) at `run.fail_at_step`."""
     if cfg.run.fail_at_step is None or step != cfg.run.fail_at_step or rank != world - 1:
         return
-    marker = Path(plan["fault_marker"])
-    if marker.exists():
+    from . import storage
+
+    marker = plan["fault_marker"]  # a path or URI under the run storage
+    if storage.exists(marker):
         return
-    marker.parent.mkdir(parents=True, exist_ok=True)
-    marker.write_text(f"worker {rank} killed at step {step}\n")
+    storage.write_text(marker, f"worker {rank} killed at step {step}\n")
     os._exit(17)
 
 

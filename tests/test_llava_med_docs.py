@@ -64,7 +64,7 @@ def test_bring_llava_med_section_runs_on_the_fixture(tmp_path, monkeypatch):
 
     from raymed.methods import apply_method
 
-    result = json.loads((tmp_path / "runs/ln-fixture/result.json").read_text())
+    result = json.loads((tmp_path / "runs/ln-fixture/raymed-result.json").read_text())
     conv = resolve("models/llava-med-v1.5-hf")
     _, acc = apply_method(load_model(conv), conv, "ln", None, {})
     assert result["params"]["trainable"] == acc.trainable > 0 and result["params"]["total"] == acc.total

@@ -109,6 +109,6 @@ def test_killed_sweep_resumes(tmp_path):
     assert resumed.returncode == 0, resumed.stdout[-3000:] + resumed.stderr[-3000:]
     summary = _check_report(tmp_path / "tiny-cpu")
     assert sorted(t["method"] for t in summary["trials"]) == ["ln", "lora"]
-    for result in runs.glob("*/result.json"):
+    for result in runs.glob("*/epoch-*/row.json"):
         history = json.loads(result.read_text())["history"]
         assert [h["epoch"] for h in history] == list(range(1, len(history) + 1))

@@ -96,7 +96,7 @@ def run(sweep_dir: Path | str, n: int | None = None, seed: int | None = None, ro
     best = [t for t in best if methods is None or t["method"] in methods]
     if not best:
         raise ValueError(f"{sweep_dir}/results.json: no best trial for methods {methods}")
-    checkpoints = {t["trial_id"]: find_checkpoint(sweep_dir / "runs" / t["trial_id"]) / "model" for t in best}
+    checkpoints = {t["trial_id"]: Path(find_checkpoint(sweep_dir / "runs" / t["trial_id"])) / "model" for t in best}
     meta = json.loads((next(iter(checkpoints.values())) / "raymed.json").read_text())
     cfg_data = meta["config"]["data"]
     train_seed = meta["config"]["train"]["seed"]

@@ -174,7 +174,7 @@ def run(config: str | None = None, overrides: tuple[str, ...] = (), quick: bool 
                                          "scheduler": sweep.scheduler.model_copy(update={"type": kind})})
             t0 = time.time()
             results = run_sweep(s, base, root)
-            mark_stopped(results, root / s.name / "runs", max_t)
+            mark_stopped(results, str(root / s.name / "runs"), max_t)
             trials = trials_of(results, root / s.name / "runs", sweep.metric)
             runs[kind] = {"wall_s": time.time() - t0, "trials": trials,
                           "concurrency": s.max_concurrent or _concurrency(s, base)}

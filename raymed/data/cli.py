@@ -10,6 +10,7 @@ import sys
 from pathlib import Path
 from typing import Sequence
 
+from raymed import storage
 from raymed.data.readers import FORMATS, DataFormatError
 from raymed.data.source import ReadOptions
 
@@ -38,7 +39,7 @@ def _parser() -> argparse.ArgumentParser:
     p = sub.add_parser("prepare", help="convert a published dataset into Parquet shards + manifest.json")
     p.add_argument("--format", required=True, choices=sorted(FORMATS), help="input format (see `formats`)")
     p.add_argument("--input", required=True, type=Path, help="dataset folder or annotation file")
-    p.add_argument("--out", required=True, type=Path, help="output folder for shards and manifest.json")
+    p.add_argument("--out", required=True, help="output folder or URI (s3://, gs://) for shards and manifest.json")
     p.add_argument("--on-bad", choices=("error", "skip"), default="error",
                    help="error (default): stop before writing anything; skip: write the rest, record skips")
     p.add_argument("--images", choices=("embed", "uri"), default="embed",
@@ -70,7 +71,7 @@ def _parser() -> argparse.ArgumentParser:
     s.add_argument("--layout", choices=("vqa-rad", "r2gen"), default="vqa-rad")
 
     i = sub.add_parser("inspect", help="summarise a prepared folder and show a few rows")
-    i.add_argument("data_dir", type=Path)
+    i.add_argument("data_dir", help="prepared folder or URI")
     i.add_argument("--rows", type=int, default=3, help="rows to show per split")
 
     sub.add_parser("formats", help="list input formats and synthetic styles")
@@ -93,7 +94,7 @@ def _prepare(args: argparse.Namespace, parser: argparse.ArgumentParser) -> int:
                        rows_per_shard=args.rows_per_shard, check_images=args.check_images, workers=args.workers,
                        overwrite=args.overwrite)
     print(summary(manifest))
-    print(f"wrote {args.out.resolve()}")
+    print(f"wrote {storage.resolve(args.out)}")
     return 0
 
 
@@ -117,7 +118,8 @@ def _inspect(args: argparse.Namespace) -> int:
     manifest = read_manifest(args.data_dir)
     print(summary(manifest))
     for split, info in manifest["splits"].items():
-        table = pq.read_table(args.data_dir / split / info["shards"][0]["file"]).slice(0, args.rows)
+        fs, path = storage.filesystem(storage.join(args.data_dir, split, info["shards"][0]["file"]))
+        table = pq.read_table(path, filesystem=fs).slice(0, args.rows)
         for row in table.to_pylist():
             size = f"{len(row['image'])} B" if row["image"] is not None else row["image_uri"]
             answer = row["answer"][:60]
@@ -153,7 +155,8 @@ def main(argv: Sequence[str] | None = None) -> int:
         if args.command == "inspect":
             return _inspect(args)
         return _formats()
-    except (BadRowsError, DataFormatError, GenericColumnsError, FileExistsError, FileNotFoundError, ValueError) as err:
+    except (BadRowsError, DataFormatError, GenericColumnsError, FileExistsError, FileNotFoundError, ValueError,
+            storage.StorageError) as err:
         print(f"error: {err}", file=sys.stderr)
         return 1
 

@@ -13,6 +13,7 @@ from typing import Any, Iterator, Mapping, Sequence
 import numpy as np
 import pyarrow.parquet as pq
 
+from raymed import storage
 from raymed.data.transform import DecodeAndEncode, EncoderFactory, shard_paths
 
 TEXT_COLUMNS = ("id", "dataset", "split", "task", "question", "answer", "answer_type", "extra")
@@ -25,7 +26,8 @@ def read_rows(data_dir: Path | str, split: str, *, columns: Sequence[str] | None
         raise ValueError(f"rank {rank} is not in [0, world_size={world_size})")
     rows: list[dict[str, Any]] = []
     for path in shard_paths(data_dir, split):
-        rows.extend(pq.read_table(path, columns=list(columns) if columns else None).to_pylist())
+        fs, inner = storage.filesystem(path)
+        rows.extend(pq.read_table(inner, filesystem=fs, columns=list(columns) if columns else None).to_pylist())
     return rows[rank::world_size]
 
 

@@ -249,6 +249,21 @@ def prepare(
     ``image_uri`` instead (the stream then reads it). Raises :class:`BadRowsError` (nothing written)
     when ``on_bad == "error"`` and any row is bad.
     """
+    from raymed import storage
+
+    if storage.is_uri(out):  # prepare locally, then upload (manifest last: no half-written dataset)
+        storage.check(out, "--out")
+        if storage.listdir(out):
+            if not overwrite:
+                raise FileExistsError(f"--out {out} exists and is not empty; choose another folder or pass --overwrite")
+            if not storage.is_file(storage.join(out, MANIFEST)):
+                raise FileExistsError(f"--out {out} is not a prepared dataset (no {MANIFEST}); refusing to overwrite it")
+        with storage.staged_output(out, last=(MANIFEST,)) as local:
+            manifest = prepare(fmt, source, local, options=options, on_bad=on_bad, images=images,
+                               rows_per_shard=rows_per_shard, row_group_rows=row_group_rows,
+                               check_images=check_images, workers=workers)
+            storage.remove(out)  # --overwrite: no stale shards of the earlier dataset
+        return manifest
     spec = get_format(fmt)
     source, out = Path(source).resolve(), Path(out).resolve()
     if not source.exists():
@@ -300,10 +315,12 @@ def prepare(
 
 def read_manifest(data_dir: Path | str) -> dict[str, Any]:
     """The ``manifest.json`` of a prepared folder; a clear error when the folder was not prepared."""
-    path = Path(data_dir) / MANIFEST
-    if not path.is_file():
+    from raymed import storage
+
+    path = storage.join(data_dir, MANIFEST)
+    if not storage.is_file(path):
         raise FileNotFoundError(f"{path} not found: is {data_dir} the --out of `python -m raymed.data prepare`?")
-    return json.loads(path.read_text())
+    return storage.read_json(path)
 
 
 def summary(manifest: dict[str, Any]) -> str:

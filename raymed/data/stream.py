@@ -86,9 +86,13 @@ def read_split(data_dir: Path | str, split: str, *, columns: Sequence[str] | Non
     """
     import ray.data
 
+    from raymed import storage
+
     quiet_data_context()
-    ds = ray.data.read_parquet(shard_paths(data_dir, split), columns=list(columns) if columns else None,
-                               num_cpus=read_cpus)
+    paths = shard_paths(data_dir, split)
+    fs = storage.filesystem(paths[0])[0] if paths and storage.is_uri(paths[0]) else None
+    ds = ray.data.read_parquet([storage.filesystem(p)[1] for p in paths] if fs else paths,
+                               filesystem=fs, columns=list(columns) if columns else None, num_cpus=read_cpus)
     block_bytes = block_bytes or block_bytes_for_cluster()
     if block_bytes:
         ds.context.target_max_block_size = block_bytes

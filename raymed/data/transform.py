@@ -62,11 +62,13 @@ class FamilyEncoderFactory:
 
 def shard_paths(data_dir: Path | str, split: str) -> list[str]:
     """The Parquet files of ``split``, from the manifest; unknown splits list the available ones."""
-    data_dir = Path(data_dir)
+    from raymed import storage
+
+    data_dir = storage.resolve(data_dir)
     splits = read_manifest(data_dir)["splits"]
     if split not in splits:
         raise KeyError(f"{data_dir}: no split {split!r}; splits are: {', '.join(splits) or 'none'}")
-    return [str((data_dir / split / shard["file"]).resolve()) for shard in splits[split]["shards"]]
+    return [storage.join(data_dir, split, *shard["file"].split("/")) for shard in splits[split]["shards"]]
 
 
 def _image_bytes(data: Any, uri: Any, row_id: Any) -> bytes:
