@@ -41,7 +41,7 @@ def evaluate(model_spec: str, data_dir: str, *, split: str = "test", out: Path |
     except FileNotFoundError as e:
         raise EvalError(str(e)) from None
     cfg = Config.model_validate(config) if config else Config()
-    _check_task(model_spec, ref, cfg, manifest, split)
+    _check_task(model_spec, ref, cfg if config else None, manifest, split)
     rows = read_rows(data_dir, split)[:max_rows]
     if not rows:
         raise EvalError(f"{data_dir}: split {split!r} has no rows")
@@ -67,15 +67,18 @@ def _manifest(data_dir: str, read_manifest: Any) -> dict[str, Any]:
         raise EvalError(f"{data_dir}: not a prepared dataset ({e}); run `python -m raymed.data prepare` first") from None
 
 
-def _check_task(model_spec: str, ref: Any, cfg: Config, manifest: dict[str, Any], split: str) -> None:
-    """Refuse data of another task than the model answers (VQA vs report generation)."""
+def _check_task(model_spec: str, ref: Any, cfg: Config | None, manifest: dict[str, Any], split: str) -> None:
+    """Refuse data of another task than the model answers (VQA vs report generation); `cfg`: the config the
+    model was fine-tuned with (None for a preset or an HF directory: nothing to compare)."""
     from .data.prepare import read_manifest
 
     tasks = {t for t, n in manifest["splits"][split].get("task", {}).items() if n}
     if ref.family.name == "miss" and "report" in tasks:
         raise EvalError(f"{model_spec}: a MISS (BLIP-VQA) model answers questions; the data is a report-generation "
                         "set (task 'report')")
-    trained: set[str] = {"vqa"} if cfg.data.path is None else set()
+    if cfg is None:
+        return
+    trained: set[str] = {"vqa"} if cfg.data.path is None else set()  # the built-in synthetic data is VQA
     if cfg.data.path is not None:
         try:
             splits = read_manifest(cfg.data.path)["splits"]

@@ -256,3 +256,17 @@ def test_python_dash_m_entry_point(tmp_path: Path) -> None:
                           cwd=REPO, capture_output=True, text=True, timeout=120)
     assert proc.returncode == 0, proc.stderr
     assert (tmp_path / "frontier.png").is_file() and "wrote" in proc.stdout
+
+
+def test_a_stopped_trial_is_cut_back_to_the_epoch_the_scheduler_saw(tmp_path: Path) -> None:
+    from raymed.results import write_error, write_stopped
+
+    history = [{"epoch": e, "step": 10 * e, "loss": 1.0 / e, "eval/test/overall_acc": e / 10} for e in (1, 2, 3)]
+    row = {**ROWS[0], "history": history, "epochs": 3, "steps": 30, "loss": 1 / 3,
+           "metrics": {"zeroshot/test/overall_acc": 0.1, "eval/test/overall_acc": 0.3, "loss": 1 / 3}}
+    run = _write_run(tmp_path, row)
+    write_stopped(run, 2)  # Tune stopped it after epoch 2; its workers still checkpointed epoch 3
+    write_error(run, RuntimeError("controller died with the trial"))
+    [cut] = load_rows(tmp_path)
+    assert cut["epochs"] == 2 and cut["steps"] == 20 and cut["stopped_early"] is True and "error" not in cut
+    assert cut["metrics"] == {"zeroshot/test/overall_acc": 0.1, "eval/test/overall_acc": 0.2, "loss": 0.5}
