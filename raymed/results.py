@@ -102,10 +102,25 @@ def read_run_row(run_dir: str | Path) -> dict[str, Any] | None:
     if is_stopped:
         row = cut_back(row, int(storage.read_json(stopped)["epoch"]))
     error = storage.join(run_dir, RUN_ERROR_FILE)
-    if not is_stopped and storage.is_file(error):  # a stopped trial's controller dies with it: no failure
+    # Not failures: a stopped trial's controller dies with it, and so does a finished one's when Tune ends the
+    # trial on its last report (ASHA's max_t) before `fit` returns. The checkpoints say the run is complete.
+    if not is_stopped and not completed(row) and storage.is_file(error):
         row["error"] = storage.read_json(error).get("error")
         row["stopped_early"] = False
     return row
+
+
+def completed(row: Mapping[str, Any]) -> bool:
+    """Whether a run's row is that of its last epoch (every epoch trained and checkpointed)."""
+    total = (row.get("config") or {}).get("train", {}).get("epochs")
+    return total is not None and int(row.get("epochs", 0)) >= int(total)
+
+
+def run_completed(run_dir: str | Path) -> bool:
+    """Whether a run folder holds the checkpoint of its last epoch."""
+    ckpt = latest_checkpoint(run_dir)
+    return (ckpt is not None and storage.is_file(storage.join(ckpt, ROW_FILE))
+            and completed(storage.read_json(storage.join(ckpt, ROW_FILE))))
 
 
 def read_rows(root: str | Path) -> list[dict[str, Any]]:

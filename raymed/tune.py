@@ -253,7 +253,7 @@ def trial(config: dict[str, Any]) -> None:
     import ray.tune
     from ray.tune.integration.ray_train import TuneReportCallback
 
-    from .results import write_error
+    from .results import run_completed, write_error
 
     data = config["base"]
     for key, value in {**config["grid"], **config["sampled"]}.items():
@@ -267,7 +267,10 @@ def trial(config: dict[str, Any]) -> None:
         if result.error is not None:
             raise result.error
     except Exception as err:
-        write_error(store.join(config["storage"], trial_name), err)
+        run_dir = store.join(config["storage"], trial_name)
+        if run_completed(run_dir):  # Tune ended the trial on its last report (ASHA's max_t): nothing failed
+            return
+        write_error(run_dir, err)
         raise
 
 

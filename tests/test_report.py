@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import csv
 import json
+import shutil
 import os
 import subprocess
 import sys
@@ -222,6 +223,13 @@ def test_load_rows_reads_each_runs_latest_checkpoint_and_never_tune_logs(tmp_pat
     write_error(tmp_path / "runs" / "t2", RuntimeError("worker died"))
     t2 = next(r for r in load_rows(tmp_path) if r["trial_id"] == "t2")
     assert t2["error"] == "RuntimeError: worker died" and t2["stopped_early"] is False
+    # A run whose last epoch is checkpointed did not fail, even if its controller died after it (Tune ends a
+    # trial on its last report, sometimes before `fit` returns).
+    finished = _write_run(tmp_path / "runs", {**ROWS[3], "epochs": 2, "config": {"train": {"epochs": 2}}}, 2)
+    write_error(finished, RuntimeError("ActorDiedError: placement group removed"))
+    t4 = next(r for r in load_rows(tmp_path) if r["trial_id"] == "t4")
+    assert "error" not in t4
+    shutil.rmtree(finished)
 
     build_report(rows, tmp_path / "report")
     again = load_rows(tmp_path / "report")  # from results.json when no run folder is there
