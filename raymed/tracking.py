@@ -47,6 +47,12 @@ def mlflow_uri(directory: Path) -> str:
     return (Path(directory).resolve() / "mlruns").as_uri()
 
 
+def tracker_name(key: str) -> str:
+    """A metric's name in the trackers: a scoring rule's `@` (`closed_acc@llava-med`, docs/scoring.md) becomes `_`,
+    as TensorBoard writes it anyway and MLflow refuses `@`."""
+    return key.replace("@", "_")
+
+
 def tune_callbacks(report_to: Sequence[str], experiment: str, directory: Path) -> list[Any]:
     """Ray Tune logger callbacks for a sweep's `RunConfig(callbacks=...)`."""
     callbacks: list[Any] = []
@@ -57,7 +63,11 @@ def tune_callbacks(report_to: Sequence[str], experiment: str, directory: Path) -
     if "mlflow" in report_to:
         from ray.air.integrations.mlflow import MLflowLoggerCallback
 
-        callbacks.append(MLflowLoggerCallback(tracking_uri=mlflow_uri(directory), experiment_name=experiment))
+        class MLflowNames(MLflowLoggerCallback):  # Ray's callback, with metric names MLflow accepts
+            def log_trial_result(self, iteration: int, trial: Any, result: dict) -> None:
+                super().log_trial_result(iteration, trial, {tracker_name(k): v for k, v in result.items()})
+
+        callbacks.append(MLflowNames(tracking_uri=mlflow_uri(directory), experiment_name=experiment))
     if "wandb" in report_to:
         from ray.air.integrations.wandb import WandbLoggerCallback
 
@@ -87,6 +97,9 @@ class RunTracker:
         if "mlflow" in report_to:
             import mlflow
 
+            # `set_tracking_uri` also sets MLFLOW_TRACKING_URI for the process (and every Ray worker it starts
+            # later): put the user's value back on close, so the next run writes beside its own checkpoints.
+            self._user_uri = os.environ.get("MLFLOW_TRACKING_URI")
             mlflow.set_tracking_uri(mlflow_uri(directory))
             mlflow.set_experiment("raymed")
             self.mlflow = mlflow.start_run(run_name=run_name)
@@ -137,10 +150,14 @@ class RunTracker:
             import mlflow
 
             mlflow.end_run()
+            mlflow.set_tracking_uri(self._user_uri or "")
+            if self._user_uri is None:
+                os.environ.pop("MLFLOW_TRACKING_URI", None)
         if self.wandb is not None:
             self.wandb.finish()
 
     def _scalars(self, values: Mapping[str, float], step: int) -> None:
+        values = {tracker_name(k): v for k, v in values.items()}
         if self.tb is not None:
             for k, v in values.items():
                 self.tb.add_scalar(k, v, step)
@@ -148,7 +165,7 @@ class RunTracker:
         if self.mlflow is not None:
             import mlflow
 
-            mlflow.log_metrics(dict(values), step=step)
+            mlflow.log_metrics(values, step=step)
         if self.wandb is not None:
             self.wandb.log(dict(values), step=step)
 

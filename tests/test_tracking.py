@@ -3,6 +3,8 @@ of a real training run and by Ray Tune's logger callbacks in a real sweep; progr
 
 from __future__ import annotations
 
+import os
+
 import struct
 from pathlib import Path
 
@@ -39,7 +41,8 @@ def mlflow_runs(directory: Path) -> list:
     return [(client, run) for e in experiments for run in client.search_runs([e.experiment_id])]
 
 
-def test_progress_lines_and_scalars(tmp_path: Path) -> None:
+def test_progress_lines_and_scalars(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.delenv("MLFLOW_TRACKING_URI", raising=False)
     lines: list[str] = []
     tracker = RunTracker(["tensorboard", "mlflow"], "unit", tmp_path, every=2, total_steps=10, log=lines.append,
                          params={"train.lr": "0.001"})
@@ -48,7 +51,8 @@ def test_progress_lines_and_scalars(tmp_path: Path) -> None:
         stats = {"samples": stats["samples"] + 8, "tokens": stats["tokens"] + 80}
         for _ in range(2):  # two micro-batches per optimizer step (grad_accum=2): logged once
             tracker.step(step, 1.0 / step, 1e-3, stats, train_s=float(step - 3))
-    tracker.epoch({"epoch": 1, "step": 8, "loss": 0.2, "eval/test/accuracy": 0.5, "zero_stage": 2, "ok": True})
+    tracker.epoch({"epoch": 1, "step": 8, "loss": 0.2, "eval/test/accuracy": 0.5, "zero_stage": 2, "ok": True,
+                   "eval/test/closed_acc@llava-med": 0.25})
     tracker.close()
 
     progress = [line for line in lines if line.startswith("step ")]
@@ -63,6 +67,12 @@ def test_progress_lines_and_scalars(tmp_path: Path) -> None:
     assert run.data.params == {"train.lr": "0.001"} and run.info.status == "FINISHED"
     history = client.get_metric_history(run.info.run_id, "train/loss")
     assert {m.step: m.value for m in history} == pytest.approx({4: 0.25, 6: 1 / 6, 8: 0.125})
+    # MLflow refuses `@` in a name: a published scoring rule's key is logged with `_` everywhere
+    assert scalars["eval/test/closed_acc_llava-med"] == {8: 0.25}
+    assert run.data.metrics["eval/test/closed_acc_llava-med"] == 0.25
+    # MLflow's set_tracking_uri exports MLFLOW_TRACKING_URI; closing the tracker takes it back, so a later run
+    # in this process (or a Ray worker it starts) does not write into this run's store
+    assert "MLFLOW_TRACKING_URI" not in os.environ
 
 
 def test_other_ranks_and_trials_write_nothing(tmp_path: Path) -> None:
@@ -116,7 +126,7 @@ def test_single_run_and_sweep_write_tracking_files(tmp_path: Path) -> None:
         # A real Tune run with raymed's callbacks: each trial's reports reach TensorBoard and MLflow.
         def trainable(config: dict) -> None:
             for epoch in range(1, 4):
-                tune.report({"epoch": epoch, "loss": config["lr"] / epoch})
+                tune.report({"epoch": epoch, "loss": config["lr"] / epoch, "eval/test/closed_acc@miss": 0.5})
 
         sweep_dir = tmp_path / "sweep"
         tuner = tune.Tuner(trainable, param_space={"lr": tune.grid_search([1.0, 2.0])},
@@ -132,3 +142,4 @@ def test_single_run_and_sweep_write_tracking_files(tmp_path: Path) -> None:
     runs = mlflow_runs(sweep_dir)
     assert len(runs) == 2
     assert sorted(c.get_metric_history(r.info.run_id, "loss")[-1].value for c, r in runs) == pytest.approx([1 / 3, 2 / 3])
+    assert all(r.data.metrics["eval/test/closed_acc_miss"] == 0.5 for _, r in runs)
