@@ -4,7 +4,6 @@ of a real training run and by Ray Tune's logger callbacks in a real sweep; progr
 from __future__ import annotations
 
 import os
-
 import struct
 from pathlib import Path
 
