@@ -133,7 +133,7 @@ def ray_cluster():
     ray = pytest.importorskip("ray")
     if ray.is_initialized():
         pytest.skip("a Ray cluster is already initialised in this process")
-    from raymed.train import start_local_ray
+    from raymed.cluster import start_local_ray
 
     start_local_ray(num_cpus=4, log_to_driver=False,
                     runtime_env={"env_vars": {"TRANSFORMERS_VERBOSITY": "error"}})

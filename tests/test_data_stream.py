@@ -18,7 +18,7 @@ from PIL import Image
 from raymed.data import ReadOptions, generate, prepare
 from raymed.data.evaluation import eval_batches, match_predictions, read_rows, references
 from raymed.data.transform import DecodeAndEncode
-from raymed.train import start_local_ray
+from raymed.cluster import start_local_ray
 
 IMAGE, MAX_LEN = 16, 8
 

@@ -302,7 +302,8 @@ def test_one_training_run_on_the_converted_checkpoint(converted, tmp_path):
     import ray
 
     from raymed.config import load_config
-    from raymed.train import fit, start_local_ray
+    from raymed.cluster import start_local_ray
+    from raymed.train import fit
 
     root, target, _, ckpt = converted
     out = tmp_path / "hf"

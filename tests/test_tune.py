@@ -8,7 +8,7 @@ from pathlib import Path
 import pytest
 
 from raymed.bench import questions
-from raymed.train import start_local_ray
+from raymed.cluster import start_local_ray
 from raymed.tune import main as tune_main
 from tests.test_report import _md_tables, _num
 

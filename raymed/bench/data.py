@@ -142,7 +142,7 @@ def run(model: str = BENCH_MODEL, images: int = 400, image_size: int = 256, batc
     from raymed.data.prepare import read_manifest
     from raymed.data.transform import FamilyEncoderFactory
     from raymed.models import load_processor
-    from raymed.train import start_local_ray
+    from raymed.cluster import start_local_ray
 
     started = time.time()
     ref = model_ref(model)

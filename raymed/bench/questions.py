@@ -85,7 +85,7 @@ def run(sweep_dir: Path | str, n: int | None = None, seed: int | None = None, ro
     from raymed.data.evaluation import read_rows
     from raymed.checkpoint import find_checkpoint
     from raymed.models import load_model, load_processor, resolve
-    from raymed.train import synthetic_dataset
+    from raymed.data.plan import synthetic_dataset
 
     started = time.time()
     torch.manual_seed(0)
