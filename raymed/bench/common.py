@@ -23,31 +23,22 @@ from collections.abc import Mapping, Sequence
 from pathlib import Path
 from typing import Any
 
-CACHE = Path(os.environ.get("RAYMED_CACHE", Path.home() / ".cache" / "raymed")) / "bench"
+from raymed.data.plan import CACHE as DATA_CACHE
+
+CACHE = DATA_CACHE / "bench"
 BENCH_MODEL = "bench-llava"
 
 
 # ---- the bench model ----------------------------------------------------------------------------
 def bench_llava_config() -> Any:
     """LLaVA-1.5 layout (feature layer -2, GELU projector) at benchmark size: ~58 M parameters."""
-    from transformers import CLIPVisionConfig, LlavaConfig, MistralConfig
+    from raymed.models.llava import llava_config
 
-    from raymed.models.vocab import build_llava_tokenizer
-
-    tok = build_llava_tokenizer()
-    vision = CLIPVisionConfig(
-        hidden_size=448, intermediate_size=1792, num_hidden_layers=8, num_attention_heads=7,
-        image_size=224, patch_size=16, projection_dim=448,
-    )
-    text = MistralConfig(
-        vocab_size=len(tok), hidden_size=640, intermediate_size=1792, num_hidden_layers=8,
-        num_attention_heads=10, num_key_value_heads=5, max_position_embeddings=1024,
-        pad_token_id=tok.pad_token_id, bos_token_id=2, eos_token_id=3, tie_word_embeddings=False,
-    )
-    return LlavaConfig(
-        vision_config=vision, text_config=text, image_token_index=tok.convert_tokens_to_ids("<image>"),
-        projector_hidden_act="gelu", vision_feature_layer=-2, vision_feature_select_strategy="default",
-        tie_word_embeddings=False,
+    return llava_config(
+        dict(hidden_size=448, intermediate_size=1792, num_hidden_layers=8, num_attention_heads=7, image_size=224,
+             patch_size=16, projection_dim=448),
+        dict(hidden_size=640, intermediate_size=1792, num_hidden_layers=8, num_attention_heads=10,
+             num_key_value_heads=5, max_position_embeddings=1024),
     )
 
 
@@ -91,7 +82,7 @@ def synth_data(n_images: int, image_size: int = 64, seed: int = 0, rows_per_shar
     from raymed.data.synth import generate
 
     if image_size == 64 and rows_per_shard == 1000:
-        from raymed.train import synthetic_dataset  # the very directory `fit` trains on
+        from raymed.data.plan import synthetic_dataset  # the very directory `fit` trains on
 
         return synthetic_dataset("base", n_images, seed)
     root = CACHE / "data" / f"base-n{n_images}-px{image_size}-s{seed}-r{rows_per_shard}"
