@@ -41,7 +41,8 @@ def scaling_config(cfg: Config) -> Any:
 
 def required_cpus(cfg: Config) -> float:
     """Logical CPUs of one run: workers + preprocessing actors + one Parquet read task."""
-    return cfg.scaling.num_workers * cfg.scaling.cpus_per_worker + (max(cfg.data.preprocess_actors, 1) + 1) * PREPROCESS_CPUS
+    data = (max(cfg.data.preprocess_actors, 1) + 1) * PREPROCESS_CPUS
+    return cfg.scaling.num_workers * cfg.scaling.cpus_per_worker + data
 
 
 def init_ray(min_cpus: float) -> None:

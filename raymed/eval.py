@@ -30,7 +30,7 @@ def evaluate(model_spec: str, data_dir: str, *, split: str = "test", out: Path |
 
     from . import predict
     from .checkpoint import load_for_inference
-    from .data.evaluation import read_rows
+    from .data.rows import read_rows
     from .data.prepare import read_manifest
 
     manifest = _manifest(data_dir, read_manifest)
@@ -45,14 +45,9 @@ def evaluate(model_spec: str, data_dir: str, *, split: str = "test", out: Path |
     rows = read_rows(data_dir, split)[:max_rows]
     if not rows:
         raise EvalError(f"{data_dir}: split {split!r} has no rows")
-    device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    model.to(device)
-    with torch.no_grad():
-        preds = predict.answer_rows(model, ref.family, processor, rows,
-                                    batch_size=batch_size or cfg.train.eval_batch_size,
-                                    max_new_tokens=max_new_tokens or cfg.train.max_new_tokens,
-                                    max_length=cfg.data.max_length, template=cfg.model.template,
-                                    image_aspect=cfg.data.image_aspect)
+    model.to(torch.device("cuda" if torch.cuda.is_available() else "cpu"))
+    preds = predict.answer(model, ref.family, processor, cfg, rows, batch_size=batch_size,
+                           max_new_tokens=max_new_tokens)
     metrics = predict.score(rows, preds)
     summary = {"model": model_spec, "data": str(data_dir), "split": split, "rows": len(rows), "metrics": metrics}
     if out is not None:

@@ -20,8 +20,6 @@ class InferError(ValueError):
 
 def answer(model_spec: str, image: Path, question: str, max_new_tokens: int | None = None) -> str:
     """The model's answer to `question` about the image file `image`."""
-    import torch
-
     from . import predict
     from .checkpoint import load_for_inference
     from .data.images import image_problem
@@ -39,11 +37,7 @@ def answer(model_spec: str, image: Path, question: str, max_new_tokens: int | No
     cfg = Config.model_validate(config) if config else Config()
     row = {"id": "0", "image": data, "question": question, "answer": "", "task": "vqa" if question else "report",
            "answer_type": "open"}
-    with torch.no_grad():
-        [text] = predict.answer_rows(model, ref.family, processor, [row], batch_size=1,
-                                     max_new_tokens=max_new_tokens or cfg.train.max_new_tokens,
-                                     max_length=cfg.data.max_length, template=cfg.model.template,
-                                     image_aspect=cfg.data.image_aspect)
+    [text] = predict.answer(model, ref.family, processor, cfg, [row], batch_size=1, max_new_tokens=max_new_tokens)
     return text
 
 

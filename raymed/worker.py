@@ -190,7 +190,7 @@ class Evaluator:
     @torch.no_grad()
     def evaluate(self, data_dir: str) -> tuple[dict[str, float], list[dict[str, Any]]]:
         from . import predict
-        from .data.evaluation import read_rows
+        from .data.rows import read_rows
 
         cfg = self.cfg
         self.engine.eval()

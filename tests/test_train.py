@@ -193,7 +193,7 @@ def _eval_and_infer_reproduce_the_run(run_dir: Path, summary: dict, tmp_path: Pa
     from raymed import eval as raymed_eval
     from raymed import infer
     from raymed.config import Config
-    from raymed.data.evaluation import read_rows
+    from raymed.data.rows import read_rows
     from raymed.data.plan import data_plan
 
     data_dir = data_plan(Config.model_validate(summary["config"]))[0]

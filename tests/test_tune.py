@@ -7,7 +7,7 @@ from pathlib import Path
 
 import pytest
 
-from raymed.bench import questions
+from raymed import questions
 from raymed.cluster import start_local_ray
 from raymed.tune import main as tune_main
 from tests.test_report import _md_tables, _num

@@ -17,9 +17,11 @@ import time
 from pathlib import Path
 from typing import Any
 
+from raymed.tables import table
+
 from .common import (
     BENCH_MODEL, default_max_length, encoded_batches, fit_model_name, header, model_ref, ratio, result, synth_data,
-    table, target, targets_table,
+    target, targets_table,
 )
 
 DEFAULT_METHODS = ("full", "ln", "attn", "ffn", "lora", "ia3", "prefix")

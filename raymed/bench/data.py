@@ -21,9 +21,11 @@ from typing import Any, Iterator
 
 from torch.utils.data import IterableDataset
 
+from raymed.tables import table
+
 from .common import (
     BENCH_MODEL, default_max_length, fit_model_name, header, median, model_ref, ratio, result, spread, synth_data,
-    table, target, targets_table,
+    target, targets_table,
 )
 
 

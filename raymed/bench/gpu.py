@@ -30,7 +30,9 @@ import time
 from pathlib import Path
 from typing import Any
 
-from .common import header, ratio, result, table, target, targets_table
+from raymed.tables import table
+
+from .common import header, ratio, result, target, targets_table
 
 MARK = "RAYMED_BENCH_GPU "
 PEAK_BF16_TFLOPS = {"H100": 989.4, "H200": 989.4, "H20": 148.0, "A100": 312.0, "A10": 125.0, "L40": 181.0,

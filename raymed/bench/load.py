@@ -22,7 +22,9 @@ import time
 from pathlib import Path
 from typing import Any
 
-from .common import BENCH_MODEL, fit_model_name, header, result, table, target, targets_table
+from raymed.tables import table
+
+from .common import BENCH_MODEL, fit_model_name, header, result, target, targets_table
 
 MODES = {"fp32-whole": ("float32", False), "bf16-whole": ("bfloat16", False), "bf16-partitioned": ("bfloat16", True)}
 

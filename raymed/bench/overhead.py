@@ -16,9 +16,11 @@ import tempfile
 import time
 from typing import Any
 
+from raymed.tables import table
+
 from .common import (
-    BENCH_MODEL, default_max_length, encoded_batches, fit_model_name, header, median, model_ref, ratio, result,
-    spread, synth_data, table, target, targets_table,
+    BENCH_MODEL, default_max_length, encoded_batches, fit_model_name, header, median, model_ref, ratio, result, spread,
+    synth_data, target, targets_table,
 )
 
 
