@@ -29,7 +29,6 @@ def evaluate(model_spec: str, data_dir: str, *, split: str = "test", out: Path |
     import torch
 
     from . import predict
-    from .checkpoint import load_for_inference
     from .data.rows import read_rows
     from .data.prepare import read_manifest
 
@@ -37,11 +36,10 @@ def evaluate(model_spec: str, data_dir: str, *, split: str = "test", out: Path |
     if split not in manifest["splits"]:
         raise EvalError(f"{data_dir}: no split {split!r}; splits: {', '.join(manifest['splits'])}")
     try:
-        model, ref, processor, config = load_for_inference(model_spec)
+        model, ref, processor, cfg, fine_tuned = predict.load(model_spec)
     except FileNotFoundError as e:
         raise EvalError(str(e)) from None
-    cfg = Config.model_validate(config) if config else Config()
-    _check_task(model_spec, ref, cfg if config else None, manifest, split)
+    _check_task(model_spec, ref, cfg if fine_tuned else None, manifest, split)
     rows = read_rows(data_dir, split)[:max_rows]
     if not rows:
         raise EvalError(f"{data_dir}: split {split!r} has no rows")

@@ -60,6 +60,17 @@ def answer_rows(model: torch.nn.Module, family: Any, processor: Any, rows: Seque
     return answers
 
 
+def load(model_spec: str) -> tuple[torch.nn.Module, Any, Any, Any, bool]:
+    """A model to answer with: (model, ref, processor, cfg, fine_tuned). `model_spec` is a run folder, a checkpoint,
+    an HF model directory or a preset (`raymed.checkpoint.load_for_inference`); `cfg` is the `Config` the model was
+    fine-tuned with, the defaults for a directory or preset (`fine_tuned` False). Raises FileNotFoundError."""
+    from .checkpoint import load_for_inference
+    from .config import Config
+
+    model, ref, processor, config = load_for_inference(model_spec)
+    return model, ref, processor, Config.model_validate(config) if config else Config(), bool(config)
+
+
 def answer(model: torch.nn.Module, family: Any, processor: Any, cfg: Any, rows: Sequence[Mapping[str, Any]], *,
            batch_size: int | None = None, max_new_tokens: int | None = None) -> list[str]:
     """In-process answers (no Ray) with the recipe of `cfg`, the `Config` the model was fine-tuned with (defaults for
