@@ -28,13 +28,13 @@ from . import storage as store
 from .cluster import ResourceError, init_ray, required_cpus
 from .config import (Config, ConfigError, Section, deep_merge, format_error, parse_override, read_yaml, set_dotted,
                      validate)
-from .metrics import VQA_KEYS
+from .metrics import REPORT_KEYS, VQA_KEYS
 from .tracking import tune_callbacks
 from .train import build_trainer, check_storage
 
 DEFAULT_SWEEP = Path(__file__).parent / "defaults" / "sweep.yaml"
 VQA_METRICS = VQA_KEYS  # every scoring rule: strict, @llava-med, @miss
-REPORT_METRICS = ("bleu1", "bleu2", "bleu3", "bleu4", "rouge_l", "meteor", "cider")
+REPORT_METRICS = REPORT_KEYS  # report generation: BLEU-1..4, ROUGE-L, METEOR, CIDEr
 TRAIN_METRICS = ("loss", "epoch", "step", "samples_per_s", "tokens_per_s", "peak_mem_mb")
 
 
