@@ -15,10 +15,10 @@ import torch
 import pytest
 from PIL import Image
 
+from raymed.cluster import start_local_ray
 from raymed.data import ReadOptions, generate, prepare
 from raymed.data.rows import read_rows
 from raymed.data.transform import DecodeAndEncode
-from raymed.cluster import start_local_ray
 
 IMAGE, MAX_LEN = 16, 8
 

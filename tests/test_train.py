@@ -12,11 +12,11 @@ import torch
 from safetensors.torch import load_file
 
 from raymed.checkpoint import load_trainable
+from raymed.cluster import start_local_ray
 from raymed.config import ConfigError, load_config
 from raymed.export import main as export_main
 from raymed.methods import apply_method
 from raymed.models import load_model, resolve
-from raymed.cluster import start_local_ray
 from raymed.train import fit
 from tests.conftest import tiny_batch
 
