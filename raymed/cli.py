@@ -15,6 +15,7 @@ COMMANDS: dict[str, tuple[str, str]] = {
     "train": ("raymed.train", "one fine-tuning run on a Ray cluster (Ray Train + DeepSpeed)"),
     "tune": ("raymed.tune", "a Ray Tune sweep over methods x towers x learning rates"),
     "report": ("raymed.report", "rebuild a sweep's comparison report (tables, frontier plot)"),
+    "questions": ("raymed.questions", "a sweep's best trials per question type vs zero-shot (paired test)"),
     "data": ("raymed.data.cli", "prepare, generate and inspect datasets (Parquet shards)"),
     "eval": ("raymed.eval", "evaluate a fine-tuned run or a model on a prepared dataset"),
     "infer": ("raymed.infer", "answer questions about images with a fine-tuned model"),

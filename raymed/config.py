@@ -26,11 +26,13 @@ class ConfigError(ValueError):
         super().__init__(f"{len(errors)} error(s) in {source}:\n" + "\n".join(f"  - {e}" for e in errors))
 
 
-class _Section(BaseModel):
+class Section(BaseModel):
+    """A config section: unknown keys are errors, values frozen once validated."""
+
     model_config = ConfigDict(extra="forbid", frozen=True)
 
 
-class ModelConfig(_Section):
+class ModelConfig(Section):
     name: str = "tiny-llava"
     """Preset name (`python -m raymed.params --list`) or a local HF model directory."""
     family: Literal["llava", "miss"] | None = None
@@ -42,7 +44,7 @@ class ModelConfig(_Section):
     template (a converted LLaVA-Med v1.5 carries `[INST] <image>\n{q} [/INST]`), else `plain` (the tiny presets)."""
 
 
-class MethodConfig(_Section):
+class MethodConfig(Section):
     name: str = "ln"
     """Method (`full`, `ln`, `attn`, `ffn`, `ln+attn`, `lora`, `ia3`, `prefix`, `prompt`, `peft-ln`, ...)."""
     towers: list[str] | None = None
@@ -51,7 +53,7 @@ class MethodConfig(_Section):
     """peft options overriding the method's defaults (e.g. `r: 16`)."""
 
 
-class DataConfig(_Section):
+class DataConfig(Section):
     path: str | None = None
     """Prepared data directory (`python -m raymed.data prepare`); None: the built-in synthetic Med-VQA."""
     train_split: str = "train"
@@ -84,7 +86,7 @@ class DataConfig(_Section):
     Larger shards stream every epoch; 0 always streams."""
 
 
-class TrainConfig(_Section):
+class TrainConfig(Section):
     epochs: int = Field(2, ge=1)
     batch_size: int = Field(8, ge=1)
     """Micro-batch size per worker."""
@@ -111,7 +113,7 @@ class TrainConfig(_Section):
     (0: per epoch only)."""
 
 
-class DeepSpeedConfig(_Section):
+class DeepSpeedConfig(Section):
     zero_stage: Literal[0, 1, 2, 3] = 2
     offload_optimizer: bool = False
     offload_param: bool = False
@@ -128,7 +130,7 @@ class DeepSpeedConfig(_Section):
     1-worker fp32 run without offload uses stage 0 (logged, and reported as `zero_stage`) unless this is true."""
 
 
-class ScalingConfig(_Section):
+class ScalingConfig(Section):
     num_workers: int = Field(2, ge=1)
     use_gpu: bool = False
     cpus_per_worker: float = Field(1.0, gt=0)
@@ -139,7 +141,7 @@ class ScalingConfig(_Section):
     """Ray placement of the workers: PACK (fewest nodes), SPREAD / STRICT_SPREAD (one worker per node)."""
 
 
-class RunConfig(_Section):
+class RunConfig(Section):
     name: str | None = None
     """Run name; re-running with the same name resumes from its last checkpoint. Default: from the config hash."""
     storage: str = "runs"
@@ -160,7 +162,7 @@ class RunConfig(_Section):
     """Experiment trackers (offline by default: TensorBoard event files, MLflow `file:` store, W&B offline)."""
 
 
-class Config(_Section):
+class Config(Section):
     model: ModelConfig = ModelConfig()
     method: MethodConfig = MethodConfig()
     data: DataConfig = DataConfig()
@@ -260,10 +262,12 @@ def set_dotted(data: dict[str, Any], key: str, value: Any) -> dict[str, Any]:
     return out
 
 
-def _format(err: Mapping[str, Any]) -> str:
+def format_error(err: Mapping[str, Any], root: type[BaseModel] | None = None) -> str:
+    """One pydantic validation error as a config error line: the dotted key, then what is wrong (for an unknown
+    key, the keys its section allows; `root`: the validated model, `Config` by default)."""
     loc = ".".join(str(x) for x in err["loc"])
     if err["type"] == "extra_forbidden":
-        section: type[BaseModel] = Config
+        section: type[BaseModel] = root or Config
         for part in err["loc"][:-1]:
             section = section.model_fields[str(part)].annotation  # type: ignore[assignment]
         return f"{loc}: unknown key; allowed: {', '.join(section.model_fields)}"
@@ -280,7 +284,7 @@ def validate(data: Mapping[str, Any], source: str = "config", check_paths: bool 
             cfg = Config.model_validate(data)
             break
         except ValidationError as e:
-            errors += [_format(err) for err in e.errors()]
+            errors += [format_error(err) for err in e.errors()]
             for err in e.errors():
                 _drop(data, err["loc"])
     errors += semantic_errors(cfg, check_paths)

@@ -29,30 +29,23 @@ def evaluate(model_spec: str, data_dir: str, *, split: str = "test", out: Path |
     import torch
 
     from . import predict
-    from .checkpoint import load_for_inference
-    from .data.evaluation import read_rows
+    from .data.rows import read_rows
     from .data.prepare import read_manifest
 
     manifest = _manifest(data_dir, read_manifest)
     if split not in manifest["splits"]:
         raise EvalError(f"{data_dir}: no split {split!r}; splits: {', '.join(manifest['splits'])}")
     try:
-        model, ref, processor, config = load_for_inference(model_spec)
+        model, ref, processor, cfg, fine_tuned = predict.load(model_spec)
     except FileNotFoundError as e:
         raise EvalError(str(e)) from None
-    cfg = Config.model_validate(config) if config else Config()
-    _check_task(model_spec, ref, cfg if config else None, manifest, split)
+    _check_task(model_spec, ref, cfg if fine_tuned else None, manifest, split)
     rows = read_rows(data_dir, split)[:max_rows]
     if not rows:
         raise EvalError(f"{data_dir}: split {split!r} has no rows")
-    device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    model.to(device)
-    with torch.no_grad():
-        preds = predict.answer_rows(model, ref.family, processor, rows,
-                                    batch_size=batch_size or cfg.train.eval_batch_size,
-                                    max_new_tokens=max_new_tokens or cfg.train.max_new_tokens,
-                                    max_length=cfg.data.max_length, template=cfg.model.template,
-                                    image_aspect=cfg.data.image_aspect)
+    model.to(torch.device("cuda" if torch.cuda.is_available() else "cpu"))
+    preds = predict.answer(model, ref.family, processor, cfg, rows, batch_size=batch_size,
+                           max_new_tokens=max_new_tokens)
     metrics = predict.score(rows, preds)
     summary = {"model": model_spec, "data": str(data_dir), "split": split, "rows": len(rows), "metrics": metrics}
     if out is not None:

@@ -11,8 +11,6 @@ import argparse
 import sys
 from pathlib import Path
 
-from .config import Config
-
 
 class InferError(ValueError):
     """An input that cannot be answered: no such image, an image that does not decode, no checkpoint."""
@@ -20,10 +18,7 @@ class InferError(ValueError):
 
 def answer(model_spec: str, image: Path, question: str, max_new_tokens: int | None = None) -> str:
     """The model's answer to `question` about the image file `image`."""
-    import torch
-
     from . import predict
-    from .checkpoint import load_for_inference
     from .data.images import image_problem
 
     if not image.is_file():
@@ -33,17 +28,12 @@ def answer(model_spec: str, image: Path, question: str, max_new_tokens: int | No
     if problem:
         raise InferError(f"{image}: {problem}")
     try:
-        model, ref, processor, config = load_for_inference(model_spec)
+        model, ref, processor, cfg, _ = predict.load(model_spec)
     except FileNotFoundError as e:
         raise InferError(str(e)) from None
-    cfg = Config.model_validate(config) if config else Config()
     row = {"id": "0", "image": data, "question": question, "answer": "", "task": "vqa" if question else "report",
            "answer_type": "open"}
-    with torch.no_grad():
-        [text] = predict.answer_rows(model, ref.family, processor, [row], batch_size=1,
-                                     max_new_tokens=max_new_tokens or cfg.train.max_new_tokens,
-                                     max_length=cfg.data.max_length, template=cfg.model.template,
-                                     image_aspect=cfg.data.image_aspect)
+    [text] = predict.answer(model, ref.family, processor, cfg, [row], batch_size=1, max_new_tokens=max_new_tokens)
     return text
 
 

@@ -1,7 +1,8 @@
 """Answers, scores and `predictions.jsonl`: the one place a model's answers are generated and written.
 
 Used by the worker's evaluation (every epoch, every eval set), by `raymed.eval` (a checkpoint, an exported
-directory or a preset on a prepared dataset) and by `raymed.infer` (one image, one question). All of them encode
+directory or a preset on a prepared dataset), by `raymed.infer` (one image, one question) and by `raymed.questions`
+(a sweep's best trials per question type). All of them encode
 with the model family's own `encode(train=False)`, so the prompt template and image preprocessing are the ones
 training used.
 """
@@ -57,6 +58,29 @@ def answer_rows(model: torch.nn.Module, family: Any, processor: Any, rows: Seque
         if b < needed:
             answers.extend(texts)
     return answers
+
+
+def load(model_spec: str) -> tuple[torch.nn.Module, Any, Any, Any, bool]:
+    """A model to answer with: (model, ref, processor, cfg, fine_tuned). `model_spec` is a run folder, a checkpoint,
+    an HF model directory or a preset (`raymed.checkpoint.load_for_inference`); `cfg` is the `Config` the model was
+    fine-tuned with, the defaults for a directory or preset (`fine_tuned` False). Raises FileNotFoundError."""
+    from .checkpoint import load_for_inference
+    from .config import Config
+
+    model, ref, processor, config = load_for_inference(model_spec)
+    return model, ref, processor, Config.model_validate(config) if config else Config(), bool(config)
+
+
+def answer(model: torch.nn.Module, family: Any, processor: Any, cfg: Any, rows: Sequence[Mapping[str, Any]], *,
+           batch_size: int | None = None, max_new_tokens: int | None = None) -> list[str]:
+    """In-process answers (no Ray) with the recipe of `cfg`, the `Config` the model was fine-tuned with (defaults for
+    a directory or preset): its prompt template, image preprocessing, input length, generation length and eval
+    batch size. Used by `raymed.eval`, `raymed.infer` and `raymed.questions`."""
+    model.eval()
+    with torch.no_grad():
+        return answer_rows(model, family, processor, rows, batch_size=batch_size or cfg.train.eval_batch_size,
+                           max_new_tokens=max_new_tokens or cfg.train.max_new_tokens, max_length=cfg.data.max_length,
+                           template=cfg.model.template, image_aspect=cfg.data.image_aspect)
 
 
 def score(rows: Sequence[Mapping[str, Any]], preds: Sequence[str]) -> dict[str, float]:

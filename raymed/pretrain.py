@@ -33,7 +33,7 @@ from typing import Any, Callable
 
 import numpy as np
 
-from .train import CACHE
+from .data.plan import CACHE
 
 STYLE = "pretrain"
 DOWNSTREAM_STYLE, OOD_STYLE = "base", "shifted"
@@ -42,20 +42,14 @@ TEST_FRACTION = 0.2  # raymed.data.synth.generate's default split
 
 def llava_architecture() -> Any:
     """~0.9 M parameters: CLIP 64-d x 4 layers (the last unused) at 64 px, patch 16; Mistral 128-d x 4."""
-    from transformers import CLIPVisionConfig, LlavaConfig, MistralConfig
+    from .models.llava import llava_config
 
-    from .models.vocab import build_llava_tokenizer
-
-    tok = build_llava_tokenizer()
-    vision = CLIPVisionConfig(hidden_size=64, intermediate_size=128, num_hidden_layers=4, num_attention_heads=2,
-                              image_size=64, patch_size=16, projection_dim=64)
-    text = MistralConfig(vocab_size=len(tok), hidden_size=128, intermediate_size=256, num_hidden_layers=4,
-                         num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=256,
-                         pad_token_id=tok.pad_token_id, bos_token_id=tok.bos_token_id, eos_token_id=tok.eos_token_id,
-                         tie_word_embeddings=False)
-    return LlavaConfig(vision_config=vision, text_config=text, image_token_index=tok.convert_tokens_to_ids("<image>"),
-                       projector_hidden_act="gelu", vision_feature_layer=-2, vision_feature_select_strategy="default",
-                       tie_word_embeddings=False)
+    return llava_config(
+        dict(hidden_size=64, intermediate_size=128, num_hidden_layers=4, num_attention_heads=2, image_size=64,
+             patch_size=16, projection_dim=64),
+        dict(hidden_size=128, intermediate_size=256, num_hidden_layers=4, num_attention_heads=4, num_key_value_heads=2,
+             max_position_embeddings=256),
+    )
 
 
 def miss_architecture() -> Any:
@@ -167,7 +161,7 @@ def pretraining_data(n: int, seed: int, passes: int, root: Path) -> Path:
 
 def training_overrides(recipe: Recipe, init_dir: Path, work: Path, seed: int, n: int, epochs: int) -> dict[str, Any]:
     """The `fit` config: method `full` on the `pretrain` style, evaluated before and after training only."""
-    from .train import synthetic_dataset
+    from .data.plan import synthetic_dataset
 
     eval_n = max(n // 4, 10)
     return {
@@ -199,7 +193,7 @@ def pretrain(family: str, out: Path, seed: int = 0, minutes: float | None = None
     from . import __version__
     from .checkpoint import load_trainable
     from .config import load_config
-    from .results import machine
+    from .machine import describe
     from .train import fit
 
     recipe = RECIPES[family]
@@ -238,7 +232,7 @@ def pretrain(family: str, out: Path, seed: int = 0, minutes: float | None = None
                               + (f" --minutes {minutes:g}" if minutes is not None else ""),
         "seed": seed,
         "raymed_version": __version__,
-        "architecture": _architecture_summary(model.config, family),
+        "architecture": architecture_summary(model.config, family),
         "parameters": params,
         "data": {
             "generator": "raymed.data.synth", "style": STYLE, "n_images": n, "seed": seed,
@@ -263,13 +257,13 @@ def pretrain(family: str, out: Path, seed: int = 0, minutes: float | None = None
             "final": {k.removeprefix("eval/"): v for k, v in sorted(metrics.items()) if k.startswith("eval/")},
         },
         "weights_sha256": hashlib.sha256((out / "model.safetensors").read_bytes()).hexdigest(),
-        "machine": machine(),
+        "machine": describe(),
     }
     (out / "provenance.json").write_text(json.dumps(provenance, indent=2) + "\n")
     return provenance
 
 
-def _architecture_summary(config: Any, family: str) -> dict[str, Any]:
+def architecture_summary(config: Any, family: str) -> dict[str, Any]:
     """The numbers that define the architecture (tests assert the shipped ones)."""
     v, t = config.vision_config, config.text_config
     out = {

@@ -36,21 +36,16 @@ import difflib
 import json
 import logging
 import math
-import os
-import platform
 import re
-import shutil
 import posixpath
-import subprocess
 import sys
 from collections import Counter
 from collections.abc import Iterable, Mapping, Sequence
 from datetime import datetime, timezone
-from importlib import metadata
 from pathlib import Path
 from typing import Any
 
-from . import storage
+from . import machine, storage
 
 logger = logging.getLogger(__name__)
 
@@ -206,7 +201,7 @@ def build_report(
 
 def _write_report(out: Path, ranked: list, flat: list, best: dict, best_flat: list, columns: list, metric: str,
                   mode: str, machines: list, name: str) -> dict[str, Path]:
-    host = describe_machine()
+    host = machine.summary(machine.describe())
     files = {
         "results_json": out / RESULTS_FILE,
         "results_csv": out / "results.csv",
@@ -334,7 +329,7 @@ def _markdown(
     columns: Sequence[str],
     metric: str,
     mode: str,
-    host: Mapping[str, Any],
+    host: str,
     machines: Sequence[str],
     name: str,
 ) -> str:
@@ -378,38 +373,10 @@ def _markdown(
         "## Machine",
         "",
         *(f"- trials ran on: {m}" for m in machines),
-        "- report built on: " + ", ".join(f"{k} {v}" for k, v in host.items()),
+        f"- report built on: {host}",
         f"- built: {datetime.now(timezone.utc).isoformat(timespec='seconds')}",
     ]
     return "\n".join(parts) + "\n"
-
-
-def describe_machine() -> dict[str, Any]:
-    """The host this runs on: OS, Python, CPUs, memory, GPUs (nvidia-smi) and key package versions."""
-    info: dict[str, Any] = {
-        "platform": platform.platform(),
-        "python": platform.python_version(),
-        "cpus": os.cpu_count(),
-    }
-    try:
-        info["memory_gib"] = round(os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES") / 2**30, 1)
-    except (ValueError, OSError, AttributeError):
-        pass
-    if shutil.which("nvidia-smi"):
-        try:
-            gpus = subprocess.run(
-                ["nvidia-smi", "--query-gpu=name,memory.total", "--format=csv,noheader"],
-                capture_output=True, text=True, timeout=10, check=True,
-            ).stdout.strip().splitlines()
-            info["gpus"] = "; ".join(gpus) if gpus else "none"
-        except (subprocess.SubprocessError, OSError):
-            pass
-    for package in ("torch", "ray", "transformers", "deepspeed"):
-        try:
-            info[package] = metadata.version(package)
-        except metadata.PackageNotFoundError:
-            pass
-    return info
 
 
 # -------------------------------------------------------------------------------------- frontier

@@ -18,27 +18,19 @@ from __future__ import annotations
 
 import json
 import os
-import platform
 import re
 from collections.abc import Mapping
 from pathlib import Path
 from typing import Any
 
 from . import storage
+from .machine import describe
 
 ROW_FILE = "row.json"
 RUN_RESULT_FILE = "raymed-result.json"
 RUN_ERROR_FILE = "raymed-error.json"
 RUN_STOPPED_FILE = "raymed-stopped.json"
 CHECKPOINT_RE = re.compile(r"^epoch-(\d{4,})$")
-
-
-def machine() -> dict[str, Any]:
-    """Where a run trained: OS, Python, CPUs, torch and the GPU model (if any)."""
-    import torch
-
-    return {"platform": platform.platform(), "python": platform.python_version(), "cpus": os.cpu_count(),
-            "torch": torch.__version__, "gpu": torch.cuda.get_device_name(0) if torch.cuda.is_available() else None}
 
 
 def result_row(cfg: Any, accounting: Mapping[str, Any], history: list[dict[str, Any]], *,
@@ -69,7 +61,7 @@ def result_row(cfg: Any, accounting: Mapping[str, Any], history: list[dict[str, 
         "config_hash": cfg.hash(),
         "config": cfg.model_dump(mode="json"),
         "checkpoint": checkpoint,
-        "machine": machine(),
+        "machine": describe(),
     }
 
 

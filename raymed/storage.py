@@ -153,17 +153,6 @@ def write_text(path: str | os.PathLike, text: str) -> None:
         f.write(text.encode("utf-8"))
 
 
-def open_input(path: str | os.PathLike) -> Any:
-    """A readable binary stream (random access: Parquet can read it)."""
-    fs, inner = filesystem(path)
-    return fs.open_input_file(inner)
-
-
-def open_output(path: str | os.PathLike) -> Any:
-    fs, inner = filesystem(path)
-    return fs.open_output_stream(inner)
-
-
 def listdir(path: str | os.PathLike) -> list[str]:
     """Names directly under a folder (empty when it does not exist)."""
     fs, inner = filesystem(path)

@@ -19,7 +19,6 @@ from typing import Any
 # tracker -> (module it imports, what to install)
 TRACKERS = {"tensorboard": ("tensorboardX", "tensorboardX"), "mlflow": ("mlflow", "mlflow-skinny"),
             "wandb": ("wandb", "wandb")}
-STEP_SCALARS = ("loss", "lr", "samples_per_s", "tokens_per_s")
 
 
 def missing_packages(report_to: Sequence[str]) -> list[str]:

@@ -1,157 +1,23 @@
 """`python -m raymed.train --config FILE.yaml [key=value ...]`: one fine-tuning run on a Ray cluster.
 
 The driver side: validate the config, make sure the data exists (the built-in synthetic Med-VQA by
-default), check the cluster can ever hold the run, build the `TorchTrainer` (Ray Train V2) and write one
-`raymed-result.json` (its result row, raymed.results). The worker side is `raymed.worker.train_loop`.
+default, `raymed.data.plan`), check the cluster can ever hold the run (`raymed.cluster`), build the `TorchTrainer`
+(Ray Train V2) and write one `raymed-result.json` (its result row, raymed.results). The worker side is
+`raymed.worker.train_loop`.
 """
 
 from __future__ import annotations
 
 import argparse
 import json
-import math
-import os
 import sys
 from pathlib import Path
 from typing import Any
 
 from . import storage as store
+from .cluster import PREPROCESS_CPUS, ResourceError, check_resources, init_ray, required_cpus, scaling_config
 from .config import Config, ConfigError, load_config
-
-CACHE = Path(os.environ.get("RAYMED_CACHE", Path.home() / ".cache" / "raymed"))
-# Logical CPUs the Ray Data preprocessing actors ask for: fractional, so they never starve the workers.
-PREPROCESS_CPUS = 0.25
-
-
-# Storage settings the workers need to reach the same object store as the driver (no secrets).
-STORAGE_ENV = ("AWS_ENDPOINT_URL", "AWS_ENDPOINT_URL_S3", "AWS_REGION", "AWS_DEFAULT_REGION")
-
-
-class ResourceError(RuntimeError):
-    """A resource request the cluster can never satisfy."""
-
-
-# ---- data ---------------------------------------------------------------------------------------
-def synthetic_dataset(style: str, n: int, seed: int) -> Path:
-    """Prepared shards of the built-in synthetic Med-VQA (generated once, cached by its parameters)."""
-    from .data.prepare import MANIFEST, prepare
-    from .data.synth import generate
-
-    root = CACHE / "synth" / f"{style}-n{n}-s{seed}"
-    prepared = root / "prepared"
-    if not (prepared / MANIFEST).is_file():
-        generate(root / "raw", n=n, seed=seed, style=style)
-        prepare("vqa-rad", root / "raw", prepared, overwrite=True)
-    return prepared
-
-
-def data_plan(cfg: Config) -> tuple[str, dict[str, str]]:
-    """(training data directory, eval sets name -> directory); the main eval set is named after its split."""
-    if cfg.data.path is None:
-        train_dir = str(synthetic_dataset(cfg.data.synth_style, cfg.data.synth_n, cfg.train.seed))
-        extra = {}
-        if cfg.data.synth_ood_style:
-            extra["ood"] = str(synthetic_dataset(cfg.data.synth_ood_style, max(cfg.data.synth_n // 4, 10),
-                                                 cfg.train.seed + 1))
-    else:
-        train_dir, extra = cfg.data.path, {}
-    return train_dir, {cfg.data.eval_split: train_dir, **extra, **cfg.data.eval_sets}
-
-
-def steps_per_epoch(train_dir: str, cfg: Config) -> int:
-    """Optimizer steps per epoch: Ray Train splits `train` equally across workers (remainder dropped)."""
-    from .data.prepare import read_manifest
-
-    splits = read_manifest(train_dir)["splits"]
-    if cfg.data.train_split not in splits:
-        raise ConfigError([f"data.train_split: no split {cfg.data.train_split!r} in {train_dir}; "
-                           f"splits: {', '.join(splits)}"])
-    per_worker = splits[cfg.data.train_split]["rows"] // cfg.scaling.num_workers
-    if per_worker == 0:
-        raise ConfigError([f"scaling.num_workers: {cfg.scaling.num_workers} workers but only "
-                           f"{splits[cfg.data.train_split]['rows']} training rows"])
-    return max(1, math.ceil(per_worker / cfg.train.batch_size) // cfg.train.grad_accum)
-
-
-# ---- resources ----------------------------------------------------------------------------------
-def required_cpus(cfg: Config) -> float:
-    """Logical CPUs of one run: workers + preprocessing actors + one Parquet read task."""
-    return cfg.scaling.num_workers * cfg.scaling.cpus_per_worker + (max(cfg.data.preprocess_actors, 1) + 1) * PREPROCESS_CPUS
-
-
-def init_ray(min_cpus: float) -> None:
-    """Connect to the cluster named by `RAY_ADDRESS` (set by `ray job submit`; `auto` for a `ray start`
-    cluster on this machine) or start a new local one.
-
-    A local cluster gets logical CPUs = max(cores, `min_cpus`): on a 2-core machine a 2-worker run plus
-    its data tasks (or two light sweep trials) still schedule (docs/DESIGN.md §6.4).
-    """
-    import ray
-
-    if ray.is_initialized():
-        return
-    env = {"env_vars": {"TRANSFORMERS_VERBOSITY": "error", "RAY_TRAIN_ENABLE_V2_MIGRATION_WARNINGS": "0",
-                        # where object storage is (never credentials: workers use their own identity)
-                        **{k: os.environ[k] for k in STORAGE_ENV if k in os.environ}}}
-    if os.environ.get("RAY_ADDRESS"):
-        ray.init(runtime_env=env)
-    else:
-        cpus = max(os.cpu_count() or 1, math.ceil(min_cpus))
-        start_local_ray(num_cpus=cpus, runtime_env=env)
-
-
-def start_local_ray(attempts: int = 3, **kwargs: Any) -> None:
-    """`ray.init` of a new local cluster, retried when the node misses Ray's fixed start-up deadline
-    (seen on overloaded 2-core machines: "The current node timed out during startup").
-
-    The cluster always gets its dashboard (on 127.0.0.1, a free port), and every process of the job is
-    told its address (`RAY_API_SERVER_ADDRESS`): Ray Train's `PlacementGroupCleaner` asks the State API
-    whether a run's controller is alive and removes the workers' placement group when it is not. Tune
-    kills a trial's controller when ASHA stops it (or at its last epoch), so without a reachable State
-    API each trial leaks its workers' CPUs until a small cluster deadlocks. Without `RAY_ADDRESS` the
-    State API client would resolve the *latest `ray start` cluster* on the machine, not this one.
-    """
-    import socket
-
-    import ray
-
-    for attempt in range(attempts):
-        with socket.socket() as sock:  # a free port for this cluster's dashboard
-            sock.bind(("127.0.0.1", 0))
-            port = sock.getsockname()[1]
-        runtime_env = dict(kwargs.get("runtime_env") or {})
-        runtime_env["env_vars"] = {**runtime_env.get("env_vars", {}),
-                                   "RAY_API_SERVER_ADDRESS": f"http://127.0.0.1:{port}"}
-        try:
-            ray.init(address="local", **{**kwargs, "runtime_env": runtime_env}, include_dashboard=True,
-                     dashboard_host="127.0.0.1", dashboard_port=port)
-            return
-        except Exception as err:  # Ray raises a bare Exception here
-            ray.shutdown()
-            if attempt == attempts - 1 or "timed out during startup" not in str(err):
-                raise
-
-
-def check_resources(cfg: Config) -> None:
-    """Fail before any work when no node can ever host a worker, or the cluster lacks GPUs entirely."""
-    import ray
-
-    nodes = [n["Resources"] for n in ray.nodes() if n.get("Alive")]
-    need = worker_resources(cfg)
-    if not any(all(node.get(k, 0) >= v for k, v in need.items()) for node in nodes):
-        autoscaling = bool(os.environ.get("RAYMED_AUTOSCALING"))
-        if not autoscaling:
-            raise ResourceError(
-                f"no node can host one training worker needing {need} (nodes offer "
-                f"{[{k: node.get(k, 0) for k in need} for node in nodes]}); lower scaling.cpus_per_worker, "
-                "set scaling.use_gpu=false, or set RAYMED_AUTOSCALING=1 on an autoscaling cluster"
-            )
-    total = ray.cluster_resources()
-    if total.get("CPU", 0) < required_cpus(cfg) and not os.environ.get("RAYMED_AUTOSCALING"):
-        raise ResourceError(
-            f"the run needs {required_cpus(cfg):g} CPUs ({cfg.scaling.num_workers} workers x "
-            f"{cfg.scaling.cpus_per_worker:g} + data actors) but the cluster has {total.get('CPU', 0):g}"
-        )
+from .data.plan import data_plan, steps_per_epoch
 
 
 # ---- the trainer --------------------------------------------------------------------------------
@@ -208,20 +74,6 @@ def build_trainer(cfg: Config, storage: str | None = None, extra_callbacks: list
     )
 
 
-def worker_resources(cfg: Config) -> dict[str, float]:
-    """Ray resources of one training worker (a fractional GPU packs single-worker trials on one GPU)."""
-    return {"CPU": cfg.scaling.cpus_per_worker, **({"GPU": cfg.scaling.gpus_per_worker} if cfg.scaling.use_gpu else {})}
-
-
-def scaling_config(cfg: Config) -> Any:
-    """Ray Train's `ScalingConfig` of a run: what its worker group asks the cluster for."""
-    import ray.train
-
-    return ray.train.ScalingConfig(num_workers=cfg.scaling.num_workers, use_gpu=cfg.scaling.use_gpu,
-                                   placement_strategy=cfg.scaling.placement_strategy,
-                                   resources_per_worker=worker_resources(cfg))
-
-
 def summarize(result: Any) -> dict[str, Any]:
     """The run's result row (raymed.results): the `row.json` of its final checkpoint, read alone (never the
     whole checkpoint, which holds optimizer state)."""
@@ -257,11 +109,6 @@ def check_resume(cfg: Config) -> None:
     if changes:
         raise ConfigError([*changes, f"run {cfg.run_name()!r} exists ({latest}) with another config: pick a new "
                            "run.name, or set run.allow_config_change=true to continue it with the new values"])
-
-
-def _read_json(fs: Any, path: str) -> Any:
-    with fs.open_input_stream(path) as f:
-        return json.loads(f.read())
 
 
 def storage_path(cfg: Config) -> str:

@@ -24,19 +24,21 @@ from typing import Any, Literal
 from pydantic import Field
 from ray.tune.schedulers import AsyncHyperBandScheduler, FIFOScheduler, TrialScheduler
 
-from .config import Config, ConfigError, _Section, _format, deep_merge, parse_override, read_yaml, set_dotted, validate
 from . import storage as store
-from .metrics import VQA_KEYS
+from .cluster import ResourceError, init_ray, required_cpus
+from .config import (Config, ConfigError, Section, deep_merge, format_error, parse_override, read_yaml, set_dotted,
+                     validate)
+from .metrics import REPORT_KEYS, VQA_KEYS
 from .tracking import tune_callbacks
-from .train import ResourceError, build_trainer, check_storage, init_ray, required_cpus
+from .train import build_trainer, check_storage
 
 DEFAULT_SWEEP = Path(__file__).parent / "defaults" / "sweep.yaml"
 VQA_METRICS = VQA_KEYS  # every scoring rule: strict, @llava-med, @miss
-REPORT_METRICS = ("bleu1", "bleu2", "bleu3", "bleu4", "rouge_l", "meteor", "cider")
+REPORT_METRICS = REPORT_KEYS  # report generation: BLEU-1..4, ROUGE-L, METEOR, CIDEr
 TRAIN_METRICS = ("loss", "epoch", "step", "samples_per_s", "tokens_per_s", "peak_mem_mb")
 
 
-class SchedulerConfig(_Section):
+class SchedulerConfig(Section):
     type: Literal["asha", "fifo"] = "asha"
     grace_period: int = Field(1, ge=1)
     """Epochs every trial runs before ASHA may stop it."""
@@ -47,7 +49,7 @@ class SchedulerConfig(_Section):
     slow-starting method)."""
 
 
-class SweepConfig(_Section):
+class SweepConfig(Section):
     name: str = "sweep"
     train: dict[str, Any] = Field(default_factory=dict)
     train_config: str | None = None
@@ -74,7 +76,7 @@ def load_sweep(
     try:
         sweep = SweepConfig.model_validate(raw)
     except Exception as e:  # pydantic.ValidationError
-        errors = [_format(err) for err in e.errors()] if hasattr(e, "errors") else [str(e)]
+        errors = [format_error(err, SweepConfig) for err in e.errors()] if hasattr(e, "errors") else [str(e)]
         raise ConfigError([f"sweep {m}" for m in errors], str(path)) from None
     base = read_yaml(path.parent / sweep.train_config) if sweep.train_config else {}
     base = deep_merge(base, sweep.train)

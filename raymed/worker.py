@@ -22,6 +22,7 @@ import torch
 import torch.distributed as dist
 
 from .config import Config
+from .engine import Schedule, build_engine, ds_config, zero3_loading
 from .methods import apply_method
 from .models import load_model, load_processor, resolve
 from .models.base import enable_activation_checkpointing
@@ -81,9 +82,9 @@ def train_loop(loop_config: dict[str, Any]) -> None:
     batches = EpochBatches(ray.train.get_dataset_shard("train"), cfg.train.batch_size, cfg.data.cache_mb, log,
                            seed=cfg.train.seed, shuffle=cfg.data.shuffle)
 
-    # 3. Engine: optimizer over trainable parameters only; frozen ones get no grads and no state.
+    # 3. Engine (raymed.engine): optimizer over trainable parameters only; frozen ones get no grads and no state.
     schedule = Schedule.fresh(total_steps, math.ceil(cfg.train.warmup_ratio * total_steps))
-    engine = _engine(deepspeed, model, cfg, bf16, schedule, world, ds_cfg)
+    engine = build_engine(model, cfg, bf16=bf16, world=world, schedule=schedule, ds_cfg=ds_cfg)
     del hf_ds_config
     telemetry = Telemetry.for_train_worker(cfg.method.name, enabled=cfg.run.metrics_export)
     tracker = RunTracker.for_worker(cfg, plan, rank, total_steps, log)  # run.report_to, train.log_every
@@ -169,100 +170,6 @@ def train_loop(loop_config: dict[str, Any]) -> None:
     tracker.close()
 
 
-class Schedule:
-    """The learning-rate multiplier per optimizer step: linear warm-up, then cosine decay to zero.
-
-    Kept as *segments* in the checkpoint, so a resumed run follows the schedule it started with. When a run is
-    resumed with a changed `train.epochs`, `train.lr` or `train.warmup_ratio` (`run.allow_config_change`), a new
-    segment continues from the learning rate the run had reached (scaled by new/old `train.lr`) and decays to
-    zero at the new last step: the learning rate never jumps, and the old part of the curve is not re-stretched.
-    """
-
-    def __init__(self, segments: list[dict[str, float]]) -> None:
-        self.segments = segments
-
-    @classmethod
-    def fresh(cls, total: int, warmup: int) -> "Schedule":
-        return cls([{"start": 0, "end": max(total, 1), "warmup": warmup, "scale": 1.0}])
-
-    def __call__(self, step: int) -> float:
-        """The multiplier of the base learning rate at `step` (the function LambdaLR calls)."""
-        seg = next(s for s in reversed(self.segments) if step >= s["start"])
-        at, warmup = step - seg["start"], seg["warmup"]
-        if at < warmup:  # same formula as transformers' get_cosine_schedule_with_warmup
-            return seg["scale"] * at / max(1, warmup)
-        progress = (at - warmup) / max(1, seg["end"] - seg["start"] - warmup)
-        return seg["scale"] * max(0.0, 0.5 * (1.0 + math.cos(math.pi * progress)))
-
-    def resume(self, state: dict[str, Any], cfg: Config, steps_per_epoch: int, step: int, log: Any) -> None:
-        """Take the checkpoint's segments; add a continuation when the (allowed) config change moved the end."""
-        old = Config.model_validate(state["config"])
-        self.segments[:] = state.get("schedule") or self.segments
-        total = steps_per_epoch * cfg.train.epochs
-        ratio = cfg.train.lr / old.train.lr
-        if self.segments[-1]["end"] == total and ratio == 1.0 and old.train.warmup_ratio == cfg.train.warmup_ratio:
-            return
-        scale = self(step) * ratio
-        self.segments.append({"start": step, "end": max(total, step + 1), "warmup": 0, "scale": scale})
-        log(f"schedule continued at step {step}: lr x{scale:.4g} of the original, cosine to 0 at step {total}")
-
-
-def zero_stage(cfg: Config, world: int, bf16: bool) -> int:
-    """The ZeRO stage to run: the configured one, or 0 for a lone fp32 worker (see `shard_single_worker`)."""
-    ds = cfg.deepspeed
-    lone = world == 1 and not bf16 and not (ds.offload_optimizer or ds.offload_param)
-    return 0 if lone and not ds.shard_single_worker else ds.zero_stage
-
-
-def ds_config(cfg: Config, world: int, bf16: bool) -> dict[str, Any]:
-    """The DeepSpeed config of a run (shared by model loading under ZeRO-3 and the engine)."""
-    zero: dict[str, Any] = {"stage": zero_stage(cfg, world, bf16)}
-    if cfg.deepspeed.offload_optimizer:
-        zero["offload_optimizer"] = {"device": "cpu"}
-    if cfg.deepspeed.offload_param:
-        zero["offload_param"] = {"device": "cpu"}
-    return {
-        "train_micro_batch_size_per_gpu": cfg.train.batch_size,
-        "gradient_accumulation_steps": cfg.train.grad_accum,
-        "gradient_clipping": cfg.train.max_grad_norm,
-        "zero_optimization": zero,
-        "bf16": {"enabled": bf16},
-        # A client torch AdamW: avoids JIT-building DeepSpeed's CPU Adam (~45 s) on CPU clusters.
-        "zero_force_ds_cpu_optimizer": False,
-        "steps_per_print": 10**9,
-        "wall_clock_breakdown": False,
-    }
-
-
-def zero3_loading(ds_cfg: dict[str, Any], cfg: Config) -> Any:
-    """Under ZeRO-3 (and `deepspeed.zero3_init`), an HfDeepSpeedConfig: while it is alive, `from_pretrained`
-    partitions the weights as they load. transformers holds it by a weak reference: keep the returned object."""
-    if ds_cfg["zero_optimization"]["stage"] != 3 or not cfg.deepspeed.zero3_init:
-        return None
-    from transformers.integrations import HfDeepSpeedConfig
-
-    return HfDeepSpeedConfig(ds_cfg)
-
-
-def _engine(deepspeed: Any, model: torch.nn.Module, cfg: Config, bf16: bool, schedule: Schedule, world: int,
-            ds_cfg: dict[str, Any] | None = None) -> Any:
-    ds_cfg = ds_cfg or ds_config(cfg, world, bf16)
-
-    decay, no_decay = [], []
-    for p in model.parameters():
-        if p.requires_grad:
-            (no_decay if p.ndim < 2 else decay).append(p)  # no decay on norms and biases
-    groups = [{"params": decay, "weight_decay": cfg.train.weight_decay}, {"params": no_decay, "weight_decay": 0.0}]
-    optimizer = torch.optim.AdamW([g for g in groups if g["params"]], lr=cfg.train.lr)
-
-    def scheduler(opt: torch.optim.Optimizer) -> Any:  # built on DeepSpeed's wrapped optimizer
-        # A plain function, not the Schedule object: LambdaLR saves (and would restore over) an object's state.
-        return torch.optim.lr_scheduler.LambdaLR(opt, lambda step: schedule(step))
-
-    engine, _, _, _ = deepspeed.initialize(model=model, optimizer=optimizer, lr_scheduler=scheduler, config=ds_cfg)
-    return engine
-
-
 class Evaluator:
     """Generates answers on every eval set, rows interleaved across ranks; rank 0 gathers and scores them."""
 
@@ -283,7 +190,7 @@ class Evaluator:
     @torch.no_grad()
     def evaluate(self, data_dir: str) -> tuple[dict[str, float], list[dict[str, Any]]]:
         from . import predict
-        from .data.evaluation import read_rows
+        from .data.rows import read_rows
 
         cfg = self.cfg
         self.engine.eval()

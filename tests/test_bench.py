@@ -12,6 +12,7 @@ import pytest
 
 from raymed.bench import common
 from raymed.bench.overhead import epoch_rates
+from raymed.tables import table
 
 
 def check_document(doc: dict, suite: str) -> None:
@@ -53,7 +54,7 @@ def test_bench_model_is_llava_sized_for_cpu_benchmarks():
 
 def test_table_and_targets_render():
     rows = [{"a": "x", "b": 1234567, "c": 0.5}, {"a": "longer", "b": 2, "c": float("nan")}]
-    text = common.table(rows, [("a", "A"), ("b", "B"), ("c", "C")])
+    text = table(rows, [("a", "A"), ("b", "B"), ("c", "C")])
     assert "1,234,567" in text and "longer" in text and text.count("\n") == 3
     t = common.target("ratio", 0.7, 0.72, "<=")
     assert t["met"] and not common.target("ratio", 0.8, 0.9, ">=")["met"]
@@ -133,7 +134,7 @@ def ray_cluster():
     ray = pytest.importorskip("ray")
     if ray.is_initialized():
         pytest.skip("a Ray cluster is already initialised in this process")
-    from raymed.train import start_local_ray
+    from raymed.cluster import start_local_ray
 
     start_local_ray(num_cpus=4, log_to_driver=False,
                     runtime_env={"env_vars": {"TRANSFORMERS_VERBOSITY": "error"}})

@@ -1,4 +1,4 @@
-"""Late decoding + encoding, evaluation helpers, and Ray Data streaming into a 2-worker TorchTrainer."""
+"""Late decoding + encoding, reading rows in-process, and Ray Data streaming into a 2-worker TorchTrainer."""
 
 from __future__ import annotations
 
@@ -15,10 +15,10 @@ import torch
 import pytest
 from PIL import Image
 
+from raymed.cluster import start_local_ray
 from raymed.data import ReadOptions, generate, prepare
-from raymed.data.evaluation import eval_batches, match_predictions, read_rows, references
+from raymed.data.rows import read_rows
 from raymed.data.transform import DecodeAndEncode
-from raymed.train import start_local_ray
 
 IMAGE, MAX_LEN = 16, 8
 
@@ -106,18 +106,15 @@ def test_decode_error_names_the_row(synth_data: Path) -> None:
 
 
 @pytest.mark.unit
-def test_eval_rows_per_rank_and_matching(synth_data: Path) -> None:
+def test_rows_per_rank(synth_data: Path) -> None:
     data = synth_data / "embedded"
-    refs = references(data, "test")
-    per_rank = [[i for b in eval_batches(data, "test", TinyEncoderFactory(), batch_size=4, rank=r, world_size=3)
-                 for i in b["id"]] for r in range(3)]
-    assert sorted(sum(per_rank, [])) == sorted(refs) and len(refs) == 4 * 3  # 4 test images x 3 questions
+    rows = read_rows(data, "test")
+    per_rank = [[r["id"] for r in read_rows(data, "test", rank=k, world_size=3)] for k in range(3)]
+    assert sorted(sum(per_rank, [])) == sorted(r["id"] for r in rows) and len(rows) == 4 * 3  # 4 images x 3 questions
     assert max(map(len, per_rank)) - min(map(len, per_rank)) <= 1
-    matched = match_predictions({i: "yes" for i in refs}, refs)
-    assert [m["id"] for m in matched] == list(refs) and matched[0]["prediction"] == "yes"
-    assert matched[0]["answer"] == read_rows(data, "test")[0]["answer"]
-    with pytest.raises(KeyError, match="1 missing"):
-        match_predictions({i: "yes" for i in list(refs)[1:]}, refs)
+    assert set(read_rows(data, "test", columns=["id", "answer"])[0]) == {"id", "answer"}
+    with pytest.raises(ValueError, match="rank 3"):
+        read_rows(data, "test", rank=3, world_size=3)
     with pytest.raises(KeyError, match="no split 'val'; splits are: train, test"):
         read_rows(data, "val")
 

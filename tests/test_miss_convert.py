@@ -301,8 +301,9 @@ def test_one_training_run_on_the_converted_checkpoint(converted, tmp_path):
     scoring rule."""
     import ray
 
+    from raymed.cluster import start_local_ray
     from raymed.config import load_config
-    from raymed.train import fit, start_local_ray
+    from raymed.train import fit
 
     root, target, _, ckpt = converted
     out = tmp_path / "hf"

@@ -16,7 +16,7 @@ from pathlib import Path
 
 import pytest
 
-from tests.test_tune import ROOT, SWEEP, _check_report
+from tests.test_tune import ROOT, SWEEP, check_report
 
 pytestmark = pytest.mark.integration
 ENV = {**{k: v for k, v in os.environ.items() if k != "RAY_ADDRESS"}, "TRANSFORMERS_VERBOSITY": "error"}
@@ -82,7 +82,7 @@ def test_ray_job_submit(head_node, tmp_path):
     )
     assert job.returncode == 0, job.stdout[-3000:] + job.stderr[-3000:]
     assert "succeeded" in job.stdout
-    _check_report(out / "tiny-cpu")
+    check_report(out / "tiny-cpu")
 
 
 def _wait_for(predicate, timeout: float, what: str) -> None:
@@ -107,7 +107,7 @@ def test_killed_sweep_resumes(tmp_path):
     assert not (tmp_path / "tiny-cpu" / "report.md").exists()
     resumed = subprocess.run([*cmd, "--resume"], env=ENV, capture_output=True, text=True, timeout=900)
     assert resumed.returncode == 0, resumed.stdout[-3000:] + resumed.stderr[-3000:]
-    summary = _check_report(tmp_path / "tiny-cpu")
+    summary = check_report(tmp_path / "tiny-cpu")
     assert sorted(t["method"] for t in summary["trials"]) == ["ln", "lora"]
     for result in runs.glob("*/epoch-*/row.json"):
         history = json.loads(result.read_text())["history"]

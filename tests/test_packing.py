@@ -5,8 +5,8 @@ from __future__ import annotations
 
 import pytest
 
+from raymed.cluster import scaling_config
 from raymed.config import ConfigError, load_config
-from raymed.train import scaling_config
 from raymed.tune import SweepConfig, concurrent_trials
 
 pytestmark = pytest.mark.unit

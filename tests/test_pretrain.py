@@ -13,7 +13,7 @@ from PIL import Image
 from raymed.data.synth import generate
 from raymed.metrics import vqa_metrics
 from raymed.models import PRESETS, load_model, load_processor, resolve
-from raymed.pretrain import RECIPES, _architecture_summary, main
+from raymed.pretrain import RECIPES, architecture_summary, main
 from raymed.pretrained import PACKAGE_ROOT, provenance
 
 SHIPPED = {"tiny-llava-med": "llava", "tiny-miss-med": "miss"}
@@ -40,9 +40,9 @@ def test_shipped_preset_loads_with_recorded_config(name, monkeypatch):
 
     ref = resolve(name)
     model, processor = load_model(ref), load_processor(ref)
-    assert _architecture_summary(model.config, SHIPPED[name]) == prov["architecture"]
+    assert architecture_summary(model.config, SHIPPED[name]) == prov["architecture"]
     # The recipe in the code is the one that made the shipped weights.
-    assert _architecture_summary(RECIPES[SHIPPED[name]].architecture(), SHIPPED[name]) == prov["architecture"]
+    assert architecture_summary(RECIPES[SHIPPED[name]].architecture(), SHIPPED[name]) == prov["architecture"]
     assert sum(p.numel() for p in model.parameters()) == prov["parameters"] == PARAMETERS[name]
     assert processor.tokenizer.vocab_size == model.config.text_config.vocab_size
     # Weights are the pretrained ones, not a fresh random init.

@@ -53,7 +53,7 @@ ROWS = [
 ]
 
 
-def _md_tables(text: str) -> dict[str, list[dict[str, str]]]:
+def md_tables(text: str) -> dict[str, list[dict[str, str]]]:
     """Parse every markdown table under its '## heading' into dicts of cell text."""
     tables: dict[str, list[dict[str, str]]] = {}
     heading, header = "", None
@@ -72,7 +72,7 @@ def _md_tables(text: str) -> dict[str, list[dict[str, str]]]:
     return tables
 
 
-def _num(cell: str) -> float | None:
+def cell_number(cell: str) -> float | None:
     return None if cell == "-" else float(cell)
 
 
@@ -114,7 +114,7 @@ def test_report_md_numbers_are_those_of_results_json(tmp_path: Path) -> None:
     summary = json.loads(files["results_json"].read_text())
     trials = {t["trial_id"]: t for t in summary["trials"]}
     text = files["report_md"].read_text()
-    tables = _md_tables(text)
+    tables = md_tables(text)
     assert set(tables) >= {"Best configuration per method", "All trials", "Out-of-distribution and zero-shot"}
 
     all_rows = tables["All trials"]
@@ -122,7 +122,7 @@ def test_report_md_numbers_are_those_of_results_json(tmp_path: Path) -> None:
     for r in all_rows:
         t = trials[r["trial_id"]]
         for name in summary["metric_columns"]:
-            assert _num(r[name]) == t["metrics"].get(name), (r["trial_id"], name)
+            assert cell_number(r[name]) == t["metrics"].get(name), (r["trial_id"], name)
         assert float(r["lr"]) == t["lr"]
         assert int(r["trainable_params"]) == t["params"]["trainable"]
         assert float(r["trainable_pct"]) == t["params"]["percent"]
@@ -135,7 +135,7 @@ def test_report_md_numbers_are_those_of_results_json(tmp_path: Path) -> None:
     for r in best:
         assert r["trial_id"] == summary["best_per_method"][r["method"]]
         stored = trials[r["trial_id"]]["metrics"].get("eval/test/overall_acc")
-        assert _num(r["eval/test/overall_acc"]) == stored
+        assert cell_number(r["eval/test/overall_acc"]) == stored
 
     ood = tables["Out-of-distribution and zero-shot"]
     assert list(ood[0]) == ["method", "lr", "eval/test/overall_acc", "eval/ood/overall_acc",

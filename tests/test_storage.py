@@ -98,7 +98,7 @@ def test_bad_storage_is_refused_before_any_worker_starts(s3_env, monkeypatch, ca
 
 def test_prepare_to_s3_uploads_the_manifest_and_refuses_to_overwrite(s3_env, tmp_path):
     from raymed.data.cli import main as data_main
-    from raymed.data.evaluation import read_rows
+    from raymed.data.rows import read_rows
 
     raw = tmp_path / "raw"
     assert data_main(["synth", "--out", str(raw), "--n", "12"]) == 0

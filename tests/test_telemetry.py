@@ -16,8 +16,8 @@ from pathlib import Path
 
 import pytest
 
+from raymed.cluster import start_local_ray
 from raymed.telemetry import METRICS, RANK_TAG, RUN_TAG, exported_name
-from raymed.train import start_local_ray
 
 pytestmark = pytest.mark.integration
 

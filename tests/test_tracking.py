@@ -99,7 +99,8 @@ def test_single_run_and_sweep_write_tracking_files(tmp_path: Path) -> None:
     import ray
     from ray import tune
 
-    from raymed.train import fit, start_local_ray
+    from raymed.cluster import start_local_ray
+    from raymed.train import fit
 
     start_local_ray(num_cpus=4, log_to_driver=False)
     try:

@@ -12,11 +12,12 @@ import torch
 from safetensors.torch import load_file
 
 from raymed.checkpoint import load_trainable
+from raymed.cluster import start_local_ray
 from raymed.config import ConfigError, load_config
 from raymed.export import main as export_main
 from raymed.methods import apply_method
 from raymed.models import load_model, resolve
-from raymed.train import fit, start_local_ray
+from raymed.train import fit
 from tests.conftest import tiny_batch
 
 pytestmark = pytest.mark.integration
@@ -192,8 +193,8 @@ def _eval_and_infer_reproduce_the_run(run_dir: Path, summary: dict, tmp_path: Pa
     from raymed import eval as raymed_eval
     from raymed import infer
     from raymed.config import Config
-    from raymed.data.evaluation import read_rows
-    from raymed.train import data_plan
+    from raymed.data.rows import read_rows
+    from raymed.data.plan import data_plan
 
     data_dir = data_plan(Config.model_validate(summary["config"]))[0]
     out = tmp_path / "eval"

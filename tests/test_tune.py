@@ -7,10 +7,10 @@ from pathlib import Path
 
 import pytest
 
-from raymed.bench import questions
-from raymed.train import start_local_ray
+from raymed import questions
+from raymed.cluster import start_local_ray
 from raymed.tune import main as tune_main
-from tests.test_report import _md_tables, _num
+from tests.test_report import cell_number, md_tables
 
 pytestmark = pytest.mark.integration
 ROOT = Path(__file__).resolve().parents[1]
@@ -27,15 +27,15 @@ def ray_cluster():
     ray.shutdown()
 
 
-def _check_report(exp: Path) -> dict:
+def check_report(exp: Path) -> dict:
     for name in ("results.json", "results.csv", "report.md", "frontier.png", "curves.png"):
         assert (exp / name).is_file(), name
     summary = json.loads((exp / "results.json").read_text())
-    tables = _md_tables((exp / "report.md").read_text())
+    tables = md_tables((exp / "report.md").read_text())
     trials = {t["trial_id"]: t for t in summary["trials"]}
     for row in tables["All trials"]:
         for name in summary["metric_columns"]:
-            assert _num(row[name]) == trials[row["trial_id"]]["metrics"].get(name)
+            assert cell_number(row[name]) == trials[row["trial_id"]]["metrics"].get(name)
     return summary
 
 
@@ -46,7 +46,7 @@ def test_sweep_with_asha_writes_the_report(ray_cluster, tmp_path, capsys):
                     "sweep.search={method.name: [full, attn, ln], train.lr: [0.01]}",
                     "sweep.metric=loss", "sweep.mode=min", "sweep.max_concurrent=1"])
     assert rc == 0
-    summary = _check_report(tmp_path / "tiny-cpu")
+    summary = check_report(tmp_path / "tiny-cpu")
     rows = summary["trials"]
     assert sorted(t["method"] for t in rows) == ["attn", "full", "ln"]
     assert not next(t for t in rows if t["method"] == "full")["stopped_early"]

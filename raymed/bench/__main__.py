@@ -1,6 +1,6 @@
 """`python -m raymed.bench SUITE [options] [--out FILE.json]`: run one benchmark suite.
 
-Suites: methods, overhead, data, checkpoint, sweep, questions, load, gpu (`python -m raymed.bench SUITE --help`).
+Suites: methods, overhead, data, checkpoint, sweep, load, gpu (`python -m raymed.bench SUITE --help`).
 Each prints a table (figures, machine, load) and, with `--out`, writes the JSON document.
 """
 
@@ -18,7 +18,6 @@ SUITES = {
     "data": "Ray Data pipeline vs a torch DataLoader with the same decoding and workers",
     "checkpoint": "bytes written per checkpoint (model/ and resume/) vs trainable bytes, per method",
     "sweep": "ASHA vs the full grid on the default sweep: trial-epochs and best method",
-    "questions": "accuracy per question type of a finished sweep's best trials vs zero-shot (paired test)",
     "load": "host memory per worker loading a model under ZeRO-3: whole vs partitioned while loading",
     "gpu": "LLaVA-Med v1.5 architecture, random weights, ln vs full (ZeRO-3), bf16 (CUDA only)",
 }

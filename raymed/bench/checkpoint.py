@@ -1,6 +1,6 @@
 """Suite `checkpoint`: bytes written per checkpoint vs the bytes of the trainable parameters, per method.
 
-For each method a DeepSpeed engine is built exactly as the worker builds it (`raymed.worker._engine`,
+For each method a DeepSpeed engine is built exactly as the worker builds it (`raymed.engine.build_engine`,
 ZeRO stage as configured, one process, gloo), trained for `steps` steps on a fixed batch (so optimizer
 state exists) and saved through `raymed.checkpoint.save_checkpoint`, the recipe's own code path. The
 checkpoint's parts are measured separately: `model/` (what a user ships: trainable tensors and metadata;
@@ -17,9 +17,11 @@ import time
 from pathlib import Path
 from typing import Any
 
+from raymed.tables import table
+
 from .common import (
     BENCH_MODEL, default_max_length, encoded_batches, fit_model_name, header, model_ref, ratio, result, synth_data,
-    table, target, targets_table,
+    target, targets_table,
 )
 
 DEFAULT_METHODS = ("full", "ln", "attn", "ffn", "lora", "ia3", "prefix")
@@ -53,21 +55,20 @@ def init_single_process_group(backend: str = "gloo") -> None:
 def measure(model: str, model_name: str, method: str, batch: dict[str, Any], zero_stage: int, steps: int,
             workdir: Path) -> dict[str, Any]:
     """Train `steps` steps under DeepSpeed, save one checkpoint, and measure its parts."""
-    import deepspeed
     import torch
 
     from raymed.checkpoint import save_checkpoint
     from raymed.config import load_config
     from raymed.methods import apply_method
     from raymed.models import load_model
-    from raymed.worker import _engine
+    from raymed.engine import build_engine
 
     cfg = load_config(None, {"model.name": model_name, "method.name": method, "deepspeed.zero_stage": zero_stage,
                              "deepspeed.shard_single_worker": True, "scaling.num_workers": 1, "train.lr": 1e-4})
     ref = model_ref(model)
     net, acc = apply_method(load_model(ref), ref, method)
     trainable_bytes = sum(p.numel() * p.element_size() for p in net.parameters() if p.requires_grad)
-    engine = _engine(deepspeed, net, cfg, bf16=False, total_steps=max(steps, 1), world=1)
+    engine = build_engine(net, cfg, bf16=False, world=1, total_steps=max(steps, 1))
     engine.train()
     for _ in range(steps):
         loss = engine(**batch).loss

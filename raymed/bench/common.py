@@ -14,40 +14,31 @@ import gc
 import hashlib
 import json
 import os
-import platform
 import statistics
-import subprocess
 import sys
 import time
 from collections.abc import Mapping, Sequence
 from pathlib import Path
 from typing import Any
 
-CACHE = Path(os.environ.get("RAYMED_CACHE", Path.home() / ".cache" / "raymed")) / "bench"
+from raymed.data.plan import CACHE as DATA_CACHE
+from raymed.machine import describe
+from raymed.tables import table
+
+CACHE = DATA_CACHE / "bench"
 BENCH_MODEL = "bench-llava"
 
 
 # ---- the bench model ----------------------------------------------------------------------------
 def bench_llava_config() -> Any:
     """LLaVA-1.5 layout (feature layer -2, GELU projector) at benchmark size: ~58 M parameters."""
-    from transformers import CLIPVisionConfig, LlavaConfig, MistralConfig
+    from raymed.models.llava import llava_config
 
-    from raymed.models.vocab import build_llava_tokenizer
-
-    tok = build_llava_tokenizer()
-    vision = CLIPVisionConfig(
-        hidden_size=448, intermediate_size=1792, num_hidden_layers=8, num_attention_heads=7,
-        image_size=224, patch_size=16, projection_dim=448,
-    )
-    text = MistralConfig(
-        vocab_size=len(tok), hidden_size=640, intermediate_size=1792, num_hidden_layers=8,
-        num_attention_heads=10, num_key_value_heads=5, max_position_embeddings=1024,
-        pad_token_id=tok.pad_token_id, bos_token_id=2, eos_token_id=3, tie_word_embeddings=False,
-    )
-    return LlavaConfig(
-        vision_config=vision, text_config=text, image_token_index=tok.convert_tokens_to_ids("<image>"),
-        projector_hidden_act="gelu", vision_feature_layer=-2, vision_feature_select_strategy="default",
-        tie_word_embeddings=False,
+    return llava_config(
+        dict(hidden_size=448, intermediate_size=1792, num_hidden_layers=8, num_attention_heads=7, image_size=224,
+             patch_size=16, projection_dim=448),
+        dict(hidden_size=640, intermediate_size=1792, num_hidden_layers=8, num_attention_heads=10,
+             num_key_value_heads=5, max_position_embeddings=1024),
     )
 
 
@@ -91,7 +82,7 @@ def synth_data(n_images: int, image_size: int = 64, seed: int = 0, rows_per_shar
     from raymed.data.synth import generate
 
     if image_size == 64 and rows_per_shard == 1000:
-        from raymed.train import synthetic_dataset  # the very directory `fit` trains on
+        from raymed.data.plan import synthetic_dataset  # the very directory `fit` trains on
 
         return synthetic_dataset("base", n_images, seed)
     root = CACHE / "data" / f"base-n{n_images}-px{image_size}-s{seed}-r{rows_per_shard}"
@@ -108,7 +99,7 @@ def encoded_batches(ref_name: str, data_dir: Path, split: str, batch_size: int, 
     """Training batches (torch tensors) of `split`, decoded and encoded exactly as the stream does."""
     import torch
 
-    from raymed.data.evaluation import read_rows
+    from raymed.data.rows import read_rows
     from raymed.data.transform import DecodeAndEncode
 
     ref = model_ref(ref_name)
@@ -183,48 +174,13 @@ def target(name: str, value: float, limit: float, op: str, note: str = "") -> di
     return {"name": name, "value": value, "target": f"{op} {limit}", "met": bool(met), "note": note}
 
 
-# ---- machine and output -------------------------------------------------------------------------
-def load_average() -> list[float]:
-    return [round(x, 2) for x in os.getloadavg()]
-
-
-def machine() -> dict[str, Any]:
-    """Where the figures were measured: CPU, cores, memory, load, library versions, commit."""
-    import torch
-
-    cpu = platform.processor()
-    try:
-        with open("/proc/cpuinfo") as f:
-            cpu = next((line.split(":", 1)[1].strip() for line in f if line.startswith("model name")), cpu)
-    except OSError:
-        pass
-    versions = {"python": platform.python_version(), "torch": torch.__version__}
-    from importlib.metadata import PackageNotFoundError, version
-
-    for dist in ("ray", "transformers", "deepspeed", "peft"):
-        try:
-            versions[dist] = version(dist)  # no import: deepspeed alone takes seconds
-        except PackageNotFoundError:
-            versions[dist] = None
-    mem_gb = os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES") / 2**30
-    try:
-        commit = subprocess.run(["git", "rev-parse", "--short", "HEAD"], capture_output=True, text=True,
-                                cwd=Path(__file__).parent, timeout=10).stdout.strip() or None
-    except (OSError, subprocess.SubprocessError):
-        commit = None
-    return {
-        "cpu": cpu, "cores": os.cpu_count(), "memory_gb": round(mem_gb, 1), "platform": platform.platform(),
-        "load_average": load_average(), "gpu": torch.cuda.get_device_name(0) if torch.cuda.is_available() else None,
-        "versions": versions, "commit": commit,
-    }
-
-
+# ---- output -----------------------------------------------------------------------------------------
 def result(suite: str, config: Mapping[str, Any], rows: list[dict[str, Any]], targets: list[dict[str, Any]],
            started: float, **extra: Any) -> dict[str, Any]:
     """The JSON document of one suite run."""
     return {
         "suite": suite, "command": " ".join([Path(sys.executable).name, "-m", "raymed.bench", *sys.argv[1:]]),
-        "config": dict(config), "machine": machine(), "wall_s": round(time.time() - started, 1),
+        "config": dict(config), "machine": describe(load=True, with_commit=True), "wall_s": round(time.time() - started, 1),
         "rows": rows, "targets": targets, **extra,
     }
 
@@ -236,27 +192,6 @@ def write_json(doc: Mapping[str, Any], out: Path | str | None) -> None:
     out.parent.mkdir(parents=True, exist_ok=True)
     out.write_text(json.dumps(doc, indent=2, default=float) + "\n")
     print(f"[bench] wrote {out}", flush=True)
-
-
-def fmt(value: Any) -> str:
-    if isinstance(value, bool) or value is None:
-        return str(value)
-    if isinstance(value, int):
-        return f"{value:,}"
-    if isinstance(value, float):
-        if value != value:  # nan
-            return "-"
-        return f"{value:,.0f}" if abs(value) >= 1000 else f"{value:.3g}" if abs(value) < 1 else f"{value:.2f}"
-    return str(value)
-
-
-def table(rows: Sequence[Mapping[str, Any]], columns: Sequence[tuple[str, str]]) -> str:
-    """A plain-text table of `rows`: `columns` are (key, header) pairs."""
-    cells = [[h for _, h in columns]] + [[fmt(r.get(k)) for k, _ in columns] for r in rows]
-    widths = [max(len(row[i]) for row in cells) for i in range(len(columns))]
-    lines = ["  ".join(c.rjust(w) if j else c.ljust(w) for j, (c, w) in enumerate(zip(row, widths))) for row in cells]
-    lines.insert(1, "  ".join("-" * w for w in widths))
-    return "\n".join(lines)
 
 
 def targets_table(targets: Sequence[Mapping[str, Any]]) -> str:

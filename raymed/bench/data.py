@@ -21,9 +21,11 @@ from typing import Any, Iterator
 
 from torch.utils.data import IterableDataset
 
+from raymed.tables import table
+
 from .common import (
     BENCH_MODEL, default_max_length, fit_model_name, header, median, model_ref, ratio, result, spread, synth_data,
-    table, target, targets_table,
+    target, targets_table,
 )
 
 
@@ -142,7 +144,7 @@ def run(model: str = BENCH_MODEL, images: int = 400, image_size: int = 256, batc
     from raymed.data.prepare import read_manifest
     from raymed.data.transform import FamilyEncoderFactory
     from raymed.models import load_processor
-    from raymed.train import start_local_ray
+    from raymed.cluster import start_local_ray
 
     started = time.time()
     ref = model_ref(model)

@@ -7,7 +7,7 @@ One command, sized for ~8 minutes on one H200:
 (b) the LLaVA-Med v1.5 architecture with random bf16 weights, `ln` vs `full`, both ZeRO-3 by default.
 
 Each method of (b) runs in a fresh process on one GPU through the recipe's DeepSpeed engine
-(`raymed.worker._engine`): `full` with ZeRO-3 (optimizer offloaded to CPU when 16 B/parameter does not
+(`raymed.engine.build_engine`): `full` with ZeRO-3 (optimizer offloaded to CPU when 16 B/parameter does not
 fit the GPU), `ln` with ZeRO-2 (`--ln-zero-stage`). Batches are random token ids with LLaVA's 576 image
 tokens plus `--text-tokens` text tokens and random 336 px images. Reported: step time, tokens/s, GPU
 training memory (peak allocated minus allocated after the engine is built), and model-FLOPs utilisation:
@@ -30,7 +30,9 @@ import time
 from pathlib import Path
 from typing import Any
 
-from .common import header, ratio, result, table, target, targets_table
+from raymed.tables import table
+
+from .common import header, ratio, result, target, targets_table
 
 MARK = "RAYMED_BENCH_GPU "
 PEAK_BF16_TFLOPS = {"H100": 989.4, "H200": 989.4, "H20": 148.0, "A100": 312.0, "A10": 125.0, "L40": 181.0,
@@ -89,9 +91,7 @@ def measure(spec: dict[str, Any]) -> dict[str, Any]:
     device = torch.device("cuda", 0) if cuda else torch.device("cpu")
     dtype = torch.bfloat16 if cuda else torch.float32
     init_single_process_group("nccl" if cuda else "gloo")
-    import deepspeed
-
-    from raymed.worker import _engine
+    from raymed.engine import build_engine  # imports deepspeed: after the process group
 
     ref = model_ref(spec["model"])
     mcfg = ref.preset.build_config()
@@ -118,7 +118,7 @@ def measure(spec: dict[str, Any]) -> dict[str, Any]:
         "scaling": {"num_workers": 1, "use_gpu": cuda},
     })
     batch = random_batch(mcfg, spec["batch_size"], spec["text_tokens"], device, dtype)
-    engine = _engine(deepspeed, model, cfg, bf16=cuda, total_steps=spec["warmup"] + spec["steps"], world=1)
+    engine = build_engine(model, cfg, bf16=cuda, world=1, total_steps=spec["warmup"] + spec["steps"])
     engine.train()
     prof = profile_pass(engine.module, batch)
 

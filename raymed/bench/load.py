@@ -2,7 +2,7 @@
 
 Two Ray Train workers (gloo) load the same HF directory (the ~58 M `bench-llava`, saved once in bf16 as the
 LLaVA-Med release is) and build the DeepSpeed ZeRO-3 engine exactly as the worker recipe does
-(`raymed.worker.ds_config`, `zero3_loading`, `raymed.models.load_model`, `apply_method`, `_engine`), in three modes:
+(`raymed.engine.ds_config`, `zero3_loading`, `raymed.models.load_model`, `apply_method`, `build_engine`), in three modes:
 - `fp32-whole` (the earlier recipe): every rank loads the whole model in fp32 (`dtype=torch.float32`), then
   DeepSpeed partitions it;
 - `bf16-whole`: the training precision of GPU runs, still whole on every rank (`deepspeed.zero3_init=false`);
@@ -22,7 +22,9 @@ import time
 from pathlib import Path
 from typing import Any
 
-from .common import BENCH_MODEL, fit_model_name, header, result, table, target, targets_table
+from raymed.tables import table
+
+from .common import BENCH_MODEL, fit_model_name, header, result, target, targets_table
 
 MODES = {"fp32-whole": ("float32", False), "bf16-whole": ("bfloat16", False), "bf16-partitioned": ("bfloat16", True)}
 
@@ -71,7 +73,7 @@ def load_loop(config: dict[str, Any]) -> None:
     from raymed.config import load_config
     from raymed.methods import apply_method
     from raymed.models import load_model, resolve
-    from raymed.worker import _engine, ds_config, zero3_loading
+    from raymed.engine import build_engine, ds_config, zero3_loading
 
     ctx = ray.train.get_context()
     rank, world = ctx.get_world_rank(), ctx.get_world_size()
@@ -93,7 +95,7 @@ def load_loop(config: dict[str, Any]) -> None:
     release_memory()
     loaded_peak, loaded, anon_loaded = peak_rss_mb(), rss_mb(), anon_mb()
     local_elements = held(model)
-    engine = _engine(deepspeed, model, cfg, dtype == torch.bfloat16, 10, world, ds_cfg)
+    engine = build_engine(model, cfg, bf16=dtype == torch.bfloat16, world=world, total_steps=10, ds_cfg=ds_cfg)
     del keep
     release_memory()
     row = {"rank": rank, "rss_start_mb": base, "peak_load_mb": loaded_peak, "rss_loaded_mb": loaded,
@@ -112,7 +114,7 @@ def run(model: str = BENCH_MODEL, workers: int = 2, method: str = "ln", cpus_per
     from ray.train import RunConfig, ScalingConfig
     from ray.train.torch import TorchConfig, TorchTrainer
 
-    from raymed.train import init_ray
+    from raymed.cluster import init_ray
 
     started = time.time()
     model_dir = bf16_dir(fit_model_name(model)) if model == BENCH_MODEL else model

@@ -21,9 +21,11 @@ import time
 from pathlib import Path
 from typing import Any
 
+from raymed.tables import table
+
 from .common import (
     BENCH_MODEL, default_max_length, encoded_batches, header, median, model_ref, ratio, result, spread, synth_data,
-    table, target, targets_table,
+    target, targets_table,
 )
 from .step import MARK
 

@@ -16,9 +16,11 @@ import tempfile
 import time
 from typing import Any
 
+from raymed.tables import table
+
 from .common import (
-    BENCH_MODEL, default_max_length, encoded_batches, fit_model_name, header, median, model_ref, ratio, result,
-    spread, synth_data, table, target, targets_table,
+    BENCH_MODEL, default_max_length, encoded_batches, fit_model_name, header, median, model_ref, ratio, result, spread,
+    synth_data, target, targets_table,
 )
 
 
@@ -106,7 +108,7 @@ def raymed_run(model_dir: str, method: str, images: int, max_length: int, batch_
     summary = fit(cfg)
     wall = time.time() - t0
     from raymed.data.prepare import read_manifest
-    from raymed.train import data_plan
+    from raymed.data.plan import data_plan
 
     rows = read_manifest(data_plan(cfg)[0])["splits"]["train"]["rows"]
     rates = epoch_rates(summary["history"], rows)
@@ -124,7 +126,7 @@ def run(model: str = BENCH_MODEL, method: str = "full", images: int = 14, batch_
     import ray
 
     from raymed.models import load_processor
-    from raymed.train import init_ray, required_cpus
+    from raymed.cluster import init_ray, required_cpus
 
     started = time.time()
     if epochs < 2:

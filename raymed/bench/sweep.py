@@ -24,7 +24,9 @@ from pathlib import Path
 from types import SimpleNamespace
 from typing import Any
 
-from .common import header, ratio, result, table, target, targets_table
+from raymed.tables import table
+
+from .common import header, ratio, result, target, targets_table
 
 QUICK_SEARCH = {"method.name": ["full", "ln", "lora", "prefix"], "train.lr": [3.0e-2]}
 QUICK_TRAIN = ["data.synth_n=60", "data.max_eval_rows=24"]

@@ -6,7 +6,8 @@
 - :mod:`~raymed.data.synth`: the synthetic Med-VQA dataset (``STYLES``).
 - :mod:`~raymed.data.transform`: late image decoding + the model family's encoder (no Ray).
 - :mod:`~raymed.data.stream`: Ray Data reading and torch batches for Ray Train workers.
-- :mod:`~raymed.data.evaluation`: eval rows per rank, references, matching predictions by id.
+- :mod:`~raymed.data.rows`: the rows of a split in-process (eval sets; per rank).
+- :mod:`~raymed.data.plan`: a run's data directories, the cached synthetic sets, steps per epoch.
 
 CLI: ``python -m raymed.data {prepare,synth,inspect,formats} --help``.
 """

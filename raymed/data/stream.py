@@ -13,7 +13,7 @@ Data's streaming backpressure, not by the dataset size. Ray Train's default ``Da
 ``train`` with ``equal=True``: every worker gets the same number of rows (so DDP steps stay in
 lock-step), dropping at most ``world_size - 1`` rows per epoch.
 
-Evaluation rows are read without Ray: see :mod:`raymed.data.evaluation`.
+Evaluation rows are read without Ray: see :mod:`raymed.data.rows`.
 """
 
 from __future__ import annotations

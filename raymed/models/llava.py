@@ -37,55 +37,54 @@ REPORT_INSTRUCTION = "describe the findings of this image."
 TINY_LLAVA_MED = "pretrained/tiny-llava-med"
 
 
-def _llava_med_v15() -> LlavaConfig:
-    vision = CLIPVisionConfig(
-        hidden_size=1024, intermediate_size=4096, num_hidden_layers=24, num_attention_heads=16,
-        image_size=336, patch_size=14, projection_dim=768,
-    )
-    # As `python -m raymed.convert` writes it: 32000 tokens + <image> (32000) + <pad> (32001), padded to 32064.
-    text = MistralConfig(
-        vocab_size=32064, hidden_size=4096, intermediate_size=14336, num_hidden_layers=32,
-        num_attention_heads=32, num_key_value_heads=8, max_position_embeddings=32768,
-        rms_norm_eps=1e-5, rope_theta=1e6, tie_word_embeddings=False, pad_token_id=32001,
-    )
+def llava_config(vision: Mapping[str, Any], text: Mapping[str, Any], *, text_class: type = MistralConfig,
+                 image_token_index: int | None = None) -> LlavaConfig:
+    """A LLaVA-1.5-layout config at any size: image features from vision layer -2 (CLS dropped), a GELU
+    projector, an untied LM head. `vision`: `CLIPVisionConfig` keys; `text`: keys of `text_class` (Mistral, or
+    LLaMA for v1.0). Without `image_token_index` the model uses raymed's tokenizer (`models.vocab`): its size,
+    `<image>`, pad, bos and eos ids (the tiny, pretrained and benchmark models)."""
+    text = dict(text)
+    if image_token_index is None:
+        tok = build_llava_tokenizer()
+        image_token_index = tok.convert_tokens_to_ids("<image>")
+        text = {"vocab_size": len(tok), "pad_token_id": tok.pad_token_id, "bos_token_id": tok.bos_token_id,
+                "eos_token_id": tok.eos_token_id, **text}
     return LlavaConfig(
-        vision_config=vision, text_config=text, image_token_index=32000, projector_hidden_act="gelu",
-        vision_feature_layer=-2, vision_feature_select_strategy="default", tie_word_embeddings=False,
+        vision_config=CLIPVisionConfig(**vision), text_config=text_class(**{"tie_word_embeddings": False, **text}),
+        image_token_index=image_token_index, projector_hidden_act="gelu", vision_feature_layer=-2,
+        vision_feature_select_strategy="default", tie_word_embeddings=False,
     )
 
 
-def _llava_med_v10() -> LlavaConfig:
+# CLIP ViT-L/14 (LLaVA-Med's vision tower) at 336 px (v1.5) or 224 px (v1.0).
+CLIP_VIT_L14 = dict(hidden_size=1024, intermediate_size=4096, num_hidden_layers=24, num_attention_heads=16,
+                    patch_size=14, projection_dim=768)
+
+
+def llava_med_v15() -> LlavaConfig:
+    # As `python -m raymed.convert` writes it: 32000 tokens + <image> (32000) + <pad> (32001), padded to 32064.
+    return llava_config({**CLIP_VIT_L14, "image_size": 336}, dict(
+        vocab_size=32064, hidden_size=4096, intermediate_size=14336, num_hidden_layers=32, num_attention_heads=32,
+        num_key_value_heads=8, max_position_embeddings=32768, rms_norm_eps=1e-5, rope_theta=1e6, pad_token_id=32001,
+    ), image_token_index=32000)
+
+
+def llava_med_v10() -> LlavaConfig:
     # LLaVA-Med v1.0: LLaMA-7B + CLIP ViT-L/14 at 224 px. Its original projector is a single linear layer;
     # the HF LLaVA layout always has two, so projector counts differ from the original (LN counts do not).
-    vision = CLIPVisionConfig(
-        hidden_size=1024, intermediate_size=4096, num_hidden_layers=24, num_attention_heads=16,
-        image_size=224, patch_size=14, projection_dim=768,
-    )
-    text = LlamaConfig(
-        vocab_size=32064, hidden_size=4096, intermediate_size=11008, num_hidden_layers=32,
-        num_attention_heads=32, num_key_value_heads=32, max_position_embeddings=2048, rms_norm_eps=1e-6,
-        tie_word_embeddings=False,
-    )
-    return LlavaConfig(
-        vision_config=vision, text_config=text, image_token_index=32000, projector_hidden_act="gelu",
-        vision_feature_layer=-2, vision_feature_select_strategy="default", tie_word_embeddings=False,
-    )
+    return llava_config({**CLIP_VIT_L14, "image_size": 224}, dict(
+        vocab_size=32064, hidden_size=4096, intermediate_size=11008, num_hidden_layers=32, num_attention_heads=32,
+        num_key_value_heads=32, max_position_embeddings=2048, rms_norm_eps=1e-6,
+    ), text_class=LlamaConfig, image_token_index=32000)
 
 
-def tiny_llava_config(vocab_size: int, image_token_id: int, pad_token_id: int) -> LlavaConfig:
+def tiny_llava_config() -> LlavaConfig:
     """A LLaVA-architecture model of ~0.5 M parameters: CLIP 32-d x 3 layers at 32 px, Mistral 64-d x 2."""
-    vision = CLIPVisionConfig(
-        hidden_size=32, intermediate_size=64, num_hidden_layers=3, num_attention_heads=2,
-        image_size=32, patch_size=8, projection_dim=32,
-    )
-    text = MistralConfig(
-        vocab_size=vocab_size, hidden_size=64, intermediate_size=128, num_hidden_layers=2,
-        num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=256,
-        pad_token_id=pad_token_id, bos_token_id=2, eos_token_id=3, tie_word_embeddings=False,
-    )
-    return LlavaConfig(
-        vision_config=vision, text_config=text, image_token_index=image_token_id, projector_hidden_act="gelu",
-        vision_feature_layer=-2, vision_feature_select_strategy="default", tie_word_embeddings=False,
+    return llava_config(
+        dict(hidden_size=32, intermediate_size=64, num_hidden_layers=3, num_attention_heads=2, image_size=32,
+             patch_size=8, projection_dim=32),
+        dict(hidden_size=64, intermediate_size=128, num_hidden_layers=2, num_attention_heads=4, num_key_value_heads=2,
+             max_position_embeddings=256),
     )
 
 
@@ -110,11 +109,11 @@ class LlavaFamily(Family):
         )
         for p in (
             Preset("llava-med-v1.5", "llava", "LLaVA-Med v1.5 (CLIP ViT-L/14-336 + Mistral-7B), meta device",
-                   _llava_med_v15, meta_only=True),
+                   llava_med_v15, meta_only=True),
             Preset("llava-med-v1.0", "llava", "LLaVA-Med v1.0 (CLIP ViT-L/14-224 + LLaMA-7B), meta device",
-                   _llava_med_v10, meta_only=True),
+                   llava_med_v10, meta_only=True),
             Preset("tiny-llava", "llava", "random-weight tiny LLaVA with a locally built processor (tests)",
-                   self._tiny_config),
+                   tiny_llava_config),
             Preset("tiny-llava-med", "llava", "tiny LLaVA pretrained by raymed on synthetic scans (shipped weights)",
                    lambda: LlavaConfig.from_pretrained(shipped_path(TINY_LLAVA_MED)), shipped_dir=TINY_LLAVA_MED),
         ):
@@ -137,10 +136,6 @@ class LlavaFamily(Family):
         return unused
 
     # ---- building and loading ------------------------------------------------------------------
-    def _tiny_config(self) -> LlavaConfig:
-        tok = build_llava_tokenizer()
-        return tiny_llava_config(len(tok), tok.convert_tokens_to_ids("<image>"), tok.pad_token_id)
-
     def new_processor(self, cfg: LlavaConfig) -> LlavaProcessor:
         """The tiny presets' processor: CLIP resize + centre crop (no pad) and the `plain` template, as pretrained."""
         size = cfg.vision_config.image_size

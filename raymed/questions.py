@@ -1,11 +1,14 @@
-"""Suite `questions`: what each method of a finished sweep learned, per question type, against the base's
-zero-shot answers on the same questions.
+"""`python -m raymed.questions SWEEP_DIR [--n N --seed S | --data DIR] [--out FILE.json]`: what each method of a
+finished sweep learned, per question type, against the base's zero-shot answers on the same questions.
+
+Analysis of a sweep's results (beside `raymed.report`), not a benchmark: no timing, no targets.
 
 Reads `results.json` of one sweep (`python -m raymed.tune --out DIR` writes `DIR/<name>/results.json`), takes
 the best trial of each method, rebuilds it from its last checkpoint (`raymed.checkpoint.load_trainable`: base +
-method + trained tensors, what `raymed.export` merges) and answers a synthetic test split in-process (greedy,
-the family's own encode and generate, no Ray). By default the split is the sweep's own test set (the overall
-accuracy then repeats the sweep's, a check of the checkpoint); `--n/--seed/--rows` ask a fresh, larger one.
+method + trained tensors, what `raymed.export` merges) and answers a synthetic test split in-process with the
+sweep's settings (`raymed.predict.answer`: greedy, the family's own encode and generate, no Ray). By default the
+split is the sweep's own test set (the overall accuracy then repeats the sweep's, a check of the checkpoint);
+`--n/--seed/--rows` ask a fresh, larger one.
 
 Per method: accuracy per question type (VQA-RAD `question_type`: pres, pos, size, count, organ, modality),
 overall, and the paired comparison with zero-shot on the same rows: questions gained / lost and the exact
@@ -15,17 +18,20 @@ statement rather than a difference of two noisy means.
 
 from __future__ import annotations
 
+import argparse
 import json
 import math
+import sys
 import time
 from collections import defaultdict
 from pathlib import Path
 from typing import Any, Sequence
 
-from .common import header, result, table
+from .tables import table
 
 ZERO_SHOT = "zero-shot"
 SWEEP_ACC, SWEEP_ZERO_SHOT = "eval/test/overall_acc", "zeroshot/test/overall_acc"  # what the sweep measured
+BATCH_SIZE = 60  # questions answered per generate call
 
 
 def question_type(row: dict[str, Any]) -> str:
@@ -64,28 +70,19 @@ def mcnemar(base: Sequence[bool], other: Sequence[bool]) -> dict[str, Any]:
     return {"gained": gained, "lost": lost, "p": min(1.0, 2 * tail)}
 
 
-def answer(model: Any, processor: Any, family: Any, rows: Sequence[dict[str, Any]], max_length: int,
-           max_new_tokens: int, batch_size: int = 60, template: str = "auto", image_aspect: str = "auto") -> list[str]:
-    import torch
-
-    from raymed.predict import answer_rows
-
-    model.eval()
-    with torch.no_grad():
-        return answer_rows(model, family, processor, rows, batch_size=batch_size, max_new_tokens=max_new_tokens,
-                           max_length=max_length, template=template, image_aspect=image_aspect)
-
-
 def run(sweep_dir: Path | str, n: int | None = None, seed: int | None = None, rows: int | None = None,
         style: str | None = None, methods: Sequence[str] | None = None, data: str | None = None,
         split: str | None = None) -> dict[str, Any]:
+    """The breakdown document of a sweep: config, machine, one row per method (and zero-shot)."""
     import torch
 
-    from raymed.checkpoint import load_trainable
-    from raymed.data.evaluation import read_rows
-    from raymed.checkpoint import find_checkpoint
-    from raymed.models import load_model, load_processor, resolve
-    from raymed.train import synthetic_dataset
+    from .checkpoint import find_checkpoint, load_trainable
+    from .config import Config
+    from .data.plan import synthetic_dataset
+    from .data.rows import read_rows
+    from .machine import describe
+    from .models import load_model, load_processor, resolve
+    from .predict import answer
 
     started = time.time()
     torch.manual_seed(0)
@@ -115,27 +112,29 @@ def run(sweep_dir: Path | str, n: int | None = None, seed: int | None = None, ro
     test = read_rows(data_dir, split)[:limit]
     if not test:
         raise ValueError(f"{data_dir}: split {split!r} has no rows")
-    max_length, max_new = cfg_data["max_length"], meta["config"]["train"]["max_new_tokens"]
-    recipe = {"template": meta["config"]["model"].get("template", "auto"),
-              "image_aspect": cfg_data.get("image_aspect", "auto")}
+    cfg = Config.model_validate(meta["config"])  # the sweep's prompt, image, input and generation settings
 
     ref = resolve(meta["model"])
     base = load_model(ref, seed=train_seed)
-    base_hits = hits(answer(base, load_processor(ref), ref.family, test, max_length, max_new, **recipe), test)
+    base_hits = hits(answer(base, ref.family, load_processor(ref), cfg, test, batch_size=BATCH_SIZE), test)
     zero_shot = breakdown(base_hits, test)
     out_rows = [{"method": ZERO_SHOT, "lr": None, "trainable": 0, "sweep_acc": best[0]["metrics"].get(SWEEP_ZERO_SHOT),
                  **_flat(zero_shot), "gained": 0, "lost": 0, "p": 1.0}]
     for t in best:
         model, processor, _ = load_trainable(checkpoints[t["trial_id"]])
-        h = hits(answer(model, processor, ref.family, test, max_length, max_new, **recipe), test)
+        h = hits(answer(model, ref.family, processor, cfg, test, batch_size=BATCH_SIZE), test)
         out_rows.append({"method": t["method"], "lr": t["lr"], "trainable": t["params"]["trainable"],
                          "sweep_acc": t["metrics"].get(SWEEP_ACC), **_flat(breakdown(h, test)),
                          **mcnemar(base_hits, h)})
     counts = {k: v["n"] for k, v in zero_shot["types"].items()}  # every method answered the same rows
     config = {"sweep": str(sweep_dir), "metric": summary["metric"], "data": data_dir, "split": split,
               "style": style, "n_images": n, "seed": seed, "sweeps_own_test_set": own,
-              "rows": len(test), "type_counts": counts, "model": meta["model"], "max_new_tokens": max_new}
-    return result("questions", config, out_rows, [], started)
+              "rows": len(test), "type_counts": counts, "model": meta["model"],
+              "max_new_tokens": cfg.train.max_new_tokens}
+    command = " ".join([Path(sys.executable).name, "-m", "raymed.questions", *sys.argv[1:]])
+    return {"analysis": "questions", "command": command, "config": config,
+            "machine": describe(load=True, with_commit=True), "wall_s": round(time.time() - started, 1),
+            "rows": out_rows}
 
 
 def _flat(b: dict[str, Any]) -> dict[str, Any]:
@@ -149,8 +148,10 @@ def render(doc: dict[str, Any]) -> str:
                 ("overall", f"overall ({c['rows']})")]
                + [(f"acc/{k}", f"{k} ({c['type_counts'][k]})") for k in types]
                + [("gained", "gained"), ("lost", "lost"), ("p", "p vs zero-shot")])
+    m = doc["machine"]
     return "\n".join([
-        header(doc),
+        f"questions: {m['cpu']}, {m['cores']} cores, load {m['load_average']}, torch {m['versions']['torch']}; "
+        f"{doc['wall_s']:.0f} s",
         f"sweep {c['sweep']} ({c['model']}): "
         + (f"test split of synthetic style {c['style']!r}, {c['n_images']} images, seed {c['seed']}"
            if c.get("style") else f"split {c.get('split')!r} of {c.get('data')}")
@@ -169,8 +170,28 @@ def add_arguments(ap: Any) -> None:
     ap.add_argument("--methods", default=None, help="space-separated methods (default: every method's best)")
     ap.add_argument("--data", default=None, help="a prepared dataset to ask instead (default: the sweep's own data)")
     ap.add_argument("--split", default=None, help="split of that dataset (default: the sweep's eval split)")
+    ap.add_argument("--out", default=None, help="write the JSON document here")
 
 
 def from_args(args: Any) -> dict[str, Any]:
     return run(args.sweep_dir, n=args.n, seed=args.seed, rows=args.rows, style=args.style,
                methods=args.methods.split() if args.methods else None, data=args.data, split=args.split)
+
+
+def main(argv: list[str] | None = None) -> int:
+    ap = argparse.ArgumentParser(prog="python -m raymed.questions", description=__doc__,
+                                 formatter_class=argparse.RawDescriptionHelpFormatter)
+    add_arguments(ap)
+    args = ap.parse_args(argv)
+    doc = from_args(args)
+    print(render(doc), flush=True)
+    if args.out:
+        out = Path(args.out)
+        out.parent.mkdir(parents=True, exist_ok=True)
+        out.write_text(json.dumps(doc, indent=2, default=float) + "\n")
+        print(f"[questions] wrote {out}", flush=True)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
