@@ -15,6 +15,7 @@ import sys
 from pathlib import Path
 from typing import Any
 
+from . import elastic
 from . import storage as store
 from .config import Config, ConfigError, load_config
 
@@ -66,9 +67,9 @@ def steps_per_epoch(train_dir: str, cfg: Config) -> int:
     if cfg.data.train_split not in splits:
         raise ConfigError([f"data.train_split: no split {cfg.data.train_split!r} in {train_dir}; "
                            f"splits: {', '.join(splits)}"])
-    per_worker = splits[cfg.data.train_split]["rows"] // cfg.scaling.num_workers
+    per_worker = splits[cfg.data.train_split]["rows"] // cfg.scaling.max_workers
     if per_worker == 0:
-        raise ConfigError([f"scaling.num_workers: {cfg.scaling.num_workers} workers but only "
+        raise ConfigError([f"scaling.num_workers: {cfg.scaling.max_workers} workers but only "
                            f"{splits[cfg.data.train_split]['rows']} training rows"])
     return max(1, math.ceil(per_worker / cfg.train.batch_size) // cfg.train.grad_accum)
 
@@ -76,7 +77,7 @@ def steps_per_epoch(train_dir: str, cfg: Config) -> int:
 # ---- resources ----------------------------------------------------------------------------------
 def required_cpus(cfg: Config) -> float:
     """Logical CPUs of one run: workers + preprocessing actors + one Parquet read task."""
-    return cfg.scaling.num_workers * cfg.scaling.cpus_per_worker + (max(cfg.data.preprocess_actors, 1) + 1) * PREPROCESS_CPUS
+    return cfg.scaling.min_workers * cfg.scaling.cpus_per_worker + (max(cfg.data.preprocess_actors, 1) + 1) * PREPROCESS_CPUS
 
 
 def init_ray(min_cpus: float) -> None:
@@ -149,7 +150,7 @@ def check_resources(cfg: Config) -> None:
     total = ray.cluster_resources()
     if total.get("CPU", 0) < required_cpus(cfg) and not os.environ.get("RAYMED_AUTOSCALING"):
         raise ResourceError(
-            f"the run needs {required_cpus(cfg):g} CPUs ({cfg.scaling.num_workers} workers x "
+            f"the run needs {required_cpus(cfg):g} CPUs ({cfg.scaling.min_workers} workers x "
             f"{cfg.scaling.cpus_per_worker:g} + data actors) but the cluster has {total.get('CPU', 0):g}"
         )
 
@@ -180,6 +181,7 @@ def build_trainer(cfg: Config, storage: str | None = None, extra_callbacks: list
     plan = {
         "run_name": name,
         "steps_per_epoch": steps_per_epoch(train_dir, cfg),
+        "steps_per_epoch_at": elastic.steps_by_world(train_dir, cfg, steps_per_epoch),  # elastic: per world size
         "eval_sets": eval_sets,
         "fault_marker": store.join(storage, name, "fault-injected.txt"),
         "tracking_dir": str(tracking_dir(storage, name)) if track else None,
@@ -219,6 +221,7 @@ def scaling_config(cfg: Config) -> Any:
 
     return ray.train.ScalingConfig(num_workers=cfg.scaling.num_workers, use_gpu=cfg.scaling.use_gpu,
                                    placement_strategy=cfg.scaling.placement_strategy,
+                                   elastic_resize_monitor_interval_s=cfg.scaling.resize_interval_s,
                                    resources_per_worker=worker_resources(cfg))
 
 
