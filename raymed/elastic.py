@@ -221,10 +221,10 @@ def reseed(seed: int, rank: int, step: int) -> None:
     torch.manual_seed(value)
 
 
-def dump_restored(engine: Any, rank: int, world: int, epoch: int) -> None:
+def dump_restored(engine: Any, rank: int, world: int, epoch: int, run: str) -> None:
     """Test hook (`RAYMED_RESTORE_DUMP=<folder>`): after a resume, write what the engine holds now — the gathered
     fp32 masters and moments (`param/`, `exp_avg/`, `exp_avg_sq/`) and the module's own weights (`module/`, gathered
-    under ZeRO-3) — to `<folder>/restored-epoch{epoch}-w{world}.safetensors`. Every rank must call it."""
+    under ZeRO-3) — to `<folder>/<run>/restored-epoch{epoch}-w{world}.safetensors`. Every rank must call it."""
     from safetensors.torch import save_file
 
     from .checkpoint import _gathered
@@ -237,8 +237,9 @@ def dump_restored(engine: Any, rank: int, world: int, epoch: int) -> None:
     with _gathered(engine, [p for _, p in named]):
         tensors.update({f"module/{n}": p.detach().float().cpu().clone() for n, p in named})
     if rank == 0:
-        Path(folder).mkdir(parents=True, exist_ok=True)
+        folder = Path(folder) / run
+        folder.mkdir(parents=True, exist_ok=True)
         meta = {"adam_step": _adam_step(base_optimizer(engine)), "global_steps": engine.global_steps,
                 "world_size": world, "zero_stage": engine.zero_optimization_stage(), "lr": engine.get_lr()[0]}
-        save_file(tensors, Path(folder) / f"restored-epoch{epoch}-w{world}.safetensors",
+        save_file(tensors, folder / f"restored-epoch{epoch}-w{world}.safetensors",
                   metadata={k: str(v) for k, v in meta.items()})

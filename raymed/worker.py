@@ -107,10 +107,11 @@ def train_loop(loop_config: dict[str, Any]) -> None:
         if "resharded_from" in state:  # another world size: weights + optimizer state re-sharded (raymed.elastic)
             elastic.sync_lr(engine)
             elastic.reseed(cfg.train.seed, rank, engine.global_steps)
-            log(f"world size changed: checkpoint of {state['resharded_from']['world_size']} workers (ZeRO-"
-                f"{state['resharded_from']['zero_stage']}) restored on {world} (ZeRO-{engine.zero_optimization_stage()})")
+            was = state["resharded_from"]
+            log(f"world size changed: checkpoint of {was['world_size']} workers (ZeRO-{was['zero_stage']}) restored "
+                f"on {world} (ZeRO-{engine.zero_optimization_stage()})")
         log(f"resumed after epoch {start_epoch} (step {engine.global_steps})")
-        elastic.dump_restored(engine, rank, world, start_epoch)  # test hook, only with RAYMED_RESTORE_DUMP set
+        elastic.dump_restored(engine, rank, world, start_epoch, plan["run_name"])  # test hook (RAYMED_RESTORE_DUMP)
     elif cfg.train.zero_shot:
         zero_shot, zero_shot_records = evaluator.run(prefix="zeroshot")
         log("zero-shot evaluation done")
