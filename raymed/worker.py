@@ -354,6 +354,9 @@ def _maybe_inject_fault(cfg: Config, plan: dict, step: int, rank: int, world: in
     if storage.exists(marker):
         return
     storage.write_text(marker, f"worker {rank} killed at step {step}\n")
+    # Ray Train's controller records a report (and its checkpoint) when it next polls the workers (every 2 s): a
+    # delay makes the last checkpoint before the fault the one a re-run resumes from (tests of resumes rely on it).
+    time.sleep(float(os.environ.get("RAYMED_FAULT_DELAY_S", "0")))
     os._exit(17)
 
 

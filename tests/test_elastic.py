@@ -41,7 +41,8 @@ def cluster(tmp_path_factory):
 
     dump = tmp_path_factory.mktemp("restored")
     start_local_ray(num_cpus=4, log_to_driver=False,
-                    runtime_env={"env_vars": {"TRANSFORMERS_VERBOSITY": "error", DUMP_ENV: str(dump)}})
+                    runtime_env={"env_vars": {"TRANSFORMERS_VERBOSITY": "error", DUMP_ENV: str(dump),
+                                              "RAYMED_FAULT_DELAY_S": "5"}})
     yield tmp_path_factory.mktemp("runs"), dump
     ray.shutdown()
 
