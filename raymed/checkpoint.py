@@ -7,6 +7,7 @@ Layout of one checkpoint directory (Ray merges the ranks' files into it)::
     resume/                       DeepSpeed engine state (optimizer, scheduler, step), frozen weights excluded
     resume/rng-rank{N}.safetensors  torch (CPU, CUDA) generator states of rank N
     resume/rng-rank{N}.json       Python `random` and NumPy generator states of rank N
+    resume/portable.safetensors   elastic runs: fp32 weights + Adam moments by name, any world size (raymed.elastic)
     state.json                    epoch, metrics history, zero-shot metrics, wall time, lr schedule segments
     row.json                      the run's result row (raymed.results), written by the worker
     eval/<set>/predictions.jsonl  the epoch's answers per eval set (+ metrics.json); zeroshot/<set>/ likewise
@@ -33,7 +34,7 @@ from .config import Config, ConfigError, config_changes
 TAG = "state"
 
 
-def _gathered(engine: Any, params: list[torch.nn.Parameter]) -> contextlib.AbstractContextManager:
+def gathered(engine: Any, params: list[torch.nn.Parameter]) -> contextlib.AbstractContextManager:
     """Full parameter tensors on every rank for the duration (ZeRO-3 partitions them)."""
     if engine.zero_optimization_stage() == 3:
         import deepspeed
@@ -43,15 +44,17 @@ def _gathered(engine: Any, params: list[torch.nn.Parameter]) -> contextlib.Abstr
 
 
 def save_checkpoint(
-    engine: Any, acc: Accounting, cfg: Config, out: Path, rank: int, state: dict[str, Any], full: bool = False
+    engine: Any, acc: Accounting, cfg: Config, out: Path, rank: int, state: dict[str, Any], full: bool = False,
+    portable: bool = False,
 ) -> None:
     """Write this rank's part of a checkpoint into `out` (every rank must call it).
 
     `full=True` also writes every parameter to `model/full.safetensors` (for audits: frozen ones unchanged).
+    `portable=True` also writes `resume/portable.safetensors`, restorable at any world size (raymed.elastic).
     """
     model = engine.module
     named = [(n, p) for n, p in model.named_parameters() if p.requires_grad or full]
-    with _gathered(engine, [p for _, p in named]):
+    with gathered(engine, [p for _, p in named]):
         if rank == 0:
             (out / "model").mkdir(parents=True)
             tensors = {n: p.detach().to("cpu").contiguous().clone() for n, p in named}
@@ -66,9 +69,19 @@ def save_checkpoint(
                     "options": cfg.method.options, "accounting": acc.to_dict(), "config": cfg.model_dump(mode="json")}
             meta["accounting"].pop("unused_names", None)
             (out / "model" / "raymed.json").write_text(json.dumps(meta, indent=2))
-            (out / "state.json").write_text(json.dumps({**state, "step": engine.global_steps}, indent=2))
+            (out / "state.json").write_text(json.dumps({**state, "step": engine.global_steps,
+                                                        "world_size": _world(),
+                                                        "zero_stage": engine.zero_optimization_stage()}, indent=2))
     engine.save_checkpoint(str(out / "resume"), tag=TAG, exclude_frozen_parameters=True, save_latest=True)
     save_rng(out / "resume", rank)
+    if portable:
+        from .elastic import save_portable
+
+        save_portable(engine, out / "resume", rank, _world())
+
+
+def _world() -> int:
+    return torch.distributed.get_world_size() if torch.distributed.is_initialized() else 1
 
 
 def save_rng(folder: Path, rank: int) -> None:
@@ -113,7 +126,9 @@ def load_resume_state(engine: Any, ckpt: Path, rank: int, cfg: Config | None = N
     checkpoint's config under `config`.
 
     With `cfg`, a resume under another config is refused (naming every changed key) unless
-    `run.allow_config_change` is set.
+    `run.allow_config_change` is set. A checkpoint written at another world size or ZeRO stage restores from its
+    world-size-free state (raymed.elastic; RNG states are not restored then) and the returned state says so under
+    `resharded_from`.
     """
     meta = json.loads((ckpt / "model" / "raymed.json").read_text())
     if cfg is not None:
@@ -122,12 +137,19 @@ def load_resume_state(engine: Any, ckpt: Path, rank: int, cfg: Config | None = N
             raise ConfigError([*changes, "resuming a run under another config: use a new run.name, or set "
                                "run.allow_config_change=true to continue this run with the new values"],
                               f"resume from {ckpt}")
+    saved = json.loads((ckpt / "state.json").read_text())
+    from .elastic import load_portable, needs_portable
+
+    if needs_portable(saved, engine, _world()):
+        load_portable(engine, ckpt / "resume")
+        saved["resharded_from"] = {"world_size": saved["world_size"], "zero_stage": saved.get("zero_stage")}
+        return {**saved, "config": meta["config"]}
     path, _ = engine.load_checkpoint(str(ckpt / "resume"), tag=TAG, load_module_strict=False,
                                      load_optimizer_states=True, load_lr_scheduler_states=True)
     if path is None:
         raise RuntimeError(f"{ckpt}: DeepSpeed could not load the resume state")
     load_rng(ckpt / "resume", rank)
-    return {**json.loads((ckpt / "state.json").read_text()), "config": meta["config"]}
+    return {**saved, "config": meta["config"]}
 
 
 def peft_host(model: torch.nn.Module) -> Any:

@@ -36,13 +36,14 @@ def scaling_config(cfg: Config) -> Any:
 
     return ray.train.ScalingConfig(num_workers=cfg.scaling.num_workers, use_gpu=cfg.scaling.use_gpu,
                                    placement_strategy=cfg.scaling.placement_strategy,
+                                   elastic_resize_monitor_interval_s=cfg.scaling.resize_interval_s,
                                    resources_per_worker=worker_resources(cfg))
 
 
 def required_cpus(cfg: Config) -> float:
     """Logical CPUs of one run: workers + preprocessing actors + one Parquet read task."""
     data = (max(cfg.data.preprocess_actors, 1) + 1) * PREPROCESS_CPUS
-    return cfg.scaling.num_workers * cfg.scaling.cpus_per_worker + data
+    return cfg.scaling.min_workers * cfg.scaling.cpus_per_worker + data
 
 
 def init_ray(min_cpus: float) -> None:
@@ -115,6 +116,6 @@ def check_resources(cfg: Config) -> None:
     total = ray.cluster_resources()
     if total.get("CPU", 0) < required_cpus(cfg) and not os.environ.get("RAYMED_AUTOSCALING"):
         raise ResourceError(
-            f"the run needs {required_cpus(cfg):g} CPUs ({cfg.scaling.num_workers} workers x "
+            f"the run needs {required_cpus(cfg):g} CPUs ({cfg.scaling.min_workers} workers x "
             f"{cfg.scaling.cpus_per_worker:g} + data actors) but the cluster has {total.get('CPU', 0):g}"
         )

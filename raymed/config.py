@@ -15,7 +15,7 @@ from pathlib import Path
 from typing import Any, Literal
 
 import yaml
-from pydantic import BaseModel, ConfigDict, Field, ValidationError
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator
 
 
 class ConfigError(ValueError):
@@ -131,7 +131,14 @@ class DeepSpeedConfig(Section):
 
 
 class ScalingConfig(Section):
-    num_workers: int = Field(2, ge=1)
+    num_workers: int | tuple[int, int] = 2
+    """Training workers: a number, or `[min, max]` for an elastic run (spot capacity, docs/cluster.md): Ray Train
+    starts as many as the cluster has room for (at least min), continues with fewer when a node is lost (a restart
+    from the last checkpoint, counted in `run.max_failures`) and grows back up to max when capacity returns. Its
+    checkpoints restore at any world size (weights and optimizer state re-sharded, raymed.elastic)."""
+    resize_interval_s: float = Field(60.0, ge=0)
+    """Elastic runs: how often (seconds) a healthy worker group checks whether more workers fit now (a resize
+    restarts it from the last checkpoint)."""
     use_gpu: bool = False
     cpus_per_worker: float = Field(1.0, gt=0)
     gpus_per_worker: float = Field(1.0, gt=0)
@@ -139,6 +146,36 @@ class ScalingConfig(Section):
     four `ln` / `lora` trials of a big frozen model share it); refused for multi-worker runs."""
     placement_strategy: Literal["PACK", "SPREAD", "STRICT_PACK", "STRICT_SPREAD"] = "PACK"
     """Ray placement of the workers: PACK (fewest nodes), SPREAD / STRICT_SPREAD (one worker per node)."""
+
+    @field_validator("num_workers", mode="before")
+    @classmethod
+    def _worker_range(cls, value: Any) -> int | tuple[int, int]:
+        shape = "a number of workers, or [min, max] for an elastic run"
+        if isinstance(value, (list, tuple)):
+            if len(value) != 2 or not all(isinstance(v, int) and not isinstance(v, bool) for v in value):
+                raise ValueError(f"{shape} (two whole numbers)")
+            value = tuple(value)
+        elif not isinstance(value, int) or isinstance(value, bool):
+            raise ValueError(shape)
+        low, high = (value, value) if isinstance(value, int) else value
+        if low < 1:
+            raise ValueError("at least 1 worker" + ("" if isinstance(value, int) else " (min of [min, max])"))
+        if low > high:
+            raise ValueError(f"[min, max] with min {low} > max {high}")
+        return value
+
+    @property
+    def elastic(self) -> bool:
+        """`num_workers: [min, max]`: Ray Train's elastic worker group."""
+        return not isinstance(self.num_workers, int)
+
+    @property
+    def min_workers(self) -> int:
+        return self.num_workers if isinstance(self.num_workers, int) else self.num_workers[0]
+
+    @property
+    def max_workers(self) -> int:
+        return self.num_workers if isinstance(self.num_workers, int) else self.num_workers[1]
 
 
 class RunConfig(Section):
@@ -182,7 +219,7 @@ class Config(Section):
             if d[section][key] == default:
                 del d[section][key]
         d["train"].pop("log_every")  # logging only
-        for key in ("placement_strategy", "gpus_per_worker"):  # where workers run does not change the result
+        for key in ("placement_strategy", "gpus_per_worker", "resize_interval_s"):  # where / when workers run
             d["scaling"].pop(key)
         return hashlib.sha256(json.dumps(d, sort_keys=True).encode()).hexdigest()[:12]
 
@@ -194,7 +231,7 @@ class Config(Section):
 RESUME_FREE_KEYS = frozenset({
     "run.name", "run.storage", "run.metrics_export", "run.max_failures", "run.keep_checkpoints", "run.fail_at_step",
     "run.save_full_model", "run.allow_config_change", "run.report_to", "data.cache_mb", "data.preprocess_actors",
-    "train.eval_batch_size", "train.log_every", "scaling.cpus_per_worker",
+    "train.eval_batch_size", "train.log_every", "scaling.cpus_per_worker", "scaling.resize_interval_s",
 })
 
 
@@ -352,7 +389,7 @@ def semantic_errors(cfg: Config, check_paths: bool = True) -> list[str]:
     gpus = cfg.scaling.gpus_per_worker
     if gpus != int(gpus) and gpus > 1:
         errors.append(f"scaling.gpus_per_worker: {gpus:g}: more than one GPU per worker must be a whole number")
-    elif gpus < 1 and cfg.scaling.use_gpu and cfg.scaling.num_workers > 1:
+    elif gpus < 1 and cfg.scaling.use_gpu and cfg.scaling.max_workers > 1:
         errors.append(f"scaling.gpus_per_worker: {gpus:g} GPU per worker with {cfg.scaling.num_workers} workers: "
                       "fractional GPUs pack single-worker trials only (the ranks of an NCCL group cannot share a "
                       "GPU); use scaling.num_workers=1 or whole GPUs")

@@ -44,7 +44,8 @@ class Schedule:
         """Take the checkpoint's segments; add a continuation when the (allowed) config change moved the end."""
         old = Config.model_validate(state["config"])
         self.segments[:] = state.get("schedule") or self.segments
-        total = steps_per_epoch * cfg.train.epochs
+        # the steps left at this world size (an elastic run's earlier epochs may have had another step count)
+        total = step + steps_per_epoch * (cfg.train.epochs - state["epoch"] - 1)
         ratio = cfg.train.lr / old.train.lr
         if self.segments[-1]["end"] == total and ratio == 1.0 and old.train.warmup_ratio == cfg.train.warmup_ratio:
             return

@@ -320,7 +320,7 @@ def concurrent_trials(cluster: dict[str, float], base_cfg: Config, sweep: SweepC
     """Trials the cluster holds at once: by CPUs, and by GPUs (fractional GPUs pack several on one)."""
     n = int(cluster.get("CPU", 0) // trial_cpus(base_cfg, sweep))
     if base_cfg.scaling.use_gpu and cluster.get("GPU"):
-        n = min(n, int(cluster["GPU"] / (base_cfg.scaling.num_workers * base_cfg.scaling.gpus_per_worker) + 1e-9))
+        n = min(n, int(cluster["GPU"] / (base_cfg.scaling.min_workers * base_cfg.scaling.gpus_per_worker) + 1e-9))
     return max(1, n)
 
 

@@ -42,6 +42,7 @@ def train_loop(loop_config: dict[str, Any]) -> None:
     os.environ.setdefault("DS_ACCELERATOR", "cuda" if cfg.scaling.use_gpu else "cpu")
     import deepspeed  # after DS_ACCELERATOR is set
 
+    from . import elastic
     from .checkpoint import load_resume_state, save_checkpoint
     from .data.epochs import EpochBatches
     from .data.stream import quiet_data_context
@@ -63,7 +64,7 @@ def train_loop(loop_config: dict[str, Any]) -> None:
     # partition them as they load (deepspeed.zero.Init), so no rank holds the whole model.
     ref = resolve(cfg.model.name)
     processor = load_processor(ref)
-    steps_per_epoch = plan["steps_per_epoch"]
+    steps_per_epoch = elastic.world_steps(plan, world)  # an elastic run's world size varies between restarts
     total_steps = steps_per_epoch * cfg.train.epochs
     ds_cfg = ds_config(cfg, world, bf16)
     # keep alive until the engine exists; only for weights loaded from a directory (a preset built from its config
@@ -104,7 +105,14 @@ def train_loop(loop_config: dict[str, Any]) -> None:
         start_epoch, history, zero_shot = state["epoch"] + 1, state["history"], state["zero_shot"]
         wall_s = state.get("wall_s", 0.0)
         schedule.resume(state, cfg, steps_per_epoch, engine.global_steps, log)
+        if "resharded_from" in state:  # another world size: weights + optimizer state re-sharded (raymed.elastic)
+            elastic.sync_lr(engine)
+            elastic.reseed(cfg.train.seed, rank, engine.global_steps)
+            was = state["resharded_from"]
+            log(f"world size changed: checkpoint of {was['world_size']} workers (ZeRO-{was['zero_stage']}) restored "
+                f"on {world} (ZeRO-{engine.zero_optimization_stage()})")
         log(f"resumed after epoch {start_epoch} (step {engine.global_steps})")
+        elastic.dump_restored(engine, rank, world, start_epoch, plan["run_name"])  # test hook (RAYMED_RESTORE_DUMP)
     elif cfg.train.zero_shot:
         zero_shot, zero_shot_records = evaluator.run(prefix="zeroshot")
         log("zero-shot evaluation done")
@@ -163,7 +171,8 @@ def train_loop(loop_config: dict[str, Any]) -> None:
             last = epoch + 1 == cfg.train.epochs
             state = {"epoch": epoch, "history": history, "zero_shot": zero_shot, "wall_s": wall_s,
                      "schedule": schedule.segments, "worker_nodes": nodes}
-            save_checkpoint(engine, acc, cfg, Path(tmp), rank, state, full=cfg.run.save_full_model and last)
+            save_checkpoint(engine, acc, cfg, Path(tmp), rank, state, full=cfg.run.save_full_model and last,
+                            portable=cfg.scaling.elastic)
             if rank == 0:
                 write_evaluation(Path(tmp), cfg, acc, history, zero_shot, zero_shot_records, records, wall_s, name)
             ray.train.report(metrics, checkpoint=ray.train.Checkpoint.from_directory(tmp), checkpoint_dir_name=name)
@@ -251,6 +260,9 @@ def _maybe_inject_fault(cfg: Config, plan: dict, step: int, rank: int, world: in
     if storage.exists(marker):
         return
     storage.write_text(marker, f"worker {rank} killed at step {step}\n")
+    # Ray Train's controller records a report (and its checkpoint) when it next polls the workers (every 2 s): a
+    # delay makes the last checkpoint before the fault the one a re-run resumes from (tests of resumes rely on it).
+    time.sleep(float(os.environ.get("RAYMED_FAULT_DELAY_S", "0")))
     os._exit(17)
 
 

@@ -226,6 +226,17 @@ class RayCluster:
         self.nodes.clear()
 
 
+def run_job_command(cmd: list[str], deadline_s: float = 180, **kwargs: Any) -> subprocess.CompletedProcess:
+    """Run a `ray job ...` command, again while the head answers "No available agent to submit job, please try
+    again later": its job agent registers some seconds after the dashboard answers (longer on a loaded machine)."""
+    end = time.time() + deadline_s
+    while True:
+        proc = subprocess.run(cmd, capture_output=True, text=True, **kwargs)
+        if "No available agent" not in proc.stdout + proc.stderr or time.time() > end:
+            return proc
+        time.sleep(3)
+
+
 def cluster_env(s3: S3Server) -> dict[str, str]:
     """Environment of the cluster's processes and of the clients: object storage, token auth, quiet logs,
     this checkout importable on every node."""

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import re
 from pathlib import Path
 
 import pytest
@@ -142,3 +143,16 @@ def test_miss_sweeps_use_the_authors_baselines(name):
     assert METHODS["prefix"].defaults["prefix_projection"] and not METHODS["p-tuning-v2"].defaults["prefix_projection"]
     assert base["train"]["batch_size"] == 20 and base["train"]["weight_decay"] == 0.05
     assert {1e-5, 2e-5} & set(sweep.search["train.lr"])
+
+
+def test_elastic_worker_range():
+    cfg = load_config(None, ["scaling.num_workers=[1,4]", "scaling.resize_interval_s=30"])
+    assert cfg.scaling.elastic and (cfg.scaling.min_workers, cfg.scaling.max_workers) == (1, 4)
+    fixed = load_config(None, ["scaling.num_workers=3"])
+    assert not fixed.scaling.elastic and fixed.scaling.min_workers == fixed.scaling.max_workers == 3
+    # where / when workers resize does not change what a run computes
+    assert cfg.hash() == load_config(None, ["scaling.num_workers=[1,4]"]).hash()
+    for bad, says in (("[2,1]", "min 2 > max 1"), ("[0,2]", "at least 1 worker"), ("[1,2,3]", "[min, max]"),
+                      ("many", "a number of workers")):
+        with pytest.raises(ConfigError, match=re.escape(says)):
+            load_config(None, [f"scaling.num_workers={bad}"])

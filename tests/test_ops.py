@@ -16,6 +16,7 @@ from pathlib import Path
 
 import pytest
 
+from tests.cluster_fixtures import run_job_command
 from tests.test_tune import ROOT, SWEEP, check_report
 
 pytestmark = pytest.mark.integration
@@ -74,11 +75,11 @@ def _stop(proc: subprocess.Popen) -> None:
 def test_ray_job_submit(head_node, tmp_path):
     address, env, ray_bin = head_node
     out = tmp_path / "exp"
-    job = subprocess.run(
+    job = run_job_command(
         [ray_bin, "job", "submit", "--address", address, "--working-dir", str(ROOT), "--",
          sys.executable, "-m", "raymed.tune", "--config", "configs/sweeps/tiny-cpu.yaml", "--out", str(out),
          "train.epochs=1"],
-        env=env, capture_output=True, text=True, timeout=900,
+        env=env, timeout=900,
     )
     assert job.returncode == 0, job.stdout[-3000:] + job.stderr[-3000:]
     assert "succeeded" in job.stdout

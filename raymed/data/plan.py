@@ -51,8 +51,8 @@ def steps_per_epoch(train_dir: str, cfg: Config) -> int:
     if cfg.data.train_split not in splits:
         raise ConfigError([f"data.train_split: no split {cfg.data.train_split!r} in {train_dir}; "
                            f"splits: {', '.join(splits)}"])
-    per_worker = splits[cfg.data.train_split]["rows"] // cfg.scaling.num_workers
+    per_worker = splits[cfg.data.train_split]["rows"] // cfg.scaling.max_workers
     if per_worker == 0:
-        raise ConfigError([f"scaling.num_workers: {cfg.scaling.num_workers} workers but only "
+        raise ConfigError([f"scaling.num_workers: {cfg.scaling.max_workers} workers but only "
                            f"{splits[cfg.data.train_split]['rows']} training rows"])
     return max(1, math.ceil(per_worker / cfg.train.batch_size) // cfg.train.grad_accum)
