@@ -22,7 +22,7 @@ import contextlib
 import os
 import random
 from pathlib import Path
-from typing import Any, Callable
+from typing import Any
 
 import numpy as np
 import torch
@@ -31,20 +31,6 @@ PORTABLE = "portable.safetensors"
 MOMENTS = ("exp_avg", "exp_avg_sq")
 # Test hook: a folder where rank 0 writes, after every resume, the state the engine holds (raymed.elastic.dump_restored)
 DUMP_ENV = "RAYMED_RESTORE_DUMP"
-
-
-def steps_by_world(train_dir: str, cfg: Any, steps_per_epoch: Callable[[str, Any], int]) -> dict[str, int]:
-    """Optimizer steps per epoch at each world size an elastic run may have (one entry for a fixed run)."""
-    out = {}
-    for n in range(cfg.scaling.min_workers, cfg.scaling.max_workers + 1):
-        at = cfg.model_copy(update={"scaling": cfg.scaling.model_copy(update={"num_workers": n})})
-        out[str(n)] = steps_per_epoch(train_dir, at)
-    return out
-
-
-def world_steps(plan: dict[str, Any], world: int) -> int:
-    """Steps per epoch of this worker group's world size (the driver's figure when the plan has none)."""
-    return plan.get("steps_per_epoch_at", {}).get(str(world), plan["steps_per_epoch"])
 
 
 def base_optimizer(engine: Any) -> torch.optim.Optimizer:
@@ -67,6 +53,13 @@ def _adam_step(opt: torch.optim.Optimizer) -> int:
         if "step" in state:
             return int(state["step"])
     return 0
+
+
+def _counters(engine: Any, world: int) -> dict[str, Any]:
+    """The step counters a restore sets, and where the state was written."""
+    return {"adam_step": _adam_step(base_optimizer(engine)), "global_steps": engine.global_steps,
+            "global_samples": engine.global_samples, "skipped_steps": engine.skipped_steps,
+            "world_size": world, "zero_stage": engine.zero_optimization_stage()}
 
 
 def gather_state(engine: Any) -> dict[str, torch.Tensor]:
@@ -102,10 +95,7 @@ def save_portable(engine: Any, folder: Path, rank: int, world: int) -> None:
     tensors = gather_state(engine)
     if rank == 0:
         folder.mkdir(parents=True, exist_ok=True)
-        meta = {"adam_step": _adam_step(base_optimizer(engine)), "global_steps": engine.global_steps,
-                "global_samples": engine.global_samples, "skipped_steps": engine.skipped_steps,
-                "world_size": world, "zero_stage": engine.zero_optimization_stage()}
-        save_file(tensors, folder / PORTABLE, metadata={k: str(v) for k, v in meta.items()})
+        save_file(tensors, folder / PORTABLE, metadata={k: str(v) for k, v in _counters(engine, world).items()})
 
 
 def needs_portable(saved: dict[str, Any], engine: Any, world: int) -> bool:
@@ -239,7 +229,6 @@ def dump_restored(engine: Any, rank: int, world: int, epoch: int, run: str) -> N
     if rank == 0:
         folder = Path(folder) / run
         folder.mkdir(parents=True, exist_ok=True)
-        meta = {"adam_step": _adam_step(base_optimizer(engine)), "global_steps": engine.global_steps,
-                "world_size": world, "zero_stage": engine.zero_optimization_stage(), "lr": engine.get_lr()[0]}
+        meta = {**_counters(engine, world), "lr": engine.get_lr()[0]}
         save_file(tensors, folder / f"restored-epoch{epoch}-w{world}.safetensors",
                   metadata={k: str(v) for k, v in meta.items()})

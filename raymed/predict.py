@@ -34,14 +34,13 @@ def encoder(family: Any, processor: Any, max_length: int, template: str = "auto"
 def answer_rows(model: torch.nn.Module, family: Any, processor: Any, rows: Sequence[Mapping[str, Any]], *,
                 batch_size: int, max_new_tokens: int, max_length: int, template: str = "auto",
                 image_aspect: str = "auto", n_batches: int | None = None, bf16: bool = False,
-                **generate_kwargs: Any) -> list[str]:
+                filler: Mapping[str, Any] | None = None, **generate_kwargs: Any) -> list[str]:
     """Generated answers to ``rows``, in order.
 
     ``n_batches`` larger than needed runs extra batches (repeating the last rows, answers dropped): ZeRO-3 ranks
-    must call `generate` the same number of times. A rank with no rows at all still runs them, on a dummy row
-    that the caller passes as ``rows=[]`` plus ``generate_kwargs["filler"]``.
+    must call `generate` the same number of times. A rank with no rows at all still runs them, on ``filler``, a
+    dummy row (``rows=[]``).
     """
-    filler = generate_kwargs.pop("filler", None)
     encode = encoder(family, processor, max_length, template, image_aspect)
     device = next(model.parameters()).device
     needed = math.ceil(len(rows) / batch_size)
@@ -72,15 +71,16 @@ def load(model_spec: str) -> tuple[torch.nn.Module, Any, Any, Any, bool]:
 
 
 def answer(model: torch.nn.Module, family: Any, processor: Any, cfg: Any, rows: Sequence[Mapping[str, Any]], *,
-           batch_size: int | None = None, max_new_tokens: int | None = None) -> list[str]:
-    """In-process answers (no Ray) with the recipe of `cfg`, the `Config` the model was fine-tuned with (defaults for
-    a directory or preset): its prompt template, image preprocessing, input length, generation length and eval
-    batch size. Used by `raymed.eval`, `raymed.infer` and `raymed.questions`."""
+           batch_size: int | None = None, max_new_tokens: int | None = None, **options: Any) -> list[str]:
+    """Answers with the recipe of `cfg`, the `Config` the model was fine-tuned with (defaults for a directory or
+    preset): its prompt template, image preprocessing, input length, generation length and eval batch size. Used by
+    the worker's evaluation (`options`: its ZeRO lock-step settings for `answer_rows`), `raymed.eval`, `raymed.infer`
+    and `raymed.questions`."""
     model.eval()
     with torch.no_grad():
         return answer_rows(model, family, processor, rows, batch_size=batch_size or cfg.train.eval_batch_size,
                            max_new_tokens=max_new_tokens or cfg.train.max_new_tokens, max_length=cfg.data.max_length,
-                           template=cfg.model.template, image_aspect=cfg.data.image_aspect)
+                           template=cfg.model.template, image_aspect=cfg.data.image_aspect, **options)
 
 
 def score(rows: Sequence[Mapping[str, Any]], preds: Sequence[str]) -> dict[str, float]:

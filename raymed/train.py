@@ -14,7 +14,6 @@ import sys
 from pathlib import Path
 from typing import Any
 
-from . import elastic
 from . import storage as store
 from .cluster import PREPROCESS_CPUS, ResourceError, check_resources, init_ray, required_cpus, scaling_config
 from .config import Config, ConfigError, load_config
@@ -46,8 +45,7 @@ def build_trainer(cfg: Config, storage: str | None = None, extra_callbacks: list
     eval_sets = {k: v if "://" in str(v) else str(Path(v).resolve()) for k, v in eval_sets.items()}
     plan = {
         "run_name": name,
-        "steps_per_epoch": steps_per_epoch(train_dir, cfg),
-        "steps_per_epoch_at": elastic.steps_by_world(train_dir, cfg, steps_per_epoch),  # elastic: per world size
+        "steps_per_epoch": steps_per_epoch(train_dir, cfg),  # by world size (an elastic run's varies)
         "eval_sets": eval_sets,
         "fault_marker": store.join(storage, name, "fault-injected.txt"),
         "tracking_dir": str(tracking_dir(storage, name)) if track else None,

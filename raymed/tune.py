@@ -337,7 +337,7 @@ def run_sweep(sweep: SweepConfig, base: dict[str, Any], out: str | Path, resume:
     cluster_cpus = ray.cluster_resources().get("CPU", 0)
     if cluster_cpus < need and not os.environ.get("RAYMED_AUTOSCALING"):
         raise ResourceError(f"each trial needs {need:g} CPUs (driver {sweep.trial_cpus:g} + "
-                            f"{base_cfg.scaling.num_workers} workers x {base_cfg.scaling.cpus_per_worker:g} + data) "
+                            f"{base_cfg.scaling.min_workers} workers x {base_cfg.scaling.cpus_per_worker:g} + data) "
                             f"but the cluster has {cluster_cpus:g}; lower scaling.cpus_per_worker or num_workers")
     if base_cfg.scaling.use_gpu and not ray.cluster_resources().get("GPU") and not os.environ.get("RAYMED_AUTOSCALING"):
         raise ResourceError("scaling.use_gpu=true but the cluster has no GPU (set RAYMED_AUTOSCALING=1 if it "

@@ -64,7 +64,7 @@ def train_loop(loop_config: dict[str, Any]) -> None:
     # partition them as they load (deepspeed.zero.Init), so no rank holds the whole model.
     ref = resolve(cfg.model.name)
     processor = load_processor(ref)
-    steps_per_epoch = elastic.world_steps(plan, world)  # an elastic run's world size varies between restarts
+    steps_per_epoch = plan["steps_per_epoch"][world]  # an elastic run's world size varies between restarts
     total_steps = steps_per_epoch * cfg.train.epochs
     ds_cfg = ds_config(cfg, world, bf16)
     # keep alive until the engine exists; only for weights loaded from a directory (a preset built from its config
@@ -213,11 +213,8 @@ class Evaluator:
         n_batches = torch.tensor(math.ceil(len(mine) / bs), device=device)
         dist.all_reduce(n_batches, op=dist.ReduceOp.MAX)  # ZeRO-3 ranks must run generate in lock-step
         kwargs = {"synced_gpus": True} if self.engine.zero_optimization_stage() == 3 and self.world > 1 else {}
-        answers = predict.answer_rows(model, self.ref.family, self.processor, mine, batch_size=bs,
-                                      max_new_tokens=cfg.train.max_new_tokens, max_length=cfg.data.max_length,
-                                      template=cfg.model.template, image_aspect=cfg.data.image_aspect,
-                                      n_batches=int(n_batches), bf16=self.engine.bfloat16_enabled(),
-                                      filler=rows[0], **kwargs)
+        answers = predict.answer(model, self.ref.family, self.processor, cfg, mine, batch_size=bs,
+                                 n_batches=int(n_batches), bf16=self.engine.bfloat16_enabled(), filler=rows[0], **kwargs)
         gathered: list[dict[str, str]] = [{} for _ in range(self.world)]
         dist.all_gather_object(gathered, {r["id"]: a for r, a in zip(mine, answers)})
         merged = {k: v for part in gathered for k, v in part.items()}

@@ -43,16 +43,17 @@ def data_plan(cfg: Config) -> tuple[str, dict[str, str]]:
     return train_dir, {cfg.data.eval_split: train_dir, **extra, **cfg.data.eval_sets}
 
 
-def steps_per_epoch(train_dir: str, cfg: Config) -> int:
-    """Optimizer steps per epoch: Ray Train splits `train` equally across workers (remainder dropped)."""
+def steps_per_epoch(train_dir: str, cfg: Config) -> dict[int, int]:
+    """Optimizer steps per epoch at each world size the run may have (`scaling.num_workers`: one size, or min..max
+    for an elastic run): Ray Train splits `train` equally across workers (remainder dropped)."""
     from .prepare import read_manifest
 
     splits = read_manifest(train_dir)["splits"]
     if cfg.data.train_split not in splits:
         raise ConfigError([f"data.train_split: no split {cfg.data.train_split!r} in {train_dir}; "
                            f"splits: {', '.join(splits)}"])
-    per_worker = splits[cfg.data.train_split]["rows"] // cfg.scaling.max_workers
-    if per_worker == 0:
-        raise ConfigError([f"scaling.num_workers: {cfg.scaling.max_workers} workers but only "
-                           f"{splits[cfg.data.train_split]['rows']} training rows"])
-    return max(1, math.ceil(per_worker / cfg.train.batch_size) // cfg.train.grad_accum)
+    rows = splits[cfg.data.train_split]["rows"]
+    if rows // cfg.scaling.max_workers == 0:
+        raise ConfigError([f"scaling.num_workers: {cfg.scaling.max_workers} workers but only {rows} training rows"])
+    return {n: max(1, math.ceil((rows // n) / cfg.train.batch_size) // cfg.train.grad_accum)
+            for n in range(cfg.scaling.min_workers, cfg.scaling.max_workers + 1)}
