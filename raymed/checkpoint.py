@@ -66,7 +66,7 @@ def save_checkpoint(
             if full:
                 save_file(tensors, out / "model" / "full.safetensors")
             meta = {"model": cfg.model.name, "method": cfg.method.name, "towers": cfg.method.towers,
-                    "options": cfg.method.options, "accounting": acc.to_dict(), "config": cfg.model_dump(mode="json")}
+                    "options": cfg.method.options, "accounting": acc.to_dict(), "config": cfg.as_written()}
             meta["accounting"].pop("unused_names", None)
             (out / "model" / "raymed.json").write_text(json.dumps(meta, indent=2))
             (out / "state.json").write_text(json.dumps({**state, "step": engine.global_steps,
@@ -132,7 +132,7 @@ def load_resume_state(engine: Any, ckpt: Path, rank: int, cfg: Config | None = N
     """
     meta = json.loads((ckpt / "model" / "raymed.json").read_text())
     if cfg is not None:
-        changes = config_changes(meta["config"], cfg.model_dump(mode="json"))
+        changes = config_changes(meta["config"], cfg.as_written())
         if changes and not cfg.run.allow_config_change:
             raise ConfigError([*changes, "resuming a run under another config: use a new run.name, or set "
                                "run.allow_config_change=true to continue this run with the new values"],
@@ -163,15 +163,18 @@ def peft_host(model: torch.nn.Module) -> Any:
 
 
 def load_trainable(ckpt_model_dir: Path) -> tuple[torch.nn.Module, Any, dict[str, Any]]:
-    """Rebuild the fine-tuned model from `model/` of a checkpoint: base + method + trainable tensors."""
+    """Rebuild the fine-tuned model from `model/` of a checkpoint: base + method + trainable tensors, in the run's
+    training precision (a bf16 run's answers come from bf16 weights, as its in-run evaluation's did)."""
     from .methods import apply_method
     from .models import load_model, load_processor, resolve
 
     meta = json.loads((ckpt_model_dir / "raymed.json").read_text())
-    seed = meta["config"]["train"]["seed"]
+    cfg = Config.model_validate(meta["config"])
+    seed = cfg.train.seed
     ref = resolve(meta["model"])
-    model, _ = apply_method(load_model(ref, seed=seed), ref, meta["method"], meta["towers"], meta["options"],
-                            seed=seed)
+    dtype = torch.bfloat16 if cfg.bf16 else torch.float32
+    model, _ = apply_method(load_model(ref, seed=seed, dtype=dtype), ref, meta["method"], meta["towers"],
+                            meta["options"], seed=seed)
     tensors = load_file(ckpt_model_dir / "trainable.safetensors")
     params = dict(model.named_parameters())
     unknown = [n for n in tensors if n not in params]

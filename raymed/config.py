@@ -15,15 +15,19 @@ from pathlib import Path
 from typing import Any, Literal
 
 import yaml
-from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator
+from pydantic import BaseModel, ConfigDict, Field, PrivateAttr, ValidationError, field_validator
 
 
 class ConfigError(ValueError):
     """One or more configuration errors, each naming its key."""
 
     def __init__(self, errors: list[str], source: str = "config") -> None:
-        self.errors = errors
+        self.errors, self.source = list(errors), source
         super().__init__(f"{len(errors)} error(s) in {source}:\n" + "\n".join(f"  - {e}" for e in errors))
+
+    def __reduce__(self) -> tuple[Any, ...]:
+        # Ray (and pickle) rebuild an exception as `cls(*args)`; args here is the message, not the error list.
+        return type(self), (self.errors, self.source)
 
 
 class Section(BaseModel):
@@ -207,31 +211,44 @@ class Config(Section):
     deepspeed: DeepSpeedConfig = DeepSpeedConfig()
     scaling: ScalingConfig = ScalingConfig()
     run: RunConfig = RunConfig()
+    _written: dict[str, Any] | None = PrivateAttr(default=None)
+
+    @property
+    def bf16(self) -> bool:
+        """Whether the run trains in bf16 (`deepspeed.precision` bf16, or auto on GPU); else fp32. Evaluation and export
+        of its checkpoints load the model in the same precision."""
+        return self.deepspeed.precision == "bf16" or (self.deepspeed.precision == "auto" and self.scaling.use_gpu)
+
+    def as_written(self) -> dict[str, Any]:
+        """The config as the user wrote it (relative paths kept): what a run stores, names itself after and compares
+        on resume. `with_paths` gives the workers absolute paths; this stays what the command line said."""
+        return copy.deepcopy(self._written) if self._written is not None else self.model_dump(mode="json")
 
     def hash(self) -> str:
-        """Hash of everything that affects the result (not the run's name or storage)."""
-        d = self.model_dump(mode="json")
-        d["run"] = {k: v for k, v in d["run"].items() if k not in ("name", "storage", "metrics_export", "save_full_model",
-                                                                    "allow_config_change", "report_to")}
+        """Hash of everything that affects the result: the config as the user wrote it, without the
+        result-neutral keys (`RESULT_NEUTRAL_KEYS`, the same list a resume ignores)."""
+        d = self.as_written()
+        for key in RESULT_NEUTRAL_KEYS:
+            section, name = key.split(".", 1)
+            d[section].pop(name, None)
         # Keys added later count only when set, so earlier runs keep their hashes (names, resumes, provenance).
         for section, key, default in (("model", "template", "auto"), ("data", "image_aspect", "auto"),
                                       ("deepspeed", "zero3_init", True)):
-            if d[section][key] == default:
+            if d[section].get(key) == default:
                 del d[section][key]
-        d["train"].pop("log_every")  # logging only
-        for key in ("placement_strategy", "gpus_per_worker", "resize_interval_s"):  # where / when workers run
-            d["scaling"].pop(key)
         return hashlib.sha256(json.dumps(d, sort_keys=True).encode()).hexdigest()[:12]
 
     def run_name(self) -> str:
         return self.run.name or f"{self.method.name}-{self.hash()}"
 
 
-# Keys that do not change what a run computes: a run may resume with other values.
-RESUME_FREE_KEYS = frozenset({
+# Keys that do not change what a run computes: left out of the run hash (so of the default run name), and a run
+# may resume with other values. Where and how the workers run, what is logged, how checkpoints are kept.
+RESULT_NEUTRAL_KEYS = frozenset({
     "run.name", "run.storage", "run.metrics_export", "run.max_failures", "run.keep_checkpoints", "run.fail_at_step",
-    "run.save_full_model", "run.allow_config_change", "run.report_to", "data.cache_mb", "data.preprocess_actors",
-    "train.eval_batch_size", "train.log_every", "scaling.cpus_per_worker", "scaling.resize_interval_s",
+    "run.save_full_model", "run.allow_config_change", "run.report_to",
+    "data.preprocess_actors", "train.eval_batch_size", "train.log_every",
+    "scaling.cpus_per_worker", "scaling.gpus_per_worker", "scaling.placement_strategy", "scaling.resize_interval_s",
 })
 
 
@@ -243,8 +260,46 @@ def config_changes(old: Mapping[str, Any], new: Mapping[str, Any], prefix: str =
         a, b = old.get(key), new.get(key)
         if isinstance(a, Mapping) and isinstance(b, Mapping) and path not in ("method.options",):
             out += config_changes(a, b, f"{path}.")
-        elif a != b and path not in RESUME_FREE_KEYS:
+        elif a != b and path not in RESULT_NEUTRAL_KEYS:
             out.append(f"{path}: {a!r} in the checkpoint, {b!r} now")
+    return out
+
+
+# ---- local paths: made absolute once, on the driver ------------------------------------------------
+def _path_values(cfg: Config) -> list[str]:
+    """The values of `cfg` that may be local paths: the model directory, the data and eval-set folders."""
+    return [v for v in (cfg.model.name, cfg.data.path, *cfg.data.eval_sets.values()) if v]
+
+
+def local_paths(cfgs: Iterable[Config], cwd: str | Path | None = None) -> dict[str, str]:
+    """Every relative local path the configs name (`model.name`, `data.path`, `data.eval_sets`) -> its absolute
+    path from `cwd` (default: here). Resolved once, on the driver: Ray workers and Tune trials run in other
+    directories, and must not re-read the user's relative paths there."""
+    from .models import PRESETS
+
+    cwd = Path(cwd or Path.cwd())
+    out: dict[str, str] = {}
+    for cfg in cfgs:
+        for value in _path_values(cfg):
+            local = Path(value).expanduser()
+            if value in PRESETS or "://" in value or local.is_absolute() or value in out:
+                continue
+            if (cwd / local).exists():
+                out[value] = str((cwd / local).resolve())
+    return out
+
+
+def with_paths(cfg: Config, paths: Mapping[str, str]) -> Config:
+    """`cfg` with the relative paths of `local_paths` replaced by their absolute ones, for the workers; its
+    `as_written()` (hash, run name, stored config, resume comparison) stays the user's."""
+    written = cfg.as_written()
+    data = cfg.model_dump(mode="json")
+    data["model"]["name"] = paths.get(data["model"]["name"], data["model"]["name"])
+    if data["data"]["path"] is not None:
+        data["data"]["path"] = paths.get(data["data"]["path"], data["data"]["path"])
+    data["data"]["eval_sets"] = {k: paths.get(v, v) for k, v in data["data"]["eval_sets"].items()}
+    out = Config.model_validate(data)
+    out._written = written
     return out
 
 

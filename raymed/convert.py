@@ -45,11 +45,12 @@ def read_state_dict(path: Path) -> dict[str, torch.Tensor]:
     return state
 
 
-def convert(family_name: str, src: Path, config_from: str, out: Path) -> list[str]:
-    """Convert and save; returns the keys of the target model that the checkpoint did not provide."""
+def convert(family_name: str, src: Path, config_from: str, out: Path) -> None:
+    """Convert and save. Every weight of the target architecture must come from the checkpoint (a weight tied to a
+    converted one counts): a missing one would silently keep `--config-from`'s value, so it is refused."""
     if family_name == "miss":  # MISS/BLIP originals: their own reader and rules (raymed.models.miss_convert)
         convert_miss(src, config_from, out)
-        return []
+        return
     family = get_family(family_name)
     ref = resolve(config_from)
     if ref.family is not family:
@@ -59,9 +60,15 @@ def convert(family_name: str, src: Path, config_from: str, out: Path) -> list[st
     result = model.load_state_dict(converted, strict=False)
     if result.unexpected_keys:
         raise ModelLoadError(f"converted keys not in the target architecture: {result.unexpected_keys[:10]}")
+    state = model.state_dict()
+    loaded = {state[k].data_ptr() for k in converted if k in state}
+    missing = [k for k in result.missing_keys if state[k].data_ptr() not in loaded]
+    if missing:
+        raise ModelLoadError(f"{src}: the checkpoint lacks {len(missing)} weight(s) of the --config-from "
+                             f"architecture, e.g. {missing[:5]}; nothing was written (a converted model must not "
+                             "keep weights it was not given)")
     model.save_pretrained(out, safe_serialization=True)
     load_processor(ref).save_pretrained(out)
-    return list(result.missing_keys)
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -91,13 +98,10 @@ def main(argv: list[str] | None = None) -> int:
             print(f"wrote {args.out} ({summary['dtype']}, vocabulary {summary['vocab_size']}, "
                   f"{summary['shards']} shards)")
             return 0
-        missing = convert(args.family, args.input, args.config_from, args.out)
+        convert(args.family, args.input, args.config_from, args.out)
     except (ModelLoadError, KeyError) as e:
         print(f"error: {e}", file=sys.stderr)
         return 2
-    if missing:
-        print(f"warning: {len(missing)} parameters kept from --config-from (not in the checkpoint), e.g. "
-              f"{missing[:5]}", file=sys.stderr)
     print(f"wrote {args.out}")
     return 0
 

@@ -37,7 +37,7 @@ class Schedule:
         at, warmup = step - seg["start"], seg["warmup"]
         if at < warmup:  # same formula as transformers' get_cosine_schedule_with_warmup
             return seg["scale"] * at / max(1, warmup)
-        progress = (at - warmup) / max(1, seg["end"] - seg["start"] - warmup)
+        progress = min(1.0, (at - warmup) / max(1, seg["end"] - seg["start"] - warmup))  # never back up past the end
         return seg["scale"] * max(0.0, 0.5 * (1.0 + math.cos(math.pi * progress)))
 
     def resume(self, state: dict[str, Any], cfg: Config, steps_per_epoch: int, step: int, log: Any) -> None:
@@ -107,7 +107,9 @@ def build_engine(model: torch.nn.Module, cfg: Config, *, bf16: bool, world: int,
     decay, no_decay = [], []
     for p in model.parameters():
         if p.requires_grad:
-            (no_decay if p.ndim < 2 else decay).append(p)  # no decay on norms and biases
+            # no decay on norms and biases, by the parameter's full shape: ZeRO-3 leaves a partitioned parameter an
+            # empty 1-d tensor and keeps its shape in `ds_shape`
+            (no_decay if len(getattr(p, "ds_shape", p.shape)) < 2 else decay).append(p)
     groups = [{"params": decay, "weight_decay": cfg.train.weight_decay}, {"params": no_decay, "weight_decay": 0.0}]
     optimizer = torch.optim.AdamW([g for g in groups if g["params"]], lr=cfg.train.lr)
 

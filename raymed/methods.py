@@ -18,6 +18,7 @@ from torch import nn
 
 from .accounting import Accounting, account
 from .models import GROUPS, Family, ModelRef, ParamInfo
+from .models.base import prefix_cache
 
 
 class MethodError(ValueError):
@@ -196,10 +197,15 @@ def _apply_peft(
             if spec.peft == "prefix":
                 opts.setdefault("encoder_hidden_size", text_cfg.hidden_size)
             model.text_encoder = peft.get_peft_model(model.text_encoder, cls(task_type="FEATURE_EXTRACTION", **opts))
+            if spec.peft == "prefix":
+                prefix_cache(model.text_encoder)
             return model
         if spec.peft == "prefix":
             opts.setdefault("encoder_hidden_size", model.config.text_config.hidden_size)
-        return peft.get_peft_model(model, cls(task_type=family.peft_task_type, **opts))
+        wrapped = peft.get_peft_model(model, cls(task_type=family.peft_task_type, **opts))
+        if spec.peft == "prefix":
+            prefix_cache(wrapped)
+        return wrapped
 
     groups = opts.pop("target_groups", spec.groups)
     names, ff_names = opts.pop("target_names", None), opts.pop("feedforward_names", None)

@@ -33,16 +33,18 @@ def encoder(family: Any, processor: Any, max_length: int, template: str = "auto"
 
 def answer_rows(model: torch.nn.Module, family: Any, processor: Any, rows: Sequence[Mapping[str, Any]], *,
                 batch_size: int, max_new_tokens: int, max_length: int, template: str = "auto",
-                image_aspect: str = "auto", n_batches: int | None = None, bf16: bool = False,
+                image_aspect: str = "auto", n_batches: int | None = None, bf16: bool | None = None,
                 filler: Mapping[str, Any] | None = None, **generate_kwargs: Any) -> list[str]:
     """Generated answers to ``rows``, in order.
 
     ``n_batches`` larger than needed runs extra batches (repeating the last rows, answers dropped): ZeRO-3 ranks
     must call `generate` the same number of times. A rank with no rows at all still runs them, on ``filler``, a
-    dummy row (``rows=[]``).
+    dummy row (``rows=[]``). ``bf16``: images in bf16 (default: when the model's weights are).
     """
     encode = encoder(family, processor, max_length, template, image_aspect)
-    device = next(model.parameters()).device
+    first = next(model.parameters())
+    device = first.device
+    bf16 = first.dtype == torch.bfloat16 if bf16 is None else bf16
     needed = math.ceil(len(rows) / batch_size)
     answers: list[str] = []
     for b in range(max(needed, n_batches or 0)):

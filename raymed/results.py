@@ -44,7 +44,7 @@ def result_row(cfg: Any, accounting: Mapping[str, Any], history: list[dict[str, 
         "method": cfg.method.name,
         "towers": cfg.method.towers,
         "lr": cfg.train.lr,
-        "model": cfg.model.name,
+        "model": cfg.as_written()["model"]["name"],
         "params": {"trainable": accounting["trainable"], "total": accounting["total"],
                    "percent": accounting["percent"]},
         "accounting": {k: accounting[k] for k in ("groups", "trainable_groups", "unused")},
@@ -59,7 +59,7 @@ def result_row(cfg: Any, accounting: Mapping[str, Any], history: list[dict[str, 
         "wall_s": wall_s,
         "stopped_early": epochs < cfg.train.epochs,
         "config_hash": cfg.hash(),
-        "config": cfg.model_dump(mode="json"),
+        "config": cfg.as_written(),
         "checkpoint": checkpoint,
         "machine": describe(),
     }
@@ -124,6 +124,15 @@ def read_rows(root: str | Path) -> list[dict[str, Any]]:
     return sorted(rows, key=lambda r: r["trial_id"])
 
 
+def read_errors(root: str | Path) -> dict[str, str]:
+    """Run folder -> its error's one-line summary, for every run below ``root`` that left a `raymed-error.json`."""
+    out = {}
+    for path, _ in storage.walk_files(root, RUN_ERROR_FILE):
+        doc = storage.read_json(path)
+        out[path.rsplit("/", 1)[0]] = str(doc.get("summary") or doc.get("error"))
+    return out
+
+
 def cut_back(row: dict[str, Any], epoch: int) -> dict[str, Any]:
     """A row as it stood after `epoch` (the scheduler's last view of a stopped trial), marked stopped early."""
     history = [h for h in row["history"] if h["epoch"] <= epoch]
@@ -143,6 +152,11 @@ def write_stopped(run_dir: str | Path, epoch: int) -> None:
 
 
 def write_error(run_dir: str | Path, error: BaseException) -> None:
-    """Mark a run as failed (its checkpoints, if any, stay readable)."""
-    storage.write_text(storage.join(run_dir, RUN_ERROR_FILE),
-                       json.dumps({"error": f"{type(error).__name__}: {error}"[:2000]}))
+    """Mark a run as failed (its checkpoints, if any, stay readable): the error (its start and end when long)
+    and a one-line summary, the error's own last line (a worker group's error ends with the worker's)."""
+    text = f"{type(error).__name__}: {error}"
+    lines = [line.strip() for line in text.strip().splitlines() if line.strip()]
+    storage.write_text(storage.join(run_dir, RUN_ERROR_FILE), json.dumps({
+        "error": text if len(text) <= 4000 else f"{text[:2000]}\n...\n{text[-2000:]}",
+        "summary": lines[-1] if lines else type(error).__name__,
+    }))

@@ -117,7 +117,7 @@ class RunTracker:
         """The tracker of a Ray Train worker: `plan["tracking_dir"]` is None inside sweep trials."""
         directory = plan.get("tracking_dir")
         return cls(cfg.run.report_to, plan["run_name"], Path(directory) if directory else None, cfg.train.log_every,
-                   total_steps, log, flat_params(cfg.model_dump(mode="json")), rank)
+                   total_steps, log, flat_params(cfg.as_written()), rank)
 
     def step(self, step: int, loss: float, lr: float, stats: Mapping[str, float], train_s: float) -> None:
         """Called after every micro-batch; logs at optimizer steps that are multiples of `every`.

@@ -11,20 +11,20 @@ from __future__ import annotations
 import argparse
 import json
 import sys
-from pathlib import Path
 from typing import Any
 
 from . import storage as store
 from .cluster import PREPROCESS_CPUS, ResourceError, check_resources, init_ray, required_cpus, scaling_config
-from .config import Config, ConfigError, load_config
-from .data.plan import data_plan, steps_per_epoch
+from .config import Config, ConfigError, load_config, local_paths, with_paths
+from .data.plan import data_plan, micro_batches_per_epoch
 
 
 # ---- the trainer --------------------------------------------------------------------------------
 def build_trainer(cfg: Config, storage: str | None = None, extra_callbacks: list | None = None,
-                  track: bool = True) -> Any:
+                  track: bool = True, paths: dict[str, str] | None = None) -> Any:
     """The Ray Train `TorchTrainer` of a validated config (the data is generated / checked here).
-    `track=False` inside sweep trials: Tune's logger callbacks track them (`raymed.tracking`)."""
+    `paths`: its relative local paths made absolute (`config.local_paths`, by the driver that read the config;
+    default: from here). `track=False` inside sweep trials: Tune's logger callbacks track them (`raymed.tracking`)."""
     import ray.train
     from ray.train.torch import TorchConfig, TorchTrainer
 
@@ -34,18 +34,18 @@ def build_trainer(cfg: Config, storage: str | None = None, extra_callbacks: list
     from .tracking import tracking_dir
     from .worker import train_loop
 
+    # Ray workers (and Tune trials) do not run in the driver's directory: they get the user's config and its
+    # relative paths made absolute here, once; the run's name, stored config and resume checks use the config as
+    # the user wrote it (`Config.as_written`), so they do not depend on where the command ran.
+    paths = local_paths([cfg]) if paths is None else paths
+    cfg = with_paths(cfg, paths)
     train_dir, eval_sets = data_plan(cfg)
     storage = storage or storage_path(cfg)
     name = cfg.run_name()
-    # Ray workers do not run in the driver's directory: a relative model directory is made absolute for them
-    # (after the run name, so the name does not depend on where the command ran).
-    model_name = str(Path(cfg.model.name).resolve()) if Path(cfg.model.name).is_dir() else cfg.model.name
-    loop_cfg = cfg.model_dump(mode="json")
-    loop_cfg["model"]["name"] = model_name
-    eval_sets = {k: v if "://" in str(v) else str(Path(v).resolve()) for k, v in eval_sets.items()}
+    model_name = cfg.model.name
     plan = {
         "run_name": name,
-        "steps_per_epoch": steps_per_epoch(train_dir, cfg),  # by world size (an elastic run's varies)
+        "micro_batches": micro_batches_per_epoch(train_dir, cfg),  # by world size (an elastic run's varies)
         "eval_sets": eval_sets,
         "fault_marker": store.join(storage, name, "fault-injected.txt"),
         "tracking_dir": str(tracking_dir(storage, name)) if track else None,
@@ -60,7 +60,7 @@ def build_trainer(cfg: Config, storage: str | None = None, extra_callbacks: list
     )
     return TorchTrainer(
         train_loop,
-        train_loop_config={"config": loop_cfg, "plan": plan},
+        train_loop_config={"config": cfg.as_written(), "paths": paths, "plan": plan},
         torch_config=TorchConfig(backend="nccl" if cfg.scaling.use_gpu else "gloo"),
         scaling_config=scaling_config(cfg),
         run_config=ray.train.RunConfig(
@@ -105,7 +105,7 @@ def check_resume(cfg: Config) -> None:
         old = store.read_json(store.join(latest, "model", "raymed.json"))["config"]
     except (OSError, KeyError, ValueError):
         return  # an incomplete checkpoint: Ray Train resumes from its own record, the worker checks
-    changes = config_changes(old, cfg.model_dump(mode="json"))
+    changes = config_changes(old, cfg.as_written())
     if changes:
         raise ConfigError([*changes, f"run {cfg.run_name()!r} exists ({latest}) with another config: pick a new "
                            "run.name, or set run.allow_config_change=true to continue it with the new values"])

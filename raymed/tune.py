@@ -18,6 +18,7 @@ import json
 import os
 import pickle
 import sys
+from collections import Counter
 from pathlib import Path
 from typing import Any, Literal
 
@@ -26,8 +27,8 @@ from ray.tune.schedulers import AsyncHyperBandScheduler, FIFOScheduler, TrialSch
 
 from . import storage as store
 from .cluster import ResourceError, init_ray, required_cpus
-from .config import (Config, ConfigError, Section, deep_merge, format_error, parse_override, read_yaml, set_dotted,
-                     validate)
+from .config import (Config, ConfigError, Section, deep_merge, format_error, local_paths, parse_override, read_yaml,
+                     set_dotted, validate)
 from .metrics import REPORT_KEYS, VQA_KEYS
 from .tracking import tune_callbacks
 from .train import build_trainer, check_storage
@@ -262,9 +263,12 @@ def trial(config: dict[str, Any]) -> None:
         data = set_dotted(data, key, value)
     trial_name = f"trial-{ray.tune.get_context().get_trial_id()}"
     data = set_dotted(data, "run.name", trial_name)
-    cfg = validate(data, trial_name)
-    trainer = build_trainer(cfg, storage=config["storage"], extra_callbacks=[TuneReportCallback()], track=False)
     try:
+        # The sweep's driver validated every grid point and made its relative paths absolute (`config["paths"]`):
+        # a trial runs in its own folder, where the user's relative paths mean nothing.
+        cfg = validate(data, trial_name, check_paths=False)
+        trainer = build_trainer(cfg, storage=config["storage"], extra_callbacks=[TuneReportCallback()], track=False,
+                                paths=config["paths"])
         result = trainer.fit()
         if result.error is not None:
             raise result.error
@@ -324,6 +328,18 @@ def concurrent_trials(cluster: dict[str, float], base_cfg: Config, sweep: SweepC
     return max(1, n)
 
 
+def sweep_paths(sweep: SweepConfig, base: dict[str, Any]) -> dict[str, str]:
+    """The relative local paths of the base config and of every grid point, made absolute from here (the driver's
+    directory; `config.local_paths`)."""
+    cfgs = [validate(base)]
+    for point in grid_points(sweep, base):
+        data = base
+        for key, value in point.items():
+            data = set_dotted(data, key, value)
+        cfgs.append(validate(data))
+    return local_paths(cfgs)
+
+
 def run_sweep(sweep: SweepConfig, base: dict[str, Any], out: str | Path, resume: bool = False) -> Any:
     """Run (or resume) the sweep in `out` (a folder or URI); returns Tune's ResultGrid."""
     import ray
@@ -356,7 +372,8 @@ def run_sweep(sweep: SweepConfig, base: dict[str, Any], out: str | Path, resume:
         scheduler = make_scheduler(sweep, epochs)
         tuner = tune.Tuner(
             trainable,
-            param_space={"base": base, **_search_space(sweep, base), "storage": store.join(out, sweep.name, "runs")},
+            param_space={"base": base, **_search_space(sweep, base), "storage": store.join(out, sweep.name, "runs"),
+                         "paths": sweep_paths(sweep, base)},
             tune_config=tune.TuneConfig(metric=sweep.metric, mode=sweep.mode, scheduler=scheduler,
                                         num_samples=sweep.num_samples, max_concurrent_trials=concurrency),
             run_config=tune.RunConfig(name=sweep.name, storage_path=storage, storage_filesystem=fs,
@@ -400,19 +417,32 @@ def main(argv: list[str] | None = None) -> int:
         return 2
     from .results import read_rows
 
-    mark_stopped(results, store.join(out, "runs"), validate(base).train.epochs)
-    rows = read_rows(store.join(out, "runs"))  # the same rows `python -m raymed.report` reads back
-    errored = [r for r in results if r.error is not None]
+    runs = store.join(out, "runs")
+    mark_stopped(results, runs, validate(base).train.epochs)
+    rows = read_rows(runs) if store.is_dir(runs) else []  # the same rows `python -m raymed.report` reads back
+    failed = sum(r.error is not None for r in results)
     if not rows:
-        print(f"error: no trial reported a result ({len(errored)} errored); see {out}", file=sys.stderr)
+        print(f"error: all {len(results)} trial(s) failed, none reported a result ({out}):\n"
+              + failure_lines(results, runs), file=sys.stderr)
         return 1
     paths = build_report(rows, out, metric=sweep.metric, mode=sweep.mode)
     print(store.read_text(paths["report_md"]))
     print(f"[raymed] report: {', '.join(str(p) for p in paths.values())}")
-    if errored:
-        print(f"warning: {len(errored)} trial(s) errored: " + "; ".join(str(r.error)[:200] for r in errored),
-              file=sys.stderr)
+    if failed:
+        print(f"warning: {failed} of {len(results)} trial(s) failed:\n" + failure_lines(results, runs), file=sys.stderr)
     return 0
+
+
+def failure_lines(results: Any, runs_dir: str) -> str:
+    """One line per distinct error of the failed trials, with how many failed so: the error each trial recorded
+    (`raymed-error.json`), else the last line of Ray's error."""
+    from .results import read_errors
+
+    errors = list(read_errors(runs_dir).values()) if store.is_dir(runs_dir) else []
+    if not errors:
+        errors = [str(r.error).strip().splitlines()[-1] for r in results if r.error is not None]
+    counts = Counter(errors)
+    return "\n".join(f"  - {n} trial(s): {e}" for e, n in counts.items())
 
 
 if __name__ == "__main__":

@@ -21,7 +21,7 @@ import numpy as np
 import torch
 import torch.distributed as dist
 
-from .config import Config
+from .config import Config, with_paths
 from .engine import Schedule, build_engine, ds_config, zero3_loading
 from .methods import apply_method
 from .models import load_model, load_processor, resolve
@@ -35,7 +35,7 @@ def train_loop(loop_config: dict[str, Any]) -> None:
 
     t_start = time.perf_counter()
 
-    cfg = Config.model_validate(loop_config["config"])
+    cfg = with_paths(Config.model_validate(loop_config["config"]), loop_config["paths"])
     plan = loop_config["plan"]
     ctx = ray.train.get_context()
     rank, world = ctx.get_world_rank(), ctx.get_world_size()
@@ -45,6 +45,7 @@ def train_loop(loop_config: dict[str, Any]) -> None:
     from . import elastic
     from .checkpoint import load_resume_state, save_checkpoint
     from .data.epochs import EpochBatches
+    from .data.plan import optimizer_steps
     from .data.stream import quiet_data_context
     from .telemetry import Telemetry
     from .tracking import RunTracker
@@ -57,14 +58,15 @@ def train_loop(loop_config: dict[str, Any]) -> None:
     # Ray node id of every rank (recorded in each checkpoint's state.json: where the workers ran).
     nodes: list[str | None] = [None] * world
     torch.distributed.all_gather_object(nodes, ray.get_runtime_context().get_node_id())
-    bf16 = cfg.deepspeed.precision == "bf16" or (cfg.deepspeed.precision == "auto" and cfg.scaling.use_gpu)
+    bf16 = cfg.bf16
 
     # 1. Model and method. Every rank builds identical weights (same seed), then freezes / wraps. Weights load in
     # the training precision; under ZeRO-3 an HfDeepSpeedConfig alive during from_pretrained makes transformers
     # partition them as they load (deepspeed.zero.Init), so no rank holds the whole model.
     ref = resolve(cfg.model.name)
     processor = load_processor(ref)
-    steps_per_epoch = plan["steps_per_epoch"][world]  # an elastic run's world size varies between restarts
+    micro_batches = plan["micro_batches"][world]  # an elastic run's world size varies between restarts
+    steps_per_epoch = optimizer_steps(micro_batches, cfg.train.grad_accum)
     total_steps = steps_per_epoch * cfg.train.epochs
     ds_cfg = ds_config(cfg, world, bf16)
     # keep alive until the engine exists; only for weights loaded from a directory (a preset built from its config
@@ -124,23 +126,29 @@ def train_loop(loop_config: dict[str, Any]) -> None:
         engine.train()
         losses = []
         t0 = time.perf_counter()
-        for batch in batches.epoch(epoch):
+        for index, batch in enumerate(batches.epoch(epoch)):
+            if index == micro_batches:
+                raise RuntimeError(f"epoch {epoch + 1}: the data stream gave more than the {micro_batches} planned "
+                                   "micro-batches (the training split changed since the run was planned?)")
             batch = {k: v.to(device) for k, v in batch.items() if isinstance(v, torch.Tensor)}
             if bf16:
                 batch["pixel_values"] = batch["pixel_values"].to(torch.bfloat16)
-            loss = engine(**batch).loss
-            engine.backward(loss)
-            engine.step()
+            loss = train_micro_batch(engine, batch, index, micro_batches, cfg.train.grad_accum)
             losses.append(loss.item())
             if len(losses) == 1:
                 log(f"epoch {epoch + 1}: first step done")
             stats["samples"] += batch["input_ids"].shape[0] * world
             stats["tokens"] += int(batch["attention_mask"].sum()) * world
+            if not engine.is_gradient_accumulation_boundary():
+                continue
             _maybe_inject_fault(cfg, plan, engine.global_steps, rank, world)
             telemetry.step(loss.item(), engine.get_lr()[0], stats, time.perf_counter() - t0 + stats["train_s"],
                            acc.trainable)
             tracker.step(engine.global_steps, loss.item(), engine.get_lr()[0], stats,
                          time.perf_counter() - t0 + stats["train_s"])
+        if len(losses) != micro_batches:
+            raise RuntimeError(f"epoch {epoch + 1}: the data stream gave {len(losses)} micro-batches, "
+                               f"{micro_batches} were planned (the training split changed since the run was planned?)")
         stats["train_s"] += time.perf_counter() - t0
         metrics: dict[str, Any] = {
             "epoch": epoch + 1,
@@ -179,6 +187,20 @@ def train_loop(loop_config: dict[str, Any]) -> None:
     tracker.close()
 
 
+def train_micro_batch(engine: Any, batch: dict[str, torch.Tensor], index: int, micro_batches: int,
+                      grad_accum: int) -> torch.Tensor:
+    """Forward and backward of micro-batch `index` of an epoch of `micro_batches`; the optimizer steps at the end of
+    each group of `grad_accum` and at the epoch's last micro-batch. A shorter last group's gradient is the mean over
+    its micro-batches, as a full group's is. Returns the micro-batch's loss."""
+    start = index - index % grad_accum
+    group = min(grad_accum, micro_batches - start)
+    engine.set_gradient_accumulation_boundary(index + 1 == start + group)
+    loss = engine(**batch).loss
+    engine.backward(loss * (grad_accum / group) if group < grad_accum else loss)  # DeepSpeed divides by grad_accum
+    engine.step()
+    return loss
+
+
 class Evaluator:
     """Generates answers on every eval set, rows interleaved across ranks; rank 0 gathers and scores them."""
 
@@ -215,14 +237,21 @@ class Evaluator:
         kwargs = {"synced_gpus": True} if self.engine.zero_optimization_stage() == 3 and self.world > 1 else {}
         answers = predict.answer(model, self.ref.family, self.processor, cfg, mine, batch_size=bs,
                                  n_batches=int(n_batches), bf16=self.engine.bfloat16_enabled(), filler=rows[0], **kwargs)
-        gathered: list[dict[str, str]] = [{} for _ in range(self.world)]
-        dist.all_gather_object(gathered, {r["id"]: a for r, a in zip(mine, answers)})
-        merged = {k: v for part in gathered for k, v in part.items()}
-        lost = [r["id"] for r in rows if r["id"] not in merged]
-        if lost:
-            raise RuntimeError(f"evaluation lost rows: {len(lost)} of {len(rows)} have no prediction ({lost[:3]})")
-        preds = [merged[r["id"]] for r in rows]
-        return predict.score(rows, preds), (predict.records(rows, preds) if self.rank == 0 else [])
+        # Rank 0 gathers the answers and scores them (one METEOR / Java process, not one per rank); every rank gets
+        # the metrics (or rank 0's error) back, so all report the same.
+        gathered: list[dict[str, str]] | None = [{} for _ in range(self.world)] if self.rank == 0 else None
+        dist.gather_object({r["id"]: a for r, a in zip(mine, answers)}, gathered, dst=0)
+        result: list[Any] = [None]
+        if self.rank == 0:
+            merged = {k: v for part in gathered for k, v in part.items()}
+            lost = [r["id"] for r in rows if r["id"] not in merged]
+            preds = [merged.get(r["id"], "") for r in rows]
+            result = [f"evaluation lost rows: {len(lost)} of {len(rows)} have no prediction ({lost[:3]})" if lost
+                      else predict.score(rows, preds)]
+        dist.broadcast_object_list(result, src=0)
+        if isinstance(result[0], str):
+            raise RuntimeError(result[0])
+        return result[0], (predict.records(rows, preds) if self.rank == 0 else [])
 
 
 def write_evaluation(ckpt: Path, cfg: Config, acc: Any, history: list[dict[str, Any]], zero_shot: dict[str, Any],

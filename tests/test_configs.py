@@ -156,3 +156,59 @@ def test_elastic_worker_range():
                       ("many", "a number of workers")):
         with pytest.raises(ConfigError, match=re.escape(says)):
             load_config(None, [f"scaling.num_workers={bad}"])
+
+
+def test_config_errors_keep_their_message_across_pickle_and_ray():
+    """Ray rebuilds an exception raised in a trial or worker from its pickle: a ConfigError (or a prepare
+    BadRowsError) must come back with its list of errors, not its message split into characters."""
+    import pickle
+    from pathlib import Path
+
+    from raymed.data.prepare import BadRow, BadRowsError
+
+    err = ConfigError(["model.name: 'x' does not exist", "train.lr: too big"], "trial-1")
+    back = pickle.loads(pickle.dumps(err))
+    assert back.errors == err.errors and str(back) == str(err) and back.source == "trial-1"
+    bad = BadRowsError([BadRow("a.json", 3, "q1", "train", "missing image: x.png")], Path("src"), "vqa-rad")
+    again = pickle.loads(pickle.dumps(bad))
+    assert str(again) == str(bad) and again.bad == bad.bad
+
+
+def test_result_neutral_keys_keep_the_run_name_and_resume():
+    """One list of result-neutral keys: changing one keeps the hash (so the default run name, which a re-run
+    resumes under) and is no change on resume; a key that changes the result changes both."""
+    from raymed.config import RESULT_NEUTRAL_KEYS, config_changes
+
+    base = load_config(None, [])
+    neutral = {"run.max_failures": 3, "run.keep_checkpoints": 5, "run.report_to": "[]", "train.log_every": 1,
+               "train.eval_batch_size": 3, "data.preprocess_actors": 0, "scaling.cpus_per_worker": 0.25,
+               "scaling.placement_strategy": "SPREAD", "run.metrics_export": False}
+    assert set(neutral) <= RESULT_NEUTRAL_KEYS
+    for key, value in neutral.items():
+        other = load_config(None, [f"{key}={value}"])
+        assert other.hash() == base.hash() and other.run_name() == base.run_name(), key
+        assert config_changes(base.as_written(), other.as_written()) == [], key
+    changed = load_config(None, ["train.grad_accum=2"])
+    assert changed.hash() != base.hash()
+    assert config_changes(base.as_written(), changed.as_written()) == ["train.grad_accum: 1 in the checkpoint, 2 now"]
+
+
+def test_relative_paths_are_made_absolute_once_and_the_written_config_is_kept(tmp_path, monkeypatch):
+    """A project folder's relative `data.path` / `data.eval_sets`: the driver resolves them once for the workers;
+    the run's hash, name, stored config and resume comparison keep what the user wrote."""
+    from raymed.config import local_paths, with_paths
+    from raymed.data.synth import generate
+    from raymed.data.prepare import prepare
+
+    generate(tmp_path / "raw", n=10, seed=0, size=32)
+    prepare("vqa-rad", tmp_path / "raw", tmp_path / "data" / "vqa-rad")
+    monkeypatch.chdir(tmp_path)
+    cfg = load_config(None, ["data.path=data/vqa-rad", "data.eval_sets={ood: data/vqa-rad}"])
+    paths = local_paths([cfg])
+    assert paths == {"data/vqa-rad": str((tmp_path / "data" / "vqa-rad").resolve())}
+    runtime = with_paths(cfg, paths)
+    assert runtime.data.path == paths["data/vqa-rad"] and runtime.data.eval_sets["ood"] == paths["data/vqa-rad"]
+    assert runtime.as_written() == cfg.as_written() and runtime.as_written()["data"]["path"] == "data/vqa-rad"
+    assert runtime.hash() == cfg.hash() and runtime.run_name() == cfg.run_name()
+    monkeypatch.chdir("/")  # elsewhere (a Ray worker's or Tune trial's folder) the absolute paths still hold
+    assert Path(runtime.data.path).is_dir() and local_paths([runtime]) == {}

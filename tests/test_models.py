@@ -117,3 +117,71 @@ def test_gradient_checkpointing_with_frozen_first_layers(model_name, towers):
     assert grads[0].keys() == grads[1].keys() and grads[0]
     for name, g in grads[0].items():
         assert torch.allclose(g, grads[1][name], atol=1e-6), name
+
+
+@pytest.mark.parametrize("model_name", ["tiny-llava", "tiny-miss"])
+def test_prefix_tuning_trains_under_gradient_checkpointing(model_name):
+    """peft hands the prefix over as a KV cache, which checkpointed layers used to drop (a size mismatch at the first
+    forward): with checkpointing the loss and every gradient equal those without it."""
+    ref = resolve(model_name)
+    batch = tiny_batch(model_name)
+    results = []
+    for checkpointing in (False, True):
+        model, _ = apply_method(load_model(ref), ref, "prefix", None, seed=0)
+        if checkpointing:
+            enable_activation_checkpointing(model)
+        model.train()
+        loss = model(**batch).loss
+        loss.backward()
+        results.append((loss.detach(), {n: p.grad.clone() for n, p in model.named_parameters() if p.requires_grad}))
+    (loss_a, grads_a), (loss_b, grads_b) = results
+    assert torch.equal(loss_a, loss_b) and grads_a.keys() == grads_b.keys() and grads_a
+    for name, g in grads_a.items():
+        assert torch.equal(g, grads_b[name]), name
+
+
+def test_miss_prefix_reaches_self_attention_only():
+    """MISS's question encoder cross-attends to the image: the prefix (and the question's own keys) must not
+    leak into that cross-attention, as BLIP's med.py gives cross-attention no cache."""
+    ref = resolve("tiny-miss")
+    model, _ = apply_method(load_model(ref), ref, "prefix", None, seed=0)
+    batch = tiny_batch("tiny-miss")
+    n_image = (model.config.vision_config.image_size // model.config.vision_config.patch_size) ** 2 + 1
+    seen = []
+
+    def record(module, args, kwargs, out):
+        if kwargs.get("encoder_hidden_states") is not None:
+            seen.append(out[1].shape[-1] if out[1] is not None else None)
+
+    layer = model.text_encoder.get_base_model().encoder.layer[0].crossattention.self
+    handle = layer.register_forward_hook(record, with_kwargs=True)
+    model.config._attn_implementation = "eager"
+    for m in model.modules():
+        if hasattr(m, "config"):
+            m.config._attn_implementation = "eager"
+    for mode in ("train", "eval"):
+        getattr(model, mode)()
+        with torch.no_grad():
+            model(**batch, output_attentions=True)
+    handle.remove()
+    assert seen == [n_image, n_image]
+
+
+def test_converter_refuses_a_checkpoint_missing_weights(tmp_path):
+    ref = resolve("tiny-llava")
+    original = _to_original_llava({k: v.clone().contiguous() for k, v in load_model(ref, seed=7).state_dict().items()})
+    dropped = next(k for k in original if k.endswith("post_layernorm.weight") or "layers.0.mlp" in k)
+    del original[dropped]
+    save_file(original, tmp_path / "original.safetensors")
+    assert convert_main(["--family", "llava", "--input", str(tmp_path / "original.safetensors"),
+                         "--config-from", "tiny-llava", "--out", str(tmp_path / "hf")]) == 2
+    assert not (tmp_path / "hf").exists()
+
+
+def test_lr_schedule_never_rises_past_its_end():
+    from raymed.engine import Schedule
+
+    schedule = Schedule.fresh(10, 2)
+    values = [schedule(step) for step in range(16)]
+    assert values[2] == 1.0 and values[10] == 0.0
+    assert all(a >= b for a, b in zip(values[2:], values[3:])) and values[-1] == 0.0

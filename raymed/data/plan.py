@@ -43,9 +43,10 @@ def data_plan(cfg: Config) -> tuple[str, dict[str, str]]:
     return train_dir, {cfg.data.eval_split: train_dir, **extra, **cfg.data.eval_sets}
 
 
-def steps_per_epoch(train_dir: str, cfg: Config) -> dict[int, int]:
-    """Optimizer steps per epoch at each world size the run may have (`scaling.num_workers`: one size, or min..max
-    for an elastic run): Ray Train splits `train` equally across workers (remainder dropped)."""
+def micro_batches_per_epoch(train_dir: str, cfg: Config) -> dict[int, int]:
+    """Micro-batches each worker trains on per epoch, at each world size the run may have (`scaling.num_workers`:
+    one size, or min..max for an elastic run): Ray Train splits `train` equally across workers (remainder dropped),
+    and the last micro-batch of an epoch may be short. Optimizer steps: `optimizer_steps`."""
     from .prepare import read_manifest
 
     splits = read_manifest(train_dir)["splits"]
@@ -55,5 +56,12 @@ def steps_per_epoch(train_dir: str, cfg: Config) -> dict[int, int]:
     rows = splits[cfg.data.train_split]["rows"]
     if rows // cfg.scaling.max_workers == 0:
         raise ConfigError([f"scaling.num_workers: {cfg.scaling.max_workers} workers but only {rows} training rows"])
-    return {n: max(1, math.ceil((rows // n) / cfg.train.batch_size) // cfg.train.grad_accum)
+    return {n: math.ceil((rows // n) / cfg.train.batch_size)
             for n in range(cfg.scaling.min_workers, cfg.scaling.max_workers + 1)}
+
+
+def optimizer_steps(micro_batches: int, grad_accum: int) -> int:
+    """Optimizer steps of an epoch of `micro_batches`: one per `grad_accum` micro-batches, and one for a shorter
+    last group (every epoch ends on an accumulation boundary, so no gradient carries over into the next epoch or
+    into a checkpoint)."""
+    return math.ceil(micro_batches / grad_accum)

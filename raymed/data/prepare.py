@@ -53,8 +53,8 @@ class BadRow:
 class BadRowsError(ValueError):
     """``--on-bad error`` found bad rows; nothing was written."""
 
-    def __init__(self, bad: list[BadRow], source: Path, fmt: str, *, show: int = 10) -> None:
-        self.bad = bad
+    def __init__(self, bad: list[BadRow], source: Path, fmt: str, show: int = 10) -> None:
+        self.bad, self.source, self.fmt, self.show = bad, source, fmt, show
         lines = [f"  {b.line()}" for b in bad[:show]]
         if len(bad) > show:
             lines.append(f"  ... and {len(bad) - show} more")
@@ -64,6 +64,9 @@ class BadRowsError(ValueError):
             + "\nFix these rows, or re-run with --on-bad skip to write the other rows"
             " and record the skipped ones in manifest.json."
         )
+
+    def __reduce__(self) -> tuple[Any, ...]:  # rebuilt from its fields, not its message (pickle, Ray)
+        return type(self), (self.bad, self.source, self.fmt, self.show)
 
 
 class ShardWriter:

@@ -212,7 +212,71 @@ def enable_activation_checkpointing(model: nn.Module) -> None:
     So frozen first layers (an LN-only language tower behind a frozen vision tower) are fine, and the
     input-grad hook transformers adds for reentrant checkpointing is removed: on BLIP it marks the
     embedding output (a leaf) as requiring grad, and BLIP's in-place `embeddings += ...` then fails.
+    A prefix-tuned model keeps its prefix under checkpointing (`prefix_cache`).
     """
     model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
     if hasattr(model, "disable_input_require_grads") and getattr(model, "_require_grads_hook", None) is not None:
         model.disable_input_require_grads()
+    from transformers.modeling_layers import GradientCheckpointingLayer
+
+    for module in model.modules():
+        if getattr(module, "raymed_prefix_cache", False):  # `prefix_cache`: the replay reads what the forward read
+            for layer in module.get_base_model().modules():
+                if isinstance(layer, GradientCheckpointingLayer):
+                    layer._can_checkpoint_with_cache = True
+
+
+def prefix_cache(peft_model: nn.Module) -> None:
+    """The KV cache through which peft's prefix tuning hands its prefix to the model, made right for training and for
+    BERT-style layers (docs/DESIGN.md §9).
+
+    - In training, each layer of the prefix cache is read-only: `update` returns prefix + the step's keys and values
+      and stores nothing. A checkpointed layer's replay in backward then computes exactly what its forward did, so
+      activation checkpointing may keep the cache (transformers drops it otherwise, and the prefix is lost; peft
+      refuses the combination outright when checkpointing is on first).
+    - BERT-style layers (MISS's question encoder) hand one cache to self- and cross-attention and split it only
+      when caching is on: cross-attention would attend to the prefix and the question's own keys besides the
+      image. Cross-attention gets a cache of its own that keeps nothing, as BLIP's `med.py` gives it none.
+    Generation keeps peft's growing cache for self-attention.
+    """
+    from transformers.cache_utils import DynamicCache, EncoderDecoderCache
+
+    get_prompt = peft_model.get_prompt
+    cross_attends = any(hasattr(m, "crossattention") for m in peft_model.get_base_model().modules())
+
+    def prompt(*args: Any, **kwargs: Any) -> Any:
+        cache = get_prompt(*args, **kwargs)
+        if peft_model.training:
+            for layer in getattr(cache, "layers", None) or []:
+                layer.update = _read_only_update(layer.keys, layer.values)
+        if cross_attends and isinstance(cache, DynamicCache):
+            cache = EncoderDecoderCache(cache, _keep_nothing_cache())
+            cache.is_updated = _KeepNothing()
+        return cache
+
+    peft_model.get_prompt = prompt
+    peft_model.raymed_prefix_cache = True
+
+
+class _KeepNothing(dict):
+    """`EncoderDecoderCache.is_updated` that never records a cross-attention layer as cached."""
+
+    def __setitem__(self, key: Any, value: Any) -> None:
+        pass
+
+
+def _keep_nothing_cache() -> Any:
+    from transformers.cache_utils import DynamicCache
+
+    class KeepNothingCache(DynamicCache):
+        def update(self, key_states: torch.Tensor, value_states: torch.Tensor, *args: Any, **kwargs: Any) -> Any:
+            return key_states, value_states
+
+    return KeepNothingCache()
+
+
+def _read_only_update(keys: torch.Tensor, values: torch.Tensor) -> Callable[..., tuple[torch.Tensor, torch.Tensor]]:
+    def update(key_states: torch.Tensor, value_states: torch.Tensor, *args: Any, **kwargs: Any) -> tuple[Any, Any]:
+        return torch.cat([keys, key_states], dim=-2), torch.cat([values, value_states], dim=-2)
+
+    return update
