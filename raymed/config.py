@@ -106,7 +106,9 @@ class TrainConfig(Section):
     """Evaluate every N epochs (and always after the last)."""
     eval_batch_size: int = Field(16, ge=1)
     """Questions per generate call: 16 keeps a 7B model's KV cache near 1.4 GiB (bf16, ~620 prompt + 64 new
-    tokens) and MISS's 3 beams at 48 sequences."""
+    tokens). Batches are cut from the eval rows in order, whatever the number of workers, and batched LLaVA generation
+    answers as one question at a time does (fp32; tested), so this changes no answer. A MISS model's recipe fixes its
+    own (MISS: 100, whose answers depend on the batch: BLIP's decoder attends to the question padding)."""
     max_new_tokens: int = Field(64, ge=1)
     """Answer tokens generated for VQA (generation stops earlier at end-of-sequence). Chosen from measured answer
     lengths (docs/scoring.md): dataset answers are 1-12 tokens; verbose zero-shot LLaVA-Med answers put their

@@ -72,6 +72,14 @@ def load(model_spec: str) -> tuple[torch.nn.Module, Any, Any, Any, bool]:
     return model, ref, processor, Config.model_validate(config) if config else Config(), bool(config)
 
 
+def eval_batch_size(family: Any, processor: Any, cfg: Any) -> int:
+    """Questions per `generate` call: the model's recipe's when it fixes one (MISS evaluates in batches of 100 in file
+    order, and its answers depend on the batch: its decoder attends to the question padding), else
+    `train.eval_batch_size`. Batches are cut from the rows in order, whatever the number of workers, so the same
+    checkpoint answers the same (raymed.worker's evaluation, `raymed eval`)."""
+    return family.eval_batch_size(processor) or cfg.train.eval_batch_size
+
+
 def answer(model: torch.nn.Module, family: Any, processor: Any, cfg: Any, rows: Sequence[Mapping[str, Any]], *,
            batch_size: int | None = None, max_new_tokens: int | None = None, **options: Any) -> list[str]:
     """Answers with the recipe of `cfg`, the `Config` the model was fine-tuned with (defaults for a directory or
@@ -80,7 +88,8 @@ def answer(model: torch.nn.Module, family: Any, processor: Any, cfg: Any, rows: 
     and `raymed.questions`."""
     model.eval()
     with torch.no_grad():
-        return answer_rows(model, family, processor, rows, batch_size=batch_size or cfg.train.eval_batch_size,
+        return answer_rows(model, family, processor, rows,
+                           batch_size=batch_size or eval_batch_size(family, processor, cfg),
                            max_new_tokens=max_new_tokens or cfg.train.max_new_tokens, max_length=cfg.data.max_length,
                            template=cfg.model.template, image_aspect=cfg.data.image_aspect, **options)
 

@@ -7,7 +7,8 @@ With no `--config`, the built-in default sweep runs: tiny models on the syntheti
 
 Sweep files: `train:` holds training-config keys (or `train_config:` names a training YAML), `search:`
 maps dotted training keys to a list (grid) or `{loguniform: [lo, hi]}` / `{choice: [...]}` (sampled).
-Dotted command-line overrides set training keys (`train.epochs=2`) or sweep keys (`sweep.metric=...`).
+Dotted command-line overrides set training keys (`train.epochs=2`) or sweep keys (`sweep.metric=...`); one search
+axis is `sweep.search.KEY=[...]` (e.g. `sweep.search.train.lr=[1e-4]`).
 """
 
 from __future__ import annotations
@@ -73,7 +74,10 @@ def load_sweep(
     raw = read_yaml(path)
     for item in overrides:
         key, value = parse_override(item)
-        raw = set_dotted(raw, key[len("sweep."):] if key.startswith("sweep.") else f"train.{key}", value)
+        if key.startswith("sweep.search."):  # one search axis, named by its own dotted key (`sweep.search.train.lr`)
+            raw = {**raw, "search": {**(raw.get("search") or {}), key[len("sweep.search."):]: value}}
+        else:
+            raw = set_dotted(raw, key[len("sweep."):] if key.startswith("sweep.") else f"train.{key}", value)
     try:
         sweep = SweepConfig.model_validate(raw)
     except Exception as e:  # pydantic.ValidationError
@@ -134,7 +138,11 @@ def check_sweep(sweep: SweepConfig, base: dict[str, Any], source: str, check_pat
         raise ConfigError(errors, source)
     base_cfg = validate(base, source, check_paths)
     warmup_epochs = base_cfg.train.warmup_ratio * base_cfg.train.epochs
-    if sweep.scheduler.type == "asha" and sweep.scheduler.grace_period <= warmup_epochs:
+    if sweep.scheduler.type == "asha" and sweep.scheduler.grace_period > base_cfg.train.epochs:
+        errors.append(f"scheduler.grace_period: {sweep.scheduler.grace_period} epochs, but trials train "
+                      f"train.epochs={base_cfg.train.epochs}: ASHA could never judge a trial; lower the grace period "
+                      "(or use scheduler.type fifo)")
+    elif sweep.scheduler.type == "asha" and sweep.scheduler.grace_period <= warmup_epochs:
         errors.append(f"scheduler.grace_period: {sweep.scheduler.grace_period} epoch(s) would judge trials during the "
                       f"learning-rate warm-up ({warmup_epochs:g} epochs = train.warmup_ratio x train.epochs); use a "
                       "grace period past it")

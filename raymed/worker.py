@@ -228,15 +228,16 @@ class Evaluator:
         rows = read_rows(data_dir, cfg.data.eval_split)[: cfg.data.max_eval_rows]
         if not rows:
             raise RuntimeError(f"{data_dir}: eval split {cfg.data.eval_split!r} has no rows")
-        mine = rows[self.rank :: self.world]
+        # The batches are cut from the rows in order and handed out whole (batch k to rank k mod world): every batch
+        # is the same whatever the number of workers, so a checkpoint answers as `raymed eval` answers with it.
+        bs = predict.eval_batch_size(self.ref.family, self.processor, cfg)
+        batches = [rows[i:i + bs] for i in range(0, len(rows), bs)]
+        mine = [row for batch in batches[self.rank :: self.world] for row in batch]
         model = self.engine.module
-        device = next(model.parameters()).device
-        bs = cfg.train.eval_batch_size
-        n_batches = torch.tensor(math.ceil(len(mine) / bs), device=device)
-        dist.all_reduce(n_batches, op=dist.ReduceOp.MAX)  # ZeRO-3 ranks must run generate in lock-step
         kwargs = {"synced_gpus": True} if self.engine.zero_optimization_stage() == 3 and self.world > 1 else {}
         answers = predict.answer(model, self.ref.family, self.processor, cfg, mine, batch_size=bs,
-                                 n_batches=int(n_batches), bf16=self.engine.bfloat16_enabled(), filler=rows[0], **kwargs)
+                                 n_batches=math.ceil(len(batches) / self.world),  # ZeRO-3 ranks generate in lock-step
+                                 bf16=self.engine.bfloat16_enabled(), filler=rows[0], **kwargs)
         # Rank 0 gathers the answers and scores them (one METEOR / Java process, not one per rank); every rank gets
         # the metrics (or rank 0's error) back, so all report the same.
         gathered: list[dict[str, str]] | None = [{} for _ in range(self.world)] if self.rank == 0 else None

@@ -1,119 +1,26 @@
-"""Original MISS / BLIP checkpoints → transformers: a tiny checkpoint in MISS's own on-disk layout, converted,
-loaded in plain transformers, and checked against a forward pass written here by hand from the original weights.
-
-The fixture follows MISS's `torch.save({'model': state_dict, 'config': config})` (TIMMY-CHAN/MISS train_rad.py)
-with BLIP's module names (salesforce/BLIP models/blip_vqa.py, models/vit.py, models/med.py), the
-`position_ids` buffers, the pretraining heads and momentum copies of models/miss_pretrain.py, a `config` object
-that `torch.load(weights_only=True)` refuses (a round-trip-YAML-like mapping class defined here), and a
-`pos_embed` for a smaller image than the target's (224 → 480 px in MISS; 32 → 64 px here).
-"""
+"""Original MISS / BLIP checkpoints → transformers: a tiny checkpoint in MISS's own on-disk layout
+(tests/fixtures/miss_release.py), converted, loaded in plain transformers, and checked against a forward pass
+written here by hand from the original weights."""
 
 from __future__ import annotations
 
 import json
 import math
 import pickle
-from pathlib import Path
 
 import numpy as np
 import pytest
 import torch
 import torch.nn.functional as F
 from PIL import Image
-from transformers import BlipConfig, BlipForQuestionAnswering
+from transformers import BlipForQuestionAnswering
 
 from raymed.convert import main as convert_main
 from raymed.models import load_model, load_processor, resolve
-from raymed.models.miss import MISS_ORIGINAL, MissFamily, trim_questions
+from raymed.models.miss import MISS_ORIGINAL, trim_questions
 from raymed.models.vocab import build_bert_tokenizer
-
-D, LAYERS, HEADS, FFN, PATCH = 32, 2, 2, 64, 8
-OLD_GRID, GRID = 4, 8  # pos_embed saved for 32 px, target 64 px
-MAX_POS = 64
-TOL = dict(rtol=1e-4, atol=2e-5)  # fp32, two code paths summing in different orders
-
-CONSTRUCTED: list[str] = []  # the fixture's config class records here if anything ever builds it
-
-
-class RoundTripConfig(dict):
-    """Stands for ruamel's CommentedMap: a mapping with extra state (comments), pickled by class reference."""
-
-    def __init__(self, *args, **kwargs):
-        super().__init__(*args, **kwargs)
-        self.comments = {"pretrained": "# set pretrained as a file path or an url"}
-
-    def __setstate__(self, state):
-        CONSTRUCTED.append("setstate")
-        self.__dict__.update(state)
-
-
-def _original_state_dict(vocab: int, seed: int = 0) -> dict[str, torch.Tensor]:
-    """A MISS pretraining-style checkpoint in BLIP's names, from random tensors (no model class involved)."""
-    g = torch.Generator().manual_seed(seed)
-
-    def r(*shape, scale=0.2):
-        return torch.randn(*shape, generator=g) * scale
-
-    def ln(prefix):
-        return {f"{prefix}.weight": 1 + r(D, scale=0.1), f"{prefix}.bias": r(D, scale=0.1)}
-
-    def lin(prefix, out, inp):
-        return {f"{prefix}.weight": r(out, inp), f"{prefix}.bias": r(out, scale=0.05)}
-
-    sd = {"visual_encoder.cls_token": r(1, 1, D), "visual_encoder.pos_embed": r(1, OLD_GRID**2 + 1, D),
-          "visual_encoder.patch_embed.proj.weight": r(D, 3, PATCH, PATCH, scale=0.05),
-          "visual_encoder.patch_embed.proj.bias": r(D, scale=0.05), **ln("visual_encoder.norm")}
-    for i in range(LAYERS):
-        b = f"visual_encoder.blocks.{i}"
-        sd |= ln(f"{b}.norm1") | ln(f"{b}.norm2") | lin(f"{b}.attn.qkv", 3 * D, D) | lin(f"{b}.attn.proj", D, D)
-        sd |= lin(f"{b}.mlp.fc1", FFN, D) | lin(f"{b}.mlp.fc2", D, FFN)
-
-    def bert(prefix):
-        out = {f"{prefix}.embeddings.word_embeddings.weight": r(vocab, D),
-               f"{prefix}.embeddings.position_embeddings.weight": r(MAX_POS, D),
-               f"{prefix}.embeddings.position_ids": torch.arange(MAX_POS).expand(1, -1).clone(),
-               **ln(f"{prefix}.embeddings.LayerNorm")}
-        for i in range(LAYERS):
-            b = f"{prefix}.encoder.layer.{i}"
-            for att in ("attention", "crossattention"):
-                for p in ("query", "key", "value"):
-                    out |= lin(f"{b}.{att}.self.{p}", D, D)
-                out |= lin(f"{b}.{att}.output.dense", D, D) | ln(f"{b}.{att}.output.LayerNorm")
-            out |= lin(f"{b}.intermediate.dense", FFN, D) | lin(f"{b}.output.dense", D, FFN) | ln(f"{b}.output.LayerNorm")
-        return out
-
-    sd |= bert("text_encoder") | bert("text_decoder.bert")
-    sd |= {"text_decoder.cls.predictions.bias": r(vocab, scale=0.05),
-           **lin("text_decoder.cls.predictions.transform.dense", D, D),
-           **ln("text_decoder.cls.predictions.transform.LayerNorm")}
-    sd["text_decoder.cls.predictions.decoder.weight"] = sd["text_decoder.bert.embeddings.word_embeddings.weight"]
-    sd["text_decoder.cls.predictions.decoder.bias"] = sd["text_decoder.cls.predictions.bias"]
-    # pretraining only (MISS models/miss_pretrain.py): ITC projections, ITM head, momentum encoders, queues
-    sd |= lin("vision_proj", 16, D) | lin("text_proj", 16, D) | lin("itm_head", 2, D)
-    sd |= lin("vision_proj_m", 16, D) | lin("text_proj_m", 16, D)
-    sd["visual_encoder_m.cls_token"] = sd["visual_encoder.cls_token"].clone()
-    sd["visual_encoder_m.blocks.0.attn.qkv.weight"] = sd["visual_encoder.blocks.0.attn.qkv.weight"].clone()
-    sd["text_encoder_m.embeddings.word_embeddings.weight"] = sd["text_encoder.embeddings.word_embeddings.weight"]
-    sd |= {"image_queue": r(16, 8), "text_queue": r(16, 8), "queue_ptr": torch.zeros(1, dtype=torch.long),
-           "temp": torch.tensor(0.07)}
-    return sd
-
-
-def _target_dir(root: Path, name: str = "target", bos: int | None = None) -> Path:
-    """An HF directory giving the target architecture (64 px) and the tokenizer, as --config-from."""
-    tok = build_bert_tokenizer()
-    bos = tok.bos_token_id if bos is None else bos
-    cfg = BlipConfig(
-        vision_config=dict(hidden_size=D, intermediate_size=FFN, num_hidden_layers=LAYERS, num_attention_heads=HEADS,
-                           image_size=GRID * PATCH, patch_size=PATCH),
-        text_config=dict(vocab_size=len(tok), hidden_size=D, intermediate_size=FFN, num_hidden_layers=LAYERS,
-                         num_attention_heads=HEADS, encoder_hidden_size=D, max_position_embeddings=MAX_POS,
-                         pad_token_id=tok.pad_token_id, bos_token_id=bos, sep_token_id=tok.sep_token_id),
-    )
-    out = root / name
-    cfg.save_pretrained(out)
-    MissFamily().new_processor(cfg).save_pretrained(out)
-    return out
+from tests.fixtures.miss_release import (CONSTRUCTED, D, GRID, HEADS, LAYERS, OLD_GRID, PATCH, TOL,
+                                         RoundTripConfig, original_state_dict, target_dir)
 
 
 # ---- the independent computation: BLIP's forward written out with torch ops on the ORIGINAL keys -------------
@@ -189,8 +96,8 @@ def blip_lm_logits(sd, hidden):
 @pytest.fixture(scope="module")
 def converted(tmp_path_factory):
     root = tmp_path_factory.mktemp("miss")
-    target = _target_dir(root)
-    sd = _original_state_dict(len(build_bert_tokenizer()))
+    target = target_dir(root)
+    sd = original_state_dict(len(build_bert_tokenizer()))
     ckpt = root / "model_base_vqa.pth"
     torch.save({"model": sd, "config": RoundTripConfig(image_size=480, vit="base")}, ckpt)
     return root, target, sd, ckpt
@@ -383,11 +290,11 @@ def test_tokenizer_from_a_bert_directory_gets_dec_and_enc(converted, tmp_path):
     bert.mkdir()
     (bert / "vocab.txt").write_text("\n".join(words) + "\n")
     out = tmp_path / "hf"
-    mismatched = _target_dir(tmp_path, "target-dec5")  # bos 5 = the tiny tokenizer's [DEC], not this vocab's
+    mismatched = target_dir(tmp_path, "target-dec5")  # bos 5 = the tiny tokenizer's [DEC], not this vocab's
     assert convert_main(["--family", "miss", "--input", str(ckpt), "--config-from", str(mismatched),
                          "--tokenizer-from", str(bert), "--out", str(out)]) == 2
     assert not out.exists()
-    target = _target_dir(tmp_path, "target-bert", bos=len(words))
+    target = target_dir(tmp_path, "target-bert", bos=len(words))
     assert convert_main(["--family", "miss", "--input", str(ckpt), "--config-from", str(target),
                          "--tokenizer-from", str(bert), "--out", str(out)]) == 0
     tok = load_processor(resolve(str(out))).tokenizer

@@ -169,6 +169,10 @@ class Family:
         """
         raise NotImplementedError
 
+    def eval_batch_size(self, processor: Any) -> int | None:
+        """The questions per `generate` call the model's recipe fixes (None: the run's `train.eval_batch_size`)."""
+        return None
+
     def generate(
         self, model: nn.Module, processor: Any, batch: Mapping[str, torch.Tensor], max_new_tokens: int, **kwargs: Any
     ) -> list[str]:

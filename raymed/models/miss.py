@@ -40,7 +40,7 @@ NUM_BEAMS = 3
 MISS_ORIGINAL: dict[str, Any] = {
     "name": "miss-original", "question_first_token": "[ENC]", "question_max_length": 35,
     "question_padding": "longest", "generate": {"num_beams": NUM_BEAMS, "max_length": 10, "min_length": 1},
-    "decoder_masks_question_pads": True,
+    "decoder_masks_question_pads": True, "eval_batch_size": 100,
 }
 #: What raymed's tiny MISS models were built and pretrained with.
 RAYMED_TINY: dict[str, Any] = {
@@ -243,6 +243,11 @@ class MissFamily(Family):
             out.update(decoder_input_ids=dec, decoder_attention_mask=a["attention_mask"].astype(np.int64),
                        labels=labels)
         return out
+
+    def eval_batch_size(self, processor: Any) -> int | None:
+        """MISS evaluates 100 questions at a time in file order (`train_rad.py`'s test loader), padded to the batch's
+        longest, and BLIP's `generate` lets the answer decoder attend to that padding: answers depend on the batch."""
+        return recipe_of(processor).get("eval_batch_size")
 
     def generate(
         self, model: nn.Module, processor: Any, batch: Mapping[str, torch.Tensor], max_new_tokens: int,

@@ -1,0 +1,54 @@
+"""The DeepSpeed engine as the worker builds it (raymed.engine), in this process: one gloo rank, real DeepSpeed."""
+
+from __future__ import annotations
+
+import os
+
+import pytest
+import torch
+from torch import nn
+
+from raymed.config import load_config
+from raymed.engine import build_engine, ds_config
+
+pytestmark = pytest.mark.integration
+
+
+@pytest.fixture()
+def one_rank(monkeypatch):
+    import deepspeed
+
+    for key, value in {"MASTER_ADDR": "127.0.0.1", "MASTER_PORT": "29533", "RANK": "0", "WORLD_SIZE": "1",
+                       "LOCAL_RANK": "0"}.items():
+        monkeypatch.setenv(key, value)
+    deepspeed.init_distributed(dist_backend="gloo")
+    yield
+    torch.distributed.destroy_process_group()
+
+
+class Block(nn.Module):
+    """A weight larger than DeepSpeed's ZeRO-3 persistence threshold (1e5 elements: it is partitioned), a norm."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.proj = nn.Linear(512, 256)
+        self.norm = nn.LayerNorm(256)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.norm(self.proj(x))
+
+
+def test_zero3_decays_matrices_of_weights_partitioned_while_loading(one_rank):
+    """Weights partitioned as they load (ZeRO-3 `zero.Init`, as `from_pretrained` under HfDeepSpeedConfig does) are
+    empty 1-d tensors when the optimizer is built: weight decay must still go by their full shape (`ds_shape`)."""
+    import deepspeed
+
+    cfg = load_config(None, ["deepspeed.zero_stage=3", "deepspeed.shard_single_worker=true", "train.weight_decay=0.05"])
+    ds = ds_config(cfg, world=1, bf16=False)
+    with deepspeed.zero.Init(config_dict_or_path=ds):
+        model = Block()
+    assert model.proj.weight.numel() == 0 and tuple(model.proj.weight.ds_shape) == (256, 512)  # partitioned
+    engine = build_engine(model, cfg, bf16=False, world=1, total_steps=4, ds_cfg=ds)
+    assert engine.zero_optimization_stage() == 3
+    decays = sorted(group["weight_decay"] for group in engine.optimizer.param_groups)
+    assert decays == [0.0, 0.05]  # matrices decay, norms and biases do not (all went undecayed before)
