@@ -22,10 +22,12 @@ import torch
 import torch.distributed as dist
 
 from .config import Config
+from .data.plan import eval_split_of
 from .engine import Schedule, build_engine, ds_config, zero3_loading
 from .methods import apply_method
 from .models import load_model, load_processor, resolve
 from .models.base import enable_activation_checkpointing
+from .results import answers
 
 
 def train_loop(loop_config: dict[str, Any]) -> None:
@@ -162,7 +164,9 @@ def train_loop(loop_config: dict[str, Any]) -> None:
             metrics.update(evaluated)
         log(f"epoch {epoch + 1}: step {metrics['step']}, loss {metrics['loss']:.4f}, "
             f"{metrics['samples_per_s']:.1f} samples/s")
-        history.append({**{k: v for k, v in metrics.items() if not k.startswith("zeroshot/")}, "worker_nodes": nodes})
+        correct = answers(records, "eval")  # rank 0: which questions each eval set got right (for paired tests)
+        history.append({**{k: v for k, v in metrics.items() if not k.startswith("zeroshot/")}, "worker_nodes": nodes,
+                        **({"answers": correct} if correct else {})})
         tracker.epoch(metrics)
         wall_s += time.perf_counter() - t_mark
         t_mark = time.perf_counter()
@@ -192,20 +196,20 @@ class Evaluator:
         out: dict[str, float] = {}
         records: dict[str, list[dict[str, Any]]] = {}
         for name, data_dir in self.sets.items():
-            metrics, records[name] = self.evaluate(data_dir)
+            metrics, records[name] = self.evaluate(data_dir, eval_split_of(self.cfg, name))
             out.update({f"{prefix}/{name}/{k}": v for k, v in metrics.items()})
         return out, records
 
     @torch.no_grad()
-    def evaluate(self, data_dir: str) -> tuple[dict[str, float], list[dict[str, Any]]]:
+    def evaluate(self, data_dir: str, split: str) -> tuple[dict[str, float], list[dict[str, Any]]]:
         from . import predict
         from .data.rows import read_rows
 
         cfg = self.cfg
         self.engine.eval()
-        rows = read_rows(data_dir, cfg.data.eval_split)[: cfg.data.max_eval_rows]
+        rows = read_rows(data_dir, split)[: cfg.data.max_eval_rows]
         if not rows:
-            raise RuntimeError(f"{data_dir}: eval split {cfg.data.eval_split!r} has no rows")
+            raise RuntimeError(f"{data_dir}: eval split {split!r} has no rows")
         mine = rows[self.rank :: self.world]
         model = self.engine.module
         device = next(model.parameters()).device
@@ -231,7 +235,8 @@ def write_evaluation(ckpt: Path, cfg: Config, acc: Any, history: list[dict[str, 
     from . import predict
     from .results import ROW_FILE, result_row
 
-    row = result_row(cfg, acc.to_dict(), history, zero_shot=zero_shot, wall_s=wall_s, checkpoint=name)
+    row = result_row(cfg, acc.to_dict(), history, zero_shot=zero_shot, wall_s=wall_s, checkpoint=name,
+                     zero_shot_answers=answers(zero_shot_records, "zeroshot"))
     (ckpt / ROW_FILE).write_text(json.dumps(row, indent=2))
     for prefix, sets, metrics in (("zeroshot", zero_shot_records, zero_shot), ("eval", records, history[-1])):
         for set_name, recs in sets.items():
