@@ -126,7 +126,7 @@ def test_checkpoint_rebuilds_and_exports_the_model(ray_cluster, tmp_path, method
 
 def test_resume_refuses_a_changed_config_and_continues_the_schedule_when_allowed(ray_cluster):
     common = ("model.name=tiny-llava", "method.name=ln", "train.eval_every=1", "scaling.num_workers=1")
-    # A run of 4 epochs (6 steps each: 48 rows, 1 worker) dies in epoch 3 (no restarts): its last checkpoint is
+    # A run of 4 epochs (6 steps each: 42 rows, 1 worker) dies in epoch 3 (no restarts): its last checkpoint is
     # epoch 2, step 12.
     with pytest.raises(Exception):
         run(ray_cluster, "resume", *common, "train.epochs=4", "run.fail_at_step=14")
