@@ -390,11 +390,10 @@ def semantic_errors(cfg: Config, check_paths: bool = True) -> list[str]:
     if cfg.data.select_split is not None and cfg.data.select_split == cfg.data.train_split:
         errors.append(f"data.select_split: {cfg.data.select_split!r} is the training split; choose on held-out data "
                       "(val), or null for none")
-    synthetic_ood = ("ood",) if cfg.data.path is None and cfg.data.synth_ood_style else ()
     for name in cfg.data.eval_sets:
-        if name in (cfg.data.select_split, cfg.data.eval_split, *synthetic_ood):
-            errors.append(f"data.eval_sets.{name}: already the name of an eval set of the run (its selection split, "
-                          "its eval split or the synthetic ood set); choose another name")
+        if name in (cfg.data.select_split, cfg.data.eval_split):
+            errors.append(f"data.eval_sets.{name}: already the name of an eval set of the run (the training data's "
+                          f"{'selection' if name == cfg.data.select_split else 'eval'} split); choose another name")
     if cfg.deepspeed.offload_param and cfg.deepspeed.zero_stage != 3:
         errors.append(f"deepspeed.offload_param: needs zero_stage 3 (got {cfg.deepspeed.zero_stage})")
     if cfg.deepspeed.precision == "bf16" and not cfg.scaling.use_gpu:

@@ -138,11 +138,14 @@ def test_selection_split_and_eval_set_names(tmp_path):
     ood.mkdir()
     cfg = load_config(None, ["data.select_split=null", "data.synth_ood_style=null", f"data.eval_sets={{far: {ood}}}"])
     assert eval_set_names(cfg) == ["test", "far"]
+    assert eval_set_names(load_config(None, [f"data.eval_sets={{ood: {ood}}}"])) == ["val", "test", "ood"]  # replaced
     with pytest.raises(ConfigError) as err:
-        load_config(None, ["data.select_split=train", f"data.eval_sets={{test: {ood}, ood: {ood}}}"])
+        load_config(None, ["data.select_split=train", f"data.eval_sets={{test: {ood}}}"])
     assert "data.select_split: 'train' is the training split" in str(err.value)
-    assert "data.eval_sets.test: already the name of an eval set of the run" in str(err.value)
-    assert "data.eval_sets.ood: already the name" in str(err.value) and len(err.value.errors) == 3
+    assert "data.eval_sets.test: already the name of an eval set of the run (the training data's eval split)" in str(
+        err.value) and len(err.value.errors) == 2
+    with pytest.raises(ConfigError, match=r"data.eval_sets.val: already .* \(the training data's selection split\)"):
+        load_config(None, [f"data.eval_sets={{val: {ood}}}"])
 
 
 def test_a_dataset_without_the_selection_split_is_named_at_plan_time(tmp_path):

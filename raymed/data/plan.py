@@ -45,7 +45,7 @@ def synthetic_dataset(style: str, n: int, seed: int) -> Path:
 def eval_set_names(cfg: Config) -> list[str]:
     """The names of a run's eval sets, in the order it evaluates them (`data_plan`'s keys, without any data)."""
     own = [s for s in dict.fromkeys((cfg.data.select_split, cfg.data.eval_split)) if s is not None]
-    ood = ["ood"] if cfg.data.path is None and cfg.data.synth_ood_style else []
+    ood = ["ood"] if cfg.data.path is None and cfg.data.synth_ood_style and "ood" not in cfg.data.eval_sets else []
     return [*own, *ood, *cfg.data.eval_sets]
 
 
@@ -56,11 +56,12 @@ def eval_split_of(cfg: Config, name: str) -> str:
 
 
 def data_plan(cfg: Config) -> tuple[str, dict[str, str]]:
-    """(training data directory, eval set name -> directory), in `eval_set_names` order."""
+    """(training data directory, eval set name -> directory), in `eval_set_names` order (a `data.eval_sets.ood`
+    replaces the synthetic ood set)."""
     extra = dict(cfg.data.eval_sets)
     if cfg.data.path is None:
         train_dir = str(synthetic_dataset(cfg.data.synth_style, cfg.data.synth_n, cfg.train.seed))
-        if cfg.data.synth_ood_style:
+        if cfg.data.synth_ood_style and "ood" not in extra:
             extra["ood"] = str(synthetic_dataset(cfg.data.synth_ood_style, max(cfg.data.synth_n // 4, 10),
                                                  cfg.train.seed + 1))
     else:
