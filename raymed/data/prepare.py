@@ -21,7 +21,7 @@ import shutil
 from collections import Counter, defaultdict
 from dataclasses import asdict, dataclass, fields
 from pathlib import Path
-from typing import Any, Iterable, Literal
+from typing import Any, Callable, Iterable, Literal
 
 import numpy as np
 import pyarrow as pa
@@ -214,6 +214,14 @@ class _Conversion:
         counts[f"answer_type.{record['answer_type']}"] += 1
         counts[f"task.{record['task']}"] += 1
 
+    def close(self, val_fraction: float, val_seed: int) -> None:
+        """Finish every split's shards, ``val`` included (:meth:`carve_val`)."""
+        for writer in self.writers.values():
+            writer.close()
+        self.carve_val(val_fraction, val_seed)
+        for writer in self.writers.values():
+            writer.close()
+
     def carve_val(self, fraction: float, seed: int) -> None:
         """Give the dataset a ``val`` split: the source's own, else a seeded ``fraction`` of the train images (none
         that is also in ``test``) moved from ``train`` with all their rows. Call with every writer closed."""
@@ -293,6 +301,14 @@ def image_overlap(split_images: dict[str, set[str]]) -> dict[str, int]:
     return {f"{a}-{b}": len(split_images[a] & split_images[b]) for a, b in itertools.combinations(names, 2)}
 
 
+def _check_out(out: Any, not_empty: bool, prepared: Callable[[], bool], overwrite: bool) -> None:
+    """``--out`` must be empty, or an earlier prepare output replaced with ``--overwrite``."""
+    if not_empty and not overwrite:
+        raise FileExistsError(f"--out {out} exists and is not empty; choose another folder or pass --overwrite")
+    if not_empty and not prepared():
+        raise FileExistsError(f"--out {out} is not a prepared dataset (no {MANIFEST}); refusing to overwrite it")
+
+
 def prepare(
     fmt: str,
     source: Path | str,
@@ -322,11 +338,7 @@ def prepare(
 
     if storage.is_uri(out):  # prepare locally, then upload (manifest last: no half-written dataset)
         storage.check(out, "--out")
-        if storage.listdir(out):
-            if not overwrite:
-                raise FileExistsError(f"--out {out} exists and is not empty; choose another folder or pass --overwrite")
-            if not storage.is_file(storage.join(out, MANIFEST)):
-                raise FileExistsError(f"--out {out} is not a prepared dataset (no {MANIFEST}); refusing to overwrite it")
+        _check_out(out, bool(storage.listdir(out)), lambda: storage.is_file(storage.join(out, MANIFEST)), overwrite)
         with storage.staged_output(out, last=(MANIFEST,)) as local:
             manifest = prepare(fmt, source, local, options=options, on_bad=on_bad, images=images,
                                rows_per_shard=rows_per_shard, row_group_rows=row_group_rows,
@@ -338,11 +350,7 @@ def prepare(
     source, out = Path(source).resolve(), Path(out).resolve()
     if not source.exists():
         raise FileNotFoundError(f"--input {source} does not exist")
-    if out.exists() and any(out.iterdir()):
-        if not overwrite:
-            raise FileExistsError(f"--out {out} exists and is not empty; choose another folder or pass --overwrite")
-        if not (out / MANIFEST).is_file():
-            raise FileExistsError(f"--out {out} is not a prepared dataset (no {MANIFEST}); refusing to overwrite it")
+    _check_out(out, out.exists() and any(out.iterdir()), (out / MANIFEST).is_file, overwrite)
     ctx = ReadContext(root=source, options=options)
     checker = ImageChecker(check=check_images, workers=workers)
     staging = out.parent / f".{out.name}.partial-{os.getpid()}"
@@ -366,11 +374,7 @@ def prepare(
             raise ValueError(f"{source}: no rows found for format {fmt} (filtered: {dict(ctx.filtered) or 'none'})")
         if bad and on_bad == "error":
             raise BadRowsError(bad, source, fmt)
-        for writer in run.writers.values():
-            writer.close()
-        run.carve_val(val_fraction, val_seed)
-        for writer in run.writers.values():
-            writer.close()
+        run.close(val_fraction, val_seed)
         head = {"format": spec.name, "dataset": dataset, "source": str(source),
                 "options": {**_options_dict(options), "on_bad": on_bad, "images": images}}
         manifest = run.manifest(head, rows_read, bad)
