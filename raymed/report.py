@@ -291,11 +291,11 @@ def _metric_columns(available: Sequence[str], metric: str, reported: str) -> lis
 
 def _ood_columns(columns: Sequence[str], metric: str, reported: str) -> list[str]:
     """Zero-shot and other-eval-set columns for the reported metric's name (all of a set's metrics when that set
-    lacks the name); the selection split left out (it has its own column)."""
+    lacks the name); the selection split left out (it has its own column, and chooses rather than reports)."""
     main, selection = METRIC_RE.match(reported), METRIC_RE.match(metric)
     if not main:
         return []
-    skip = {(main["kind"], main["set"]), *([(selection["kind"], selection["set"])] if selection else [])}
+    skip = {(main["kind"], main["set"]), *([(k, selection["set"]) for k in ("eval", "zeroshot")] if selection else [])}
     by_set: dict[tuple[str, str], list[str]] = {}
     for name in columns:
         m = METRIC_RE.match(name)

@@ -299,7 +299,7 @@ def _scored(trial_id: str, method: str, val: float, test: list[int], **extra: An
     counts = {"n_closed": 6, "n_open": n - 6}
     metrics = {"eval/val/overall_acc": val, **{f"eval/val/{k}": 10 for k in ("n_closed", "n_open")},
                "eval/test/overall_acc": sum(test) / n, **{f"eval/test/{k}": v for k, v in counts.items()},
-               "zeroshot/test/overall_acc": sum(ZERO_SHOT) / n,
+               "zeroshot/test/overall_acc": sum(ZERO_SHOT) / n, "zeroshot/val/overall_acc": 0.45,
                **{f"zeroshot/test/{k}": v for k, v in counts.items()}}
     answers = {"eval/test": {"ids": "q10", "correct": "".join(map(str, test))},
                "zeroshot/test": {"ids": "q10", "correct": "".join(map(str, ZERO_SHOT))}}
@@ -346,6 +346,9 @@ def test_each_method_is_chosen_on_val_and_reported_on_test_with_intervals(tmp_pa
         for name in ("eval/val/overall_acc", "eval/test/overall_acc"):
             assert cell_number(r[name]) == t["metrics"][name] and cell_interval(r[name]) == t["intervals"][name]
     assert {r["trial_id"]: r["status"] for r in tables["All trials"]} == {i: t["status"] for i, t in trials.items()}
+    # the other sets: zero-shot on test; nothing of the selection split, which chooses rather than reports
+    assert list(tables["Out-of-distribution and zero-shot"][0]) == [
+        "method", "lr", "eval/test/overall_acc", "zeroshot/test/overall_acc"]
 
 
 def test_chosen_trials_are_tested_against_zero_shot_and_ln_on_the_same_questions(tmp_path: Path) -> None:
