@@ -64,7 +64,9 @@ def test_method_matrix(ray_cluster, model_name, stage, method):
     losses = [h["loss"] for h in summary["history"]]
     assert summary["steps"] == 6 and len(losses) == 2
     assert losses[1] < losses[0], f"loss did not decrease: {losses}"
-    assert "eval/test/overall_acc" in summary["metrics"]
+    assert "eval/test/overall_acc" in summary["metrics"] and "eval/val/overall_acc" in summary["metrics"]
+    # rank 0 gathers both ranks' answers: which of the 4 val and 4 test questions came out right
+    assert {k: len(v["correct"]) for k, v in summary["answers"].items()} == {"eval/val": 4, "eval/test": 4}
     assert summary["history"][-1]["zero_stage"] == stage  # two workers: the stage asked for
 
     ckpt = Path(summary["checkpoint"]) / "model"
