@@ -62,6 +62,11 @@ class DataConfig(Section):
     """Prepared data directory (`python -m raymed.data prepare`); None: the built-in synthetic Med-VQA."""
     train_split: str = "train"
     eval_split: str = "test"
+    """The split runs are scored and reported on, every epoch; a sweep never chooses on it (`select_split`)."""
+    select_split: str | None = "val"
+    """Split of the training data evaluated every epoch beside `eval_split`, to choose on: sweeps rank trials and
+    ASHA stops them on `eval/<select_split>/...` (`raymed data prepare` writes a `val` split into every dataset).
+    None: no selection split (a sweep then has only `eval_split` to rank on, and says so)."""
     eval_sets: dict[str, str] = Field(default_factory=dict)
     """Extra prepared directories evaluated on their `eval_split` (e.g. out-of-distribution), by name."""
     image_aspect: Literal["auto", "pad", "crop"] = "auto"
@@ -439,6 +444,13 @@ def semantic_errors(cfg: Config, check_paths: bool = True) -> list[str]:
         style = getattr(cfg.data, key)
         if style is not None and style not in STYLES:
             errors.append(f"data.{key}: unknown synthetic style {style!r}; known: {', '.join(STYLES)}")
+    if cfg.data.select_split is not None and cfg.data.select_split == cfg.data.train_split:
+        errors.append(f"data.select_split: {cfg.data.select_split!r} is the training split; choose on held-out data "
+                      "(val), or null for none")
+    for name in cfg.data.eval_sets:
+        if name in (cfg.data.select_split, cfg.data.eval_split):
+            errors.append(f"data.eval_sets.{name}: already the name of an eval set of the run (the training data's "
+                          f"{'selection' if name == cfg.data.select_split else 'eval'} split); choose another name")
     if cfg.deepspeed.offload_param and cfg.deepspeed.zero_stage != 3:
         errors.append(f"deepspeed.offload_param: needs zero_stage 3 (got {cfg.deepspeed.zero_stage})")
     if cfg.deepspeed.precision == "bf16" and not cfg.scaling.use_gpu:

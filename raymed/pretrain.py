@@ -155,7 +155,8 @@ def pretraining_data(n: int, seed: int, passes: int, root: Path) -> Path:
     shuffled = [{**rows[i], "qid": f"{rows[i]['qid']}-p{p}"}
                 for p in range(passes) for i in np.random.default_rng([seed, p]).permutation(len(rows))]
     (raw / "trainset.json").write_text(json.dumps(shuffled))
-    prepare("vqa-rad", raw, root / "prepared", images="uri", rows_per_shard=8192, overwrite=True)
+    # no validation split: pretraining chooses nothing, and every training row stays in the recipe
+    prepare("vqa-rad", raw, root / "prepared", images="uri", rows_per_shard=8192, overwrite=True, val_fraction=0)
     return root / "prepared"
 
 
@@ -166,7 +167,7 @@ def training_overrides(recipe: Recipe, init_dir: Path, work: Path, seed: int, n:
     eval_n = max(n // 4, 10)
     return {
         "model.name": str(init_dir), "model.family": recipe.family, "method.name": "full",
-        "data.path": str(pretraining_data(n, seed, epochs, work / "data")),
+        "data.path": str(pretraining_data(n, seed, epochs, work / "data")), "data.select_split": None,
         "data.eval_sets": {
             "ood": str(synthetic_dataset(OOD_STYLE, eval_n, seed + 1)),  # named as in fine-tuning runs
             # Zero-shot transfer to the downstream task of the default sweep (a different mix, no captions).

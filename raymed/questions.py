@@ -12,21 +12,21 @@ split is the sweep's own test set (the overall accuracy then repeats the sweep's
 
 Per method: accuracy per question type (VQA-RAD `question_type`: pres, pos, size, count, organ, modality),
 overall, and the paired comparison with zero-shot on the same rows: questions gained / lost and the exact
-McNemar p-value (two-sided binomial test on the discordant pairs), so "better than zero-shot" is a measured
-statement rather than a difference of two noisy means.
+McNemar p-value (`raymed.stats.mcnemar`: scipy's two-sided binomial test on the discordant pairs), so "better
+than zero-shot" is a measured statement rather than a difference of two noisy means.
 """
 
 from __future__ import annotations
 
 import argparse
 import json
-import math
 import sys
 import time
 from collections import defaultdict
 from pathlib import Path
 from typing import Any, Sequence
 
+from .stats import mcnemar
 from .tables import table
 
 ZERO_SHOT = "zero-shot"
@@ -59,15 +59,6 @@ def breakdown(correct: Sequence[bool], rows: Sequence[dict[str, Any]]) -> dict[s
         by[question_type(row)].append(ok)
     return {"overall": sum(correct) / len(correct) if correct else float("nan"),
             "types": {k: {"acc": sum(v) / len(v), "n": len(v)} for k, v in sorted(by.items())}}
-
-
-def mcnemar(base: Sequence[bool], other: Sequence[bool]) -> dict[str, Any]:
-    """Paired comparison on the same questions: gained (base wrong, other right), lost, exact two-sided p."""
-    gained = sum(1 for b, o in zip(base, other, strict=True) if o and not b)
-    lost = sum(1 for b, o in zip(base, other, strict=True) if b and not o)
-    n = gained + lost
-    tail = sum(math.comb(n, k) for k in range(min(gained, lost) + 1)) / 2**n if n else 1.0
-    return {"gained": gained, "lost": lost, "p": min(1.0, 2 * tail)}
 
 
 def run(sweep_dir: Path | str, n: int | None = None, seed: int | None = None, rows: int | None = None,

@@ -1,9 +1,14 @@
-"""Sweep comparison report: ``results.json``, ``results.csv``, ``report.md`` and ``frontier.png``.
+"""Sweep comparison report: ``results.json``, ``results.csv``, ``report.md``, ``frontier.png`` and ``curves.png``.
 
 Built from one row per trial; ``python -m raymed.report EXPERIMENT_DIR`` rebuilds it from the rows that training
 writes into every checkpoint (:mod:`raymed.results`; or from an earlier ``results.json``), the very rows the sweep
-built it from: the rebuilt ``results.json`` equals the sweep's. ``curves.png`` plots each method's best trial's
-metric and loss per epoch.
+built it from: the rebuilt ``results.json`` equals the sweep's.
+
+Each method's trial is chosen on the selection metric (``eval/val/...``) and reported on the eval split
+(``test``), which nothing is chosen on (:mod:`raymed.compare`); errored trials are never chosen. Every accuracy
+carries its 95% exact binomial interval and each chosen trial an exact McNemar test against its zero-shot answers
+and the chosen `ln` trial (:mod:`raymed.stats`). ``frontier.png`` plots the chosen trials' reported metric against
+their trainable parameters, ``curves.png`` their selection metric and loss per epoch.
 
 Row format (one JSON object per run; :func:`raymed.results.result_row` writes it)::
 
@@ -20,12 +25,17 @@ Row format (one JSON object per run; :func:`raymed.results.result_row` writes it
     wall_s         float | None         wall-clock seconds
     peak_mem_mb    float | None         peak accelerator (or host) memory
     stopped_early  bool                 stopped by the scheduler (ASHA) before its last epoch
+    error          str | None           set when the run failed (status ``errored``)
+    answers        dict | None          per eval set, which questions were answered right:
+                                        {"eval/test": {"ids": hash, "correct": "0110..."}, "zeroshot/test": ...}
     config_hash    str | None
     machine        str | dict | None    optional: where the trial ran
 
-Other keys (``config``, ...) are carried through to ``results.json`` untouched. Metric values are
-rounded to 4 significant digits (4 decimals from 1 up) when the report is built; ``report.md`` prints
-exactly the numbers stored in ``results.json``.
+Other keys (``config``, ...) are carried through to ``results.json`` untouched, except the per-epoch ``answers``
+of ``history`` (the row's own are those of its reported epoch). The report adds ``status`` (completed, stopped,
+errored), ``intervals`` ({accuracy: [low, high]}) and ``rank``. Metric values, interval bounds and p-values are
+rounded to 4 significant digits (4 decimals from 1 up) when the report is built; ``report.md`` prints exactly the
+numbers stored in ``results.json``.
 """
 
 from __future__ import annotations
@@ -36,7 +46,6 @@ import difflib
 import json
 import logging
 import math
-import re
 import posixpath
 import sys
 from collections import Counter
@@ -45,14 +54,17 @@ from datetime import datetime, timezone
 from pathlib import Path
 from typing import Any
 
-from . import machine, storage
+from . import compare, machine, storage
+from .compare import METRIC_RE
+from .plots import plot_curves, plot_frontier
+from .stats import LEVEL, accuracy_intervals
 
 logger = logging.getLogger(__name__)
 
-DEFAULT_METRIC = "eval/test/overall_acc"
+DEFAULT_METRIC = "eval/val/overall_acc"
+LEGACY_METRIC = "eval/test/overall_acc"  # sweeps from before validation splits: nothing else to rank on
 RESULTS_FILE = "results.json"  # the report's own summary
 REQUIRED_KEYS = ("trial_id", "method", "metrics")
-_METRIC_RE = re.compile(r"^(?P<kind>[^/]+)/(?P<set>[^/]+)/(?P<name>.+)$")
 
 
 # ----------------------------------------------------------------------------------------- rows
@@ -75,9 +87,16 @@ def normalize_row(row: Mapping[str, Any], where: str = "row") -> dict[str, Any]:
     if not isinstance(metrics, Mapping):
         errors.append(f"{where}: 'metrics' must be an object of name -> number, got {metrics!r}")
         metrics = {}
-    out["metrics"] = {
-        str(k): _round(_number(v, f"{where}: metric {k!r}", errors)) for k, v in sorted(metrics.items())
-    }
+    numbers = {str(k): _number(v, f"{where}: metric {k!r}", errors) for k, v in sorted(metrics.items())}
+    out["metrics"] = {k: _round(v) for k, v in numbers.items()}
+    # from the unrounded values (a report rebuilt from results.json keeps the intervals it stored)
+    intervals = row.get("intervals")
+    intervals = intervals if isinstance(intervals, Mapping) else accuracy_intervals(numbers)
+    out["intervals"] = {k: [_round(lo), _round(hi)] for k, (lo, hi) in sorted(intervals.items())}
+    out["answers"] = _answers(row.get("answers"), where, errors)
+    if isinstance(row.get("history"), list):
+        out["history"] = [{k: v for k, v in h.items() if k != "answers"} if isinstance(h, Mapping) else h
+                          for h in row["history"]]
     steps = _number(row.get("steps"), f"{where}: 'steps'", errors)
     out["steps"] = int(steps) if steps is not None else None
     for key in ("wall_s", "peak_mem_mb"):
@@ -88,9 +107,24 @@ def normalize_row(row: Mapping[str, Any], where: str = "row") -> dict[str, Any]:
         errors.append(f"{where}: 'stopped_early' must be true or false, got {stopped!r}")
     out["stopped_early"] = bool(stopped)
     out["config_hash"] = None if row.get("config_hash") is None else str(row["config_hash"])
+    out["status"] = compare.status(out)
     if errors:
         raise ValueError("\n".join(errors))
     return out
+
+
+def _answers(value: Any, where: str, errors: list[str]) -> dict[str, Any]:
+    """The row's per-question correctness (:func:`raymed.results.answers`), checked."""
+    if value is None:
+        return {}
+    good = isinstance(value, Mapping) and all(
+        isinstance(a, Mapping) and isinstance(a.get("ids"), str) and isinstance(a.get("correct"), str)
+        and set(a["correct"]) <= {"0", "1"} for a in value.values())
+    if not good:
+        errors.append(f"{where}: 'answers' must map eval sets to {{'ids': str, 'correct': '0110...'}}, got "
+                      f"{str(value)[:200]}")
+        return {}
+    return {str(k): dict(v) for k, v in sorted(value.items())}
 
 
 def _number(value: Any, what: str, errors: list[str]) -> float | int | None:
@@ -148,17 +182,26 @@ def load_rows(experiment_dir: str | Path) -> list[dict[str, Any]]:
 
 
 # --------------------------------------------------------------------------------------- report
+def default_metric(trials: Sequence[Mapping[str, Any]]) -> str:
+    """The metric to choose on when none is given: the validation accuracy, or the test accuracy for sweeps run
+    before validation splits existed (the report then says it chose on test)."""
+    if not any(LEGACY_METRIC in t["metrics"] for t in trials) or any(DEFAULT_METRIC in t["metrics"] for t in trials):
+        return DEFAULT_METRIC
+    return LEGACY_METRIC
+
+
 def build_report(
     rows: Iterable[Mapping[str, Any]],
     out_dir: str | Path,
-    metric: str = DEFAULT_METRIC,
+    metric: str | None = None,
     mode: str = "max",
 ) -> dict[str, Path | str]:
-    """Write results.json, results.csv, report.md and frontier.png into ``out_dir`` (a folder or URI);
+    """Write results.json, results.csv, report.md, frontier.png and curves.png into ``out_dir`` (a folder or URI);
     return their paths.
 
-    Trials are ranked by ``metric`` (``mode`` "max" or "min"); the best trial of each method (and tower
-    choice, when a method was run with several) is its representative in the summary and the plot.
+    Trials are ranked by ``metric`` (``mode`` "max" or "min"; default :func:`default_metric`), the selection
+    metric; the best trial of each method (and tower choice, when a method was run with several) that did not error
+    is its representative, reported on the trials' eval split with intervals and paired tests.
     """
     if mode not in ("max", "min"):
         raise ValueError(f"mode must be 'max' or 'min', got {mode!r}")
@@ -168,6 +211,7 @@ def build_report(
     duplicates = sorted(k for k, n in Counter(t["trial_id"] for t in trials).items() if n > 1)
     if duplicates:
         raise ValueError(f"trial ids must be unique; repeated: {', '.join(duplicates)}")
+    metric = metric or default_metric(trials)
     available = sorted({k for t in trials for k, v in t["metrics"].items() if v is not None})
     if metric not in available:
         close = difflib.get_close_matches(metric, available, n=1)
@@ -176,32 +220,42 @@ def build_report(
             f"metric {metric!r} is reported by no trial.{hint} "
             f"Available metrics: {', '.join(available) or 'none'}"
         )
-
-    sign = 1.0 if mode == "max" else -1.0
-    ranked = sorted(trials, key=lambda t: _sort_key(t, metric, sign))
-    for i, t in enumerate(ranked):
-        t["rank"] = i + 1 if t["metrics"].get(metric) is not None else None
-    labels = _labels(ranked)
-    best: dict[str, dict[str, Any]] = {}
-    for t in ranked:  # ranked order: the first row of each label is its best
-        best.setdefault(labels[t["trial_id"]], t)
-    columns = _metric_columns(available, metric)
-
-    flat = [_flat(t, labels[t["trial_id"]], columns) for t in ranked]
-    best_flat = [_flat(t, label, columns) for label, t in best.items()]
-    machines = sorted({json.dumps(t["machine"], sort_keys=True) for t in ranked if t.get("machine")})
-
+    split = compare.reported_split(trials)
+    reported = compare.reported_metric(metric, split)
+    ranked = compare.rank(trials, metric, mode)
+    names = compare.labels(ranked)
+    best = compare.chosen(ranked, names)
+    tests = {label: {k: _rounded_test(v) for k, v in c.items()}
+             for label, c in compare.comparisons(best, ranked, split).items()}
+    selection = METRIC_RE.match(metric)
+    summary = {  # only what the rows determine: rebuilding the report from the same folder gives the same file
+        "metric": metric,
+        "mode": mode,
+        "selection_split": selection["set"] if selection and selection["kind"] == "eval" else None,
+        "reported_split": split,
+        "reported_metric": reported if reported in available else None,
+        "interval": f"{LEVEL:.0%} exact binomial (Clopper-Pearson)",
+        "paired_test": f"exact McNemar on eval/{split} answers (strict exact match), vs zero-shot and vs "
+                       f"{compare.REFERENCE_METHOD}",
+        "metric_columns": _metric_columns(available, metric, reported),
+        "best_per_method": {label: t["trial_id"] for label, t in best.items()},
+        "comparisons": tests,
+        "trials": ranked,
+    }
+    errored_only = sorted({names[t["trial_id"]] for t in ranked} - set(best))
     with storage.staged_output(out_dir) as out:
-        files = _write_report(out, ranked, flat, best, best_flat, columns, metric, mode, machines,
-                              posixpath.basename(storage.resolve(out_dir)))
+        files = _write_report(out, summary, names, errored_only, posixpath.basename(storage.resolve(out_dir)))
     if not storage.is_uri(out_dir):
         return files
     return {k: storage.join(storage.resolve(out_dir), p.name) for k, p in files.items()}
 
 
-def _write_report(out: Path, ranked: list, flat: list, best: dict, best_flat: list, columns: list, metric: str,
-                  mode: str, machines: list, name: str) -> dict[str, Path]:
-    host = machine.summary(machine.describe())
+def _rounded_test(value: Any) -> Any:
+    return {k: _round(v) for k, v in value.items()} if isinstance(value, Mapping) else value
+
+
+def _write_report(out: Path, summary: dict[str, Any], names: Mapping[str, str], errored_only: Sequence[str],
+                  name: str) -> dict[str, Path]:
     files = {
         "results_json": out / RESULTS_FILE,
         "results_csv": out / "results.csv",
@@ -209,74 +263,43 @@ def _write_report(out: Path, ranked: list, flat: list, best: dict, best_flat: li
         "frontier_png": out / "frontier.png",
         "curves_png": out / "curves.png",
     }
-    # Only what the rows determine: rebuilding the report from the same folder gives the same file.
-    summary = {
-        "metric": metric,
-        "mode": mode,
-        "metric_columns": columns,
-        "best_per_method": {label: t["trial_id"] for label, t in best.items()},
-        "trials": ranked,
-    }
+    trials = {t["trial_id"]: t for t in summary["trials"]}
+    best = {label: trials[i] for label, i in summary["best_per_method"].items()}
     files["results_json"].write_text(json.dumps(summary, indent=2, default=str) + "\n")
+    flat = [_flat(t, names[t["trial_id"]], summary["metric_columns"]) for t in summary["trials"]]
     _write_csv(files["results_csv"], flat)
-    files["report_md"].write_text(_markdown(flat, best_flat, columns, metric, mode, host, machines, name))
-    _plot_frontier(files["frontier_png"], best, metric, mode)
-    _plot_curves(files["curves_png"], best, metric)
+    files["report_md"].write_text(_markdown(summary, flat, names, errored_only, name))
+    plot_frontier(files["frontier_png"], best, summary["reported_metric"] or summary["metric"], summary["mode"])
+    plot_curves(files["curves_png"], best, summary["metric"])
     return files
 
 
-def _sort_key(t: Mapping[str, Any], metric: str, sign: float) -> tuple[bool, float, str]:
-    value = t["metrics"].get(metric)
-    return (value is None, -sign * value if value is not None else 0.0, t["trial_id"])
-
-
-def _towers(t: Mapping[str, Any]) -> str:
-    return "+".join(t["towers"]) if t["towers"] else "default"
-
-
-def _labels(trials: Sequence[Mapping[str, Any]]) -> dict[str, str]:
-    """Label per trial: the method, plus its towers when the method ran with several tower choices, prefixed
-    by the base model when the sweep compared several models."""
-    choices: dict[str, set[str]] = {}
-    for t in trials:
-        choices.setdefault(t["method"], set()).add(_towers(t))
-    several_models = len({t.get("model") for t in trials}) > 1
-    labels = {}
-    for t in trials:
-        label = t["method"] if len(choices[t["method"]]) == 1 else f"{t['method']} [{_towers(t)}]"
-        labels[t["trial_id"]] = f"{t.get('model')} · {label}" if several_models else label
-    return labels
-
-
-def _metric_columns(available: Sequence[str], metric: str) -> list[str]:
-    """Every metric, ordered: the ranking metric, its eval set, other eval sets, zero-shot, the rest."""
-    main = _METRIC_RE.match(metric)
+def _metric_columns(available: Sequence[str], metric: str, reported: str) -> list[str]:
+    """Every metric, ordered: the selection metric, the reported metric and the rest of its eval set, the rest of
+    the selection set, other eval sets, zero-shot, the rest."""
+    sets = [m["kind"] + "/" + m["set"] if (m := METRIC_RE.match(x)) else x for x in (reported, metric)]
 
     def key(name: str) -> tuple[int, str]:
-        m = _METRIC_RE.match(name)
-        if name == metric:
-            return (0, name)
-        if m and main and m["kind"] == main["kind"] and m["set"] == main["set"]:
-            return (1, name)
-        if m and m["kind"] == "eval":
-            return (2, name)
-        if m and m["kind"] == "zeroshot":
-            return (3, name)
-        return (4, name)
+        m = METRIC_RE.match(name)
+        where = f"{m['kind']}/{m['set']}" if m else None
+        order = [name == metric, name == reported, where == sets[0], where == sets[1],
+                 bool(m) and m["kind"] == "eval", bool(m) and m["kind"] == "zeroshot", True]
+        return (order.index(True), name)
 
     return sorted(available, key=key)
 
 
-def _ood_columns(columns: Sequence[str], metric: str) -> list[str]:
-    """Zero-shot and other-eval-set columns for the ranking metric's name (all of a set's metrics when
-    that set lacks the name)."""
-    main = _METRIC_RE.match(metric)
+def _ood_columns(columns: Sequence[str], metric: str, reported: str) -> list[str]:
+    """Zero-shot and other-eval-set columns for the reported metric's name (all of a set's metrics when that set
+    lacks the name); the selection split left out (it has its own column, and chooses rather than reports)."""
+    main, selection = METRIC_RE.match(reported), METRIC_RE.match(metric)
     if not main:
         return []
+    skip = {(main["kind"], main["set"]), *([(k, selection["set"]) for k in ("eval", "zeroshot")] if selection else [])}
     by_set: dict[tuple[str, str], list[str]] = {}
     for name in columns:
-        m = _METRIC_RE.match(name)
-        if m and m["kind"] in ("eval", "zeroshot") and (m["kind"], m["set"]) != (main["kind"], main["set"]):
+        m = METRIC_RE.match(name)
+        if m and m["kind"] in ("eval", "zeroshot") and (m["kind"], m["set"]) not in skip:
             by_set.setdefault((m["kind"], m["set"]), []).append(name)
     out: list[str] = []
     for (kind, eval_set), names in sorted(by_set.items(), key=lambda kv: (kv[0][0] != "eval", kv[0][1])):
@@ -290,13 +313,19 @@ def _ood_columns(columns: Sequence[str], metric: str) -> list[str]:
 
 # ------------------------------------------------------------------------------------- writers
 def _flat(t: Mapping[str, Any], label: str, columns: Sequence[str]) -> dict[str, Any]:
-    """One trial as the columns of results.csv and report.md (same names in both)."""
+    """One trial as the columns of results.csv and report.md (same names in both); an accuracy's interval bounds
+    in ``<metric>_ci_low`` / ``<metric>_ci_high``."""
     p = t["params"]
+    metrics: dict[str, Any] = {}
+    for c in columns:
+        metrics[c] = t["metrics"].get(c)
+        if c in t["intervals"]:
+            metrics[f"{c}_ci_low"], metrics[f"{c}_ci_high"] = t["intervals"][c]
     return {
-        "rank": t["rank"], "trial_id": t["trial_id"], "method": label, "towers": _towers(t), "lr": t["lr"],
+        "rank": t["rank"], "trial_id": t["trial_id"], "method": label, "towers": compare.towers(t), "lr": t["lr"],
         "trainable_params": p["trainable"], "total_params": p["total"], "trainable_pct": p["percent"],
-        **{c: t["metrics"].get(c) for c in columns},
-        "steps": t["steps"], "wall_s": t["wall_s"], "peak_mem_mb": t["peak_mem_mb"],
+        **metrics,
+        "steps": t["steps"], "wall_s": t["wall_s"], "peak_mem_mb": t["peak_mem_mb"], "status": t["status"],
         "stopped_early": t["stopped_early"], "config_hash": t["config_hash"],
     }
 
@@ -311,160 +340,97 @@ def _cell(value: Any) -> str:
 
 
 def _table(flat: Sequence[Mapping[str, Any]], header: Sequence[str]) -> str:
+    """A markdown table; an accuracy's cell holds its interval too: ``0.61 [0.52, 0.7]``."""
+    def cell(row: Mapping[str, Any], c: str) -> str:
+        low, high = row.get(f"{c}_ci_low"), row.get(f"{c}_ci_high")
+        return _cell(row[c]) + (f" [{_cell(low)}, {_cell(high)}]" if low is not None and row[c] is not None else "")
+
     lines = ["| " + " | ".join(header) + " |", "|" + "---|" * len(header)]
-    lines += ["| " + " | ".join(_cell(row[c]) for c in header) + " |" for row in flat]
+    lines += ["| " + " | ".join(cell(row, c) for c in header) + " |" for row in flat]
     return "\n".join(lines)
 
 
 def _write_csv(path: Path, flat: Sequence[Mapping[str, Any]]) -> None:
+    fields = list(dict.fromkeys(k for row in flat for k in row))
     with path.open("w", newline="") as f:
-        writer = csv.DictWriter(f, fieldnames=list(flat[0]))
+        writer = csv.DictWriter(f, fieldnames=fields)
         writer.writeheader()
-        writer.writerows({k: "" if v is None else v for k, v in row.items()} for row in flat)
+        writer.writerows({k: "" if row.get(k) is None else row[k] for k in fields} for row in flat)
 
 
-def _markdown(
-    flat: Sequence[Mapping[str, Any]],
-    best: Sequence[Mapping[str, Any]],
-    columns: Sequence[str],
-    metric: str,
-    mode: str,
-    host: str,
-    machines: Sequence[str],
-    name: str,
-) -> str:
-    main = _METRIC_RE.match(metric)
-    prefix = f"{main['kind']}/{main['set']}/" if main else metric
-    main_cols = [c for c in columns if c == metric or c.startswith(prefix)]
-    tail = ["steps", "wall_s", "peak_mem_mb", "stopped_early"]
-    parts = [
-        f"# Sweep report: {name}",
-        "",
-        f"Ranked by `{metric}` ({'higher' if mode == 'max' else 'lower'} is better): {len(flat)} trials, "
-        f"{len(best)} methods, {sum(r['stopped_early'] for r in flat)} stopped early. "
-        "Every number here is the one stored in `results.json`.",
-        "",
-        "## Best configuration per method",
-        "",
-        _table(best, ["rank", "method", "towers", "lr", "trainable_params", "trainable_pct", *main_cols,
-                      *tail, "trial_id"]),
-        "",
-        "![metric vs trainable parameters](frontier.png)",
-        "",
-        "![learning curves of each method's best trial](curves.png)",
-        "",
-    ]
-    ood = _ood_columns(columns, metric)
+def _paired_rows(summary: Mapping[str, Any], best_flat: Sequence[Mapping[str, Any]]) -> tuple[list, list[str]]:
+    """The paired-comparison table: each chosen trial's reported accuracy and zero-shot accuracy, and the McNemar
+    tests against zero-shot and against the chosen `ln` trial."""
+    split, ref = summary["reported_split"], compare.REFERENCE_METHOD
+    acc, zs = f"eval/{split}/overall_acc", f"zeroshot/{split}/overall_acc"
+    rows = []
+    for r in best_flat:
+        tests = summary["comparisons"][r["method"]]
+        row = {"method": r["method"], "lr": r["lr"], acc: r.get(acc), zs: r.get(zs), "trial_id": r["trial_id"],
+               **{f"{acc}_ci_{e}": r.get(f"{acc}_ci_{e}") for e in ("low", "high")},
+               **{f"{zs}_ci_{e}": r.get(f"{zs}_ci_{e}") for e in ("low", "high")}}
+        for against in ("zero-shot", ref):
+            test = tests[against] or {}
+            row.update({f"{k} vs {against}": test.get(k) for k in ("gained", "lost", "p")})
+        row[f"{ref} trial"] = tests[f"{ref}_trial"]
+        rows.append(row)
+    header = ["method", "lr", acc, zs, *(f"{k} vs {a}" for a in ("zero-shot", ref) for k in ("gained", "lost", "p")),
+              f"{ref} trial", "trial_id"]
+    return rows, header
+
+
+def _headline(summary: Mapping[str, Any], flat: Sequence[Mapping[str, Any]], errored_only: Sequence[str]) -> list[str]:
+    metric, split, selection = summary["metric"], summary["reported_split"], summary["selection_split"]
+    better = "higher" if summary["mode"] == "max" else "lower"
+    count = Counter(r["status"] for r in flat)
+    lines = [f"Chosen on `{metric}` ({better} is better)"
+             + (f", the `{selection}` split" if selection else "")
+             + f"; reported on the `{split}` split: {len(flat)} trials ({count['completed']} completed, "
+             f"{count['stopped']} stopped early, {count['errored']} errored), "
+             f"{len(summary['best_per_method'])} methods. An errored trial is never a method's best."]
+    if selection == split:
+        lines += ["", f"**Warning: trials were chosen (and stopped) on `{split}`, the split they are reported on: "
+                      "the chosen scores are biased upwards. Choose on a validation split (`metric: eval/val/...`).**"]
+    if errored_only:
+        lines += ["", f"Every trial of {', '.join(errored_only)} errored: no configuration to report (see All trials)."]
+    lines += ["", f"Accuracies carry their {summary['interval']} interval, `value [low, high]`. Paired tests: "
+                  f"{summary['paired_test']}; gained = questions the method gets right and the reference wrong. "
+                  "Every number here is the one stored in `results.json`."]
+    return lines
+
+
+def _markdown(summary: Mapping[str, Any], flat: Sequence[Mapping[str, Any]], names: Mapping[str, str],
+              errored_only: Sequence[str], name: str) -> str:
+    metric, reported, columns = summary["metric"], summary["reported_metric"] or summary["metric"], \
+        summary["metric_columns"]
+    by_id = {r["trial_id"]: r for r in flat}
+    best = [by_id[i] for i in summary["best_per_method"].values()]
+    main = METRIC_RE.match(reported)
+    prefix = f"{main['kind']}/{main['set']}/" if main else reported
+    main_cols = list(dict.fromkeys([metric, *(c for c in columns if c == reported or c.startswith(prefix))]))
+    tail = ["status", "steps", "wall_s", "peak_mem_mb"]
+    paired, paired_header = _paired_rows(summary, best)
+    parts = [f"# Sweep report: {name}", "", *_headline(summary, flat, errored_only), "",
+             "## Best configuration per method", "",
+             _table(best, ["rank", "method", "towers", "lr", "trainable_params", "trainable_pct", *main_cols,
+                           *tail, "trial_id"]),
+             "", "![reported metric vs trainable parameters](frontier.png)", "",
+             "![learning curves of each method's best trial](curves.png)", ""]
+    if any(r.get(f"eval/{summary['reported_split']}/overall_acc") is not None for r in paired):
+        parts += ["## Paired comparisons", "", _table(paired, paired_header), ""]
+    ood = _ood_columns(columns, metric, reported)
     if ood:
-        parts += [
-            "## Out-of-distribution and zero-shot",
-            "",
-            f"The best configuration of each method (chosen on `{metric}`) on the other evaluation sets.",
-            "",
-            _table(best, ["method", "lr", metric, *ood]),
-            "",
-        ]
-    parts += [
-        "## All trials",
-        "",
-        _table(flat, ["rank", "trial_id", "method", "towers", "lr", "trainable_params", "total_params",
-                      "trainable_pct", *columns, *tail]),
-        "",
-        "## Machine",
-        "",
-        *(f"- trials ran on: {m}" for m in machines),
-        f"- report built on: {host}",
-        f"- built: {datetime.now(timezone.utc).isoformat(timespec='seconds')}",
-    ]
+        parts += ["## Out-of-distribution and zero-shot", "",
+                  f"The best configuration of each method (chosen on `{metric}`) on the other evaluation sets.", "",
+                  _table(best, ["method", "lr", reported, *ood]), ""]
+    machines = sorted({json.dumps(t["machine"], sort_keys=True) for t in summary["trials"] if t.get("machine")})
+    parts += ["## All trials", "",
+              _table(flat, ["rank", "trial_id", "method", "towers", "lr", "trainable_params", "total_params",
+                            "trainable_pct", *columns, *tail]),
+              "", "## Machine", "", *(f"- trials ran on: {m}" for m in machines),
+              f"- report built on: {machine.summary(machine.describe())}",
+              f"- built: {datetime.now(timezone.utc).isoformat(timespec='seconds')}"]
     return "\n".join(parts) + "\n"
-
-
-# -------------------------------------------------------------------------------------- frontier
-def pareto_front(points: Sequence[tuple[float, float]], mode: str = "max") -> list[int]:
-    """Indices of the points (trainable params, metric) that no other point dominates, by params.
-
-    A point is dominated when another has no more parameters and an equal-or-better metric, and is
-    strictly better in one of the two.
-    """
-    sign = 1.0 if mode == "max" else -1.0
-    order = sorted(range(len(points)), key=lambda i: (points[i][0], -sign * points[i][1]))
-    front: list[int] = []
-    best = -math.inf
-    for i in order:
-        if sign * points[i][1] > best:
-            front.append(i)
-            best = sign * points[i][1]
-    return front
-
-
-def _plot_frontier(path: Path, best: Mapping[str, Mapping[str, Any]], metric: str, mode: str) -> None:
-    from matplotlib.backends.backend_agg import FigureCanvasAgg
-    from matplotlib.figure import Figure
-
-    names, points = [], []
-    for label, t in best.items():
-        value, trainable = t["metrics"].get(metric), t["params"]["trainable"]
-        if value is None or not trainable:  # no metric, or nothing trained: no place on a log axis
-            logger.info("frontier: %s left out (metric %s, trainable %s)", label, value, trainable)
-            continue
-        names.append(f"{label} (lr {t['lr']})" if t["lr"] is not None else label)
-        points.append((float(trainable), float(value)))
-
-    fig = Figure(figsize=(7.5, 5), dpi=120)
-    FigureCanvasAgg(fig)
-    ax = fig.add_subplot()
-    if points:
-        front = pareto_front(points, mode)
-        xs, ys = zip(*points)
-        ax.scatter(xs, ys, color="tab:blue", zorder=3, label="best lr per method")
-        fx, fy = zip(*(points[i] for i in front))
-        ax.plot(fx, fy, color="tab:red", drawstyle="steps-post", zorder=2)
-        ax.scatter(fx, fy, s=120, facecolors="none", edgecolors="tab:red", zorder=4, label="Pareto front")
-        # Alternate labels above and below, in x order, so that neighbouring labels do not overlap.
-        for k, i in enumerate(sorted(range(len(points)), key=lambda i: points[i])):
-            dy, va = (6, "bottom") if k % 2 == 0 else (-6, "top")
-            ax.annotate(names[i], points[i], textcoords="offset points", xytext=(5, dy), va=va, fontsize=8)
-        ax.set_xscale("log")
-        ax.margins(x=0.12, y=0.1)
-        ax.legend(loc="best", fontsize=8)
-    else:
-        ax.text(0.5, 0.5, "no trial reports both the metric\nand its trainable parameters",
-                ha="center", va="center", transform=ax.transAxes)
-    ax.set_xlabel("trainable parameters (log scale)")
-    ax.set_ylabel(f"{metric} ({'higher' if mode == 'max' else 'lower'} is better)")
-    ax.set_title(f"{metric} vs trainable parameters (one point per method at its best lr)", fontsize=10)
-    ax.grid(True, which="both", alpha=0.3)
-    fig.tight_layout()
-    fig.savefig(path)
-
-
-def _plot_curves(path: Path, best: Mapping[str, Mapping[str, Any]], metric: str) -> None:
-    """Per method (its best trial): the ranking metric and the training loss per epoch (epoch 0: zero-shot)."""
-    from matplotlib.backends.backend_agg import FigureCanvasAgg
-    from matplotlib.figure import Figure
-
-    fig = Figure(figsize=(11, 4.5), dpi=110)
-    FigureCanvasAgg(fig)
-    ax_metric, ax_loss = fig.add_subplot(1, 2, 1), fig.add_subplot(1, 2, 2)
-    zero_shot_key = metric.replace("eval/", "zeroshot/", 1)
-    for label, t in best.items():
-        history = t.get("history") or []
-        points = [(h["epoch"], h[metric]) for h in history if h.get(metric) is not None]
-        if points and t["metrics"].get(zero_shot_key) is not None:
-            points.insert(0, (0, t["metrics"][zero_shot_key]))
-        if points:
-            ax_metric.plot(*zip(*points), marker="o", ms=3, label=label)
-        losses = [(h["epoch"], h["loss"]) for h in history if h.get("loss") is not None]
-        if losses:
-            ax_loss.plot(*zip(*losses), marker="o", ms=3, label=label)
-    ax_metric.set(xlabel="epoch (0 = zero-shot)", ylabel=metric, title=f"{metric} per epoch (best trial per method)")
-    ax_loss.set(xlabel="epoch", ylabel="training loss (epoch mean)", title="training loss per epoch")
-    for ax in (ax_metric, ax_loss):
-        ax.grid(True, alpha=0.3)
-        if ax.get_legend_handles_labels()[0]:
-            ax.legend(fontsize=7)
-    fig.tight_layout()
-    fig.savefig(path)
 
 
 # ------------------------------------------------------------------------------------------- CLI
@@ -475,7 +441,8 @@ def main(argv: Sequence[str] | None = None) -> int:
     )
     parser.add_argument("experiment_dir", help="experiment folder or URI (s3://, gs://)")
     parser.add_argument(
-        "--metric", help=f"metric to rank by (default: the previous report's, else {DEFAULT_METRIC})"
+        "--metric", help=f"metric to choose each method's trial by (default: the previous report's, else "
+                         f"{DEFAULT_METRIC}; {LEGACY_METRIC} for sweeps without a validation split)"
     )
     parser.add_argument(
         "--mode", choices=("max", "min"), help="max or min (default: the previous report's, else max)"
@@ -485,7 +452,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     logging.basicConfig(level=logging.INFO, format="%(levelname)s %(message)s")
 
     previous = _previous_settings(args.experiment_dir)
-    metric = args.metric or previous.get("metric") or DEFAULT_METRIC
+    metric = args.metric or previous.get("metric")
     mode = args.mode or previous.get("mode") or "max"
     try:
         rows = load_rows(args.experiment_dir)
@@ -494,10 +461,13 @@ def main(argv: Sequence[str] | None = None) -> int:
         print(f"error: {exc}", file=sys.stderr)
         return 2
     summary = storage.read_json(files["results_json"])
-    print(f"{len(rows)} trials ranked by {metric} ({mode}); best per method:")
+    metric, reported = summary["metric"], summary["reported_metric"]
+    print(f"{len(rows)} trials ranked by {metric} ({summary['mode']}); best per method"
+          + (f", reported on {reported}:" if reported and reported != metric else ":"))
     for label, trial_id in summary["best_per_method"].items():
         t = next(t for t in summary["trials"] if t["trial_id"] == trial_id)
-        print(f"  {label:<24} lr {_cell(t['lr']):<8} {metric} {_cell(t['metrics'].get(metric))}")
+        scored = f"  {reported} {_cell(t['metrics'].get(reported))}" if reported and reported != metric else ""
+        print(f"  {label:<24} lr {_cell(t['lr']):<8} {metric} {_cell(t['metrics'].get(metric))}{scored}")
     for path in files.values():
         print(f"wrote {path}")
     return 0

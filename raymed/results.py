@@ -16,10 +16,11 @@ Files raymed writes, named so that none is mistaken for Ray's own (`result.json`
 
 from __future__ import annotations
 
+import hashlib
 import json
 import os
 import re
-from collections.abc import Mapping
+from collections.abc import Mapping, Sequence
 from pathlib import Path
 from typing import Any
 
@@ -33,9 +34,24 @@ RUN_STOPPED_FILE = "raymed-stopped.json"
 CHECKPOINT_RE = re.compile(r"^epoch-(\d{4,})$")
 
 
+def answers(records: Mapping[str, Sequence[Mapping[str, Any]]], prefix: str) -> dict[str, dict[str, str]]:
+    """Per eval set, which questions a model answered right: ``{"<prefix>/<set>": {"ids": hash of the question ids
+    in order, "correct": "0110..."}}`` (strict exact match, `predict.records`' ``correct``), so that a report can
+    test two models on the same questions without their predictions. Sets without per-question scores (report
+    generation) and empty record lists (ranks other than 0) are left out."""
+    out = {}
+    for name, recs in records.items():
+        if recs and all("correct" in r for r in recs):
+            ids = hashlib.sha256("\n".join(str(r["id"]) for r in recs).encode()).hexdigest()[:16]
+            out[f"{prefix}/{name}"] = {"ids": ids, "correct": "".join("1" if r["correct"] else "0" for r in recs)}
+    return out
+
+
 def result_row(cfg: Any, accounting: Mapping[str, Any], history: list[dict[str, Any]], *,
-               zero_shot: Mapping[str, Any], wall_s: float, checkpoint: str) -> dict[str, Any]:
-    """The row of a run after its latest epoch (``history[-1]``); ``cfg`` is the run's `Config`."""
+               zero_shot: Mapping[str, Any], wall_s: float, checkpoint: str,
+               zero_shot_answers: Mapping[str, Any] | None = None) -> dict[str, Any]:
+    """The row of a run after its latest epoch (``history[-1]``); ``cfg`` is the run's `Config`. Per-question
+    correctness (:func:`answers`) comes from the epoch's history entry (``answers``) and ``zero_shot_answers``."""
     last = history[-1]
     epochs = int(last["epoch"])
     metrics = {k: v for k, v in last.items() if k.startswith("eval/")}
@@ -49,6 +65,7 @@ def result_row(cfg: Any, accounting: Mapping[str, Any], history: list[dict[str, 
                    "percent": accounting["percent"]},
         "accounting": {k: accounting[k] for k in ("groups", "trainable_groups", "unused")},
         "metrics": {**dict(sorted(zero_shot.items())), **metrics, "loss": last["loss"]},
+        "answers": {**dict(zero_shot_answers or {}), **last.get("answers", {})},
         "history": history,
         "epochs": epochs,
         "steps": last["step"],
@@ -140,8 +157,10 @@ def cut_back(row: dict[str, Any], epoch: int) -> dict[str, Any]:
         return {**row, "stopped_early": True}
     last = history[-1]
     zero_shot = {k: v for k, v in row["metrics"].items() if k.startswith("zeroshot/")}
+    zero_shot_answers = {k: v for k, v in (row.get("answers") or {}).items() if k.startswith("zeroshot/")}
     return {**row, "history": history, "epochs": int(last["epoch"]), "steps": last["step"], "loss": last["loss"],
             "metrics": {**zero_shot, **{k: v for k, v in last.items() if k.startswith("eval/")}, "loss": last["loss"]},
+            "answers": {**zero_shot_answers, **last.get("answers", {})},
             "samples_per_s": last.get("samples_per_s"), "tokens_per_s": last.get("tokens_per_s"),
             "stopped_early": True}
 

@@ -19,6 +19,7 @@ import json
 import os
 import pickle
 import sys
+import warnings
 from collections import Counter
 from pathlib import Path
 from typing import Any, Literal
@@ -30,6 +31,7 @@ from . import storage as store
 from .cluster import ResourceError, init_ray, required_cpus
 from .config import (Config, ConfigError, Section, deep_merge, format_error, local_paths, parse_override, read_yaml,
                      set_dotted, validate)
+from .data.plan import eval_set_names
 from .metrics import REPORT_KEYS, VQA_KEYS
 from .tracking import tune_callbacks
 from .train import build_trainer, check_storage
@@ -38,6 +40,10 @@ DEFAULT_SWEEP = Path(__file__).parent / "defaults" / "sweep.yaml"
 VQA_METRICS = VQA_KEYS  # every scoring rule: strict, @llava-med, @miss
 REPORT_METRICS = REPORT_KEYS  # report generation: BLEU-1..4, ROUGE-L, METEOR, CIDEr
 TRAIN_METRICS = ("loss", "epoch", "step", "samples_per_s", "tokens_per_s", "peak_mem_mb")
+
+
+class TestSetSelectionWarning(UserWarning):
+    """A sweep chooses on the split it reports (test): its best scores are optimistic."""
 
 
 class SchedulerConfig(Section):
@@ -56,7 +62,9 @@ class SweepConfig(Section):
     train: dict[str, Any] = Field(default_factory=dict)
     train_config: str | None = None
     search: dict[str, Any] = Field(default_factory=dict)
-    metric: str = "eval/test/overall_acc"
+    metric: str = "eval/val/overall_acc"
+    """What trials are ranked and ASHA-stopped on: a metric of the selection split (`data.select_split`), never of
+    the split the report scores them on (`data.eval_split`: choosing on it is warned about, loudly)."""
     mode: Literal["max", "min"] = "max"
     scheduler: SchedulerConfig = SchedulerConfig()
     num_samples: int = Field(1, ge=1)
@@ -156,14 +164,17 @@ def check_sweep(sweep: SweepConfig, base: dict[str, Any], source: str, check_pat
         except ConfigError as e:
             errors += [f"search point {point}: {m}" for m in e.errors if m not in errors]
             continue
-        eval_sets = [cfg.data.eval_split, *cfg.data.eval_sets, *(["ood"] if cfg.data.path is None
-                                                                 and cfg.data.synth_ood_style else [])]
-        reported |= expected_metrics(cfg, eval_sets)
+        reported |= expected_metrics(cfg, eval_set_names(cfg))
     if not errors and sweep.metric not in reported:
         errors.append(f"metric {sweep.metric!r} is reported by no trial; trials report: "
                       + ", ".join(sorted(m for m in reported if not m.startswith("zeroshot/"))))
     if errors:
         raise ConfigError(sorted(set(errors), key=errors.index), source)
+    if sweep.metric.split("/")[:2] == ["eval", base_cfg.data.eval_split]:
+        warnings.warn(f"{source}: metric {sweep.metric!r} chooses trials (and ASHA stops them) on the split they are "
+                      f"scored on ({base_cfg.data.eval_split!r}): the best scores are then biased upwards. Choose on "
+                      f"the selection split: metric: eval/{base_cfg.data.select_split or 'val'}/...",
+                      TestSetSelectionWarning, stacklevel=2)
 
 
 # ---- scheduling ----------------------------------------------------------------------------------

@@ -22,10 +22,12 @@ import torch
 import torch.distributed as dist
 
 from .config import Config, with_paths
+from .data.plan import eval_split_of
 from .engine import Schedule, build_engine, ds_config, zero3_loading
 from .methods import apply_method
 from .models import load_model, load_processor, resolve
 from .models.base import enable_activation_checkpointing
+from .results import answers
 
 
 def train_loop(loop_config: dict[str, Any]) -> None:
@@ -170,7 +172,9 @@ def train_loop(loop_config: dict[str, Any]) -> None:
             metrics.update(evaluated)
         log(f"epoch {epoch + 1}: step {metrics['step']}, loss {metrics['loss']:.4f}, "
             f"{metrics['samples_per_s']:.1f} samples/s")
-        history.append({**{k: v for k, v in metrics.items() if not k.startswith("zeroshot/")}, "worker_nodes": nodes})
+        correct = answers(records, "eval")  # rank 0: which questions each eval set got right (for paired tests)
+        history.append({**{k: v for k, v in metrics.items() if not k.startswith("zeroshot/")}, "worker_nodes": nodes,
+                        **({"answers": correct} if correct else {})})
         tracker.epoch(metrics)
         wall_s += time.perf_counter() - t_mark
         t_mark = time.perf_counter()
@@ -202,7 +206,7 @@ def train_micro_batch(engine: Any, batch: dict[str, torch.Tensor], index: int, m
 
 
 class Evaluator:
-    """Generates answers on every eval set, rows interleaved across ranks; rank 0 gathers and scores them."""
+    """Generates answers on every eval set, whole batches handed out across ranks; rank 0 gathers and scores them."""
 
     def __init__(self, cfg: Config, ref: Any, processor: Any, engine: Any, plan: dict, rank: int, world: int):
         self.cfg, self.ref, self.processor, self.engine = cfg, ref, processor, engine
@@ -214,20 +218,20 @@ class Evaluator:
         out: dict[str, float] = {}
         records: dict[str, list[dict[str, Any]]] = {}
         for name, data_dir in self.sets.items():
-            metrics, records[name] = self.evaluate(data_dir)
+            metrics, records[name] = self.evaluate(data_dir, eval_split_of(self.cfg, name))
             out.update({f"{prefix}/{name}/{k}": v for k, v in metrics.items()})
         return out, records
 
     @torch.no_grad()
-    def evaluate(self, data_dir: str) -> tuple[dict[str, float], list[dict[str, Any]]]:
+    def evaluate(self, data_dir: str, split: str) -> tuple[dict[str, float], list[dict[str, Any]]]:
         from . import predict
         from .data.rows import read_rows
 
         cfg = self.cfg
         self.engine.eval()
-        rows = read_rows(data_dir, cfg.data.eval_split)[: cfg.data.max_eval_rows]
+        rows = read_rows(data_dir, split)[: cfg.data.max_eval_rows]
         if not rows:
-            raise RuntimeError(f"{data_dir}: eval split {cfg.data.eval_split!r} has no rows")
+            raise RuntimeError(f"{data_dir}: eval split {split!r} has no rows")
         # The batches are cut from the rows in order and handed out whole (batch k to rank k mod world): every batch
         # is the same whatever the number of workers, so a checkpoint answers as `raymed eval` answers with it.
         bs = predict.eval_batch_size(self.ref.family, self.processor, cfg)
@@ -235,13 +239,13 @@ class Evaluator:
         mine = [row for batch in batches[self.rank :: self.world] for row in batch]
         model = self.engine.module
         kwargs = {"synced_gpus": True} if self.engine.zero_optimization_stage() == 3 and self.world > 1 else {}
-        answers = predict.answer(model, self.ref.family, self.processor, cfg, mine, batch_size=bs,
-                                 n_batches=math.ceil(len(batches) / self.world),  # ZeRO-3 ranks generate in lock-step
-                                 bf16=self.engine.bfloat16_enabled(), filler=rows[0], **kwargs)
+        predicted = predict.answer(model, self.ref.family, self.processor, cfg, mine, batch_size=bs,
+                                   n_batches=math.ceil(len(batches) / self.world),  # ZeRO-3: lock-step generate
+                                   bf16=self.engine.bfloat16_enabled(), filler=rows[0], **kwargs)
         # Rank 0 gathers the answers and scores them (one METEOR / Java process, not one per rank); every rank gets
         # the metrics (or rank 0's error) back, so all report the same.
         gathered: list[dict[str, str]] | None = [{} for _ in range(self.world)] if self.rank == 0 else None
-        dist.gather_object({r["id"]: a for r, a in zip(mine, answers)}, gathered, dst=0)
+        dist.gather_object({r["id"]: a for r, a in zip(mine, predicted)}, gathered, dst=0)
         result: list[Any] = [None]
         if self.rank == 0:
             merged = {k: v for part in gathered for k, v in part.items()}
@@ -261,7 +265,8 @@ def write_evaluation(ckpt: Path, cfg: Config, acc: Any, history: list[dict[str, 
     from . import predict
     from .results import ROW_FILE, result_row
 
-    row = result_row(cfg, acc.to_dict(), history, zero_shot=zero_shot, wall_s=wall_s, checkpoint=name)
+    row = result_row(cfg, acc.to_dict(), history, zero_shot=zero_shot, wall_s=wall_s, checkpoint=name,
+                     zero_shot_answers=answers(zero_shot_records, "zeroshot"))
     (ckpt / ROW_FILE).write_text(json.dumps(row, indent=2))
     for prefix, sets, metrics in (("zeroshot", zero_shot_records, zero_shot), ("eval", records, history[-1])):
         for set_name, recs in sets.items():

@@ -96,15 +96,71 @@ def test_sweep_errors(tmp_path):
         load_sweep(sweep("search: {train.lr: [0.1]}\nscheduler: {type: fifo, per: train.lr}\n"), [])
 
 
-@pytest.mark.parametrize("metric", ["eval/test/closed_acc@llava-med", "eval/test/open_recall@llava-med",
-                                    "eval/test/closed_acc@miss", "zeroshot/test/closed_acc@miss"])
+@pytest.mark.parametrize("metric", ["eval/val/closed_acc@llava-med", "eval/val/open_recall@llava-med",
+                                    "eval/val/closed_acc@miss", "zeroshot/val/closed_acc@miss"])
 def test_sweep_may_rank_by_a_published_rule(tmp_path, metric):
     p = tmp_path / "s.yaml"
     p.write_text(f"search: {{train.lr: [0.1]}}\nmetric: {metric}\n")
     sweep, _ = load_sweep(p, [])
     assert sweep.metric == metric
     with pytest.raises(ConfigError, match="is reported by no trial"):
-        load_sweep(p, ["sweep.metric=eval/test/closed_acc@lava-med"])
+        load_sweep(p, ["sweep.metric=eval/val/closed_acc@lava-med"])
+
+
+def test_sweeps_choose_on_the_selection_split_and_choosing_on_test_warns(tmp_path):
+    import warnings
+
+    from raymed.tune import SweepConfig, TestSetSelectionWarning
+
+    assert SweepConfig().metric == "eval/val/overall_acc"
+    p = tmp_path / "s.yaml"
+    p.write_text("search: {train.lr: [0.1]}\n")
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")  # the default (val) is chosen on quietly
+        assert load_sweep(p, [])[0].metric == "eval/val/overall_acc"
+    with pytest.warns(TestSetSelectionWarning, match=r"metric 'eval/test/open_acc' chooses trials \(and ASHA stops "
+                                                     r"them\) on the split they are scored on \('test'\)"):
+        load_sweep(p, ["sweep.metric=eval/test/open_acc"])
+    with pytest.warns(TestSetSelectionWarning):  # with no selection split, test is all there is: still warned
+        load_sweep(p, ["sweep.metric=eval/test/open_acc", "data.select_split=null"])
+    with pytest.raises(ConfigError, match="metric 'eval/val/overall_acc' is reported by no trial"):
+        load_sweep(p, ["data.select_split=null"])
+
+
+def test_selection_split_and_eval_set_names(tmp_path):
+    from raymed.data.plan import eval_set_names, eval_split_of
+
+    cfg = load_config(None)
+    assert (cfg.data.select_split, cfg.data.eval_split) == ("val", "test")
+    assert eval_set_names(cfg) == ["val", "test", "ood"]
+    assert [eval_split_of(cfg, n) for n in eval_set_names(cfg)] == ["val", "test", "test"]
+    ood = tmp_path / "ood"
+    ood.mkdir()
+    cfg = load_config(None, ["data.select_split=null", "data.synth_ood_style=null", f"data.eval_sets={{far: {ood}}}"])
+    assert eval_set_names(cfg) == ["test", "far"]
+    assert eval_set_names(load_config(None, [f"data.eval_sets={{ood: {ood}}}"])) == ["val", "test", "ood"]  # replaced
+    with pytest.raises(ConfigError) as err:
+        load_config(None, ["data.select_split=train", f"data.eval_sets={{test: {ood}}}"])
+    assert "data.select_split: 'train' is the training split" in str(err.value)
+    assert "data.eval_sets.test: already the name of an eval set of the run (the training data's eval split)" in str(
+        err.value) and len(err.value.errors) == 2
+    with pytest.raises(ConfigError, match=r"data.eval_sets.val: already .* \(the training data's selection split\)"):
+        load_config(None, [f"data.eval_sets={{val: {ood}}}"])
+
+
+def test_a_dataset_without_the_selection_split_is_named_at_plan_time(tmp_path):
+    from raymed.data import generate, prepare
+    from raymed.data.plan import steps_per_epoch
+
+    generate(tmp_path / "raw", n=12, seed=0)
+    prepare("vqa-rad", tmp_path / "raw", tmp_path / "old", val_fraction=0)  # as prepared before val splits
+    cfg = load_config(None, [f"data.path={tmp_path / 'old'}", "scaling.num_workers=1"])
+    with pytest.raises(ConfigError, match=r"data.select_split: no split 'val' in .*old; splits: train, test "
+                                          r"\(prepared before raymed carved validation splits\?"):
+        steps_per_epoch(str(tmp_path / "old"), cfg)
+    unselected = load_config(None, [f"data.path={tmp_path / 'old'}", "scaling.num_workers=1",
+                                    "data.select_split=null"])
+    assert steps_per_epoch(str(tmp_path / "old"), unselected) == {1: 4}  # 10 train images x 3 = 30 rows, batch 8
 
 
 def test_default_max_new_tokens_fits_the_fixture_answers(tmp_path):

@@ -30,23 +30,71 @@ def vqa_rad_dir(tmp_path_factory: pytest.TempPathFactory) -> Path:
 def test_prepare_counts_match_input(vqa_rad_dir: Path, tmp_path: Path) -> None:
     out = tmp_path / "out"
     manifest = prepare("vqa-rad", vqa_rad_dir, out, rows_per_shard=25, options=ReadOptions(dataset="synth"))
-    for split, name in (("train", "trainset.json"), ("test", "testset.json")):
+    # The source's train rows are the prepared train and val rows (val carved from train, by image).
+    for splits, name in ((("train", "val"), "trainset.json"), (("test",), "testset.json")):
         source = json.loads((vqa_rad_dir / name).read_text())
-        info = manifest["splits"][split]
-        assert info["rows"] == len(source)
-        assert info["answer_type"] == {"closed": sum(r["answer_type"] == "CLOSED" for r in source),
-                                       "open": sum(r["answer_type"] == "OPEN" for r in source)}
-        assert info["images"] == len({r["image_name"] for r in source})
-        assert [s["rows"] for s in info["shards"]] == [min(25, len(source) - k) for k in range(0, len(source), 25)]
-        table = pq.read_table(out / split)
-        assert table.schema.equals(SCHEMA) and table.num_rows == len(source)
-        assert table.column("id").to_pylist() == [str(r["qid"]) for r in source]
-        assert table.column("dataset").to_pylist() == ["synth"] * len(source)
-        assert Counter(table.column("answer").to_pylist()) == Counter(r["answer"] for r in source)
+        infos = [manifest["splits"][split] for split in splits]
+        assert sum(i["rows"] for i in infos) == len(source)
+        assert {t: sum(i["answer_type"][t] for i in infos) for t in ("closed", "open")} == {
+            "closed": sum(r["answer_type"] == "CLOSED" for r in source),
+            "open": sum(r["answer_type"] == "OPEN" for r in source)}
+        assert sum(i["images"] for i in infos) == len({r["image_name"] for r in source})
+        tables = [pq.read_table(out / split) for split in splits]
+        for info, table in zip(infos, tables):
+            assert table.schema.equals(SCHEMA) and table.num_rows == info["rows"]
+            assert [s["rows"] for s in info["shards"]] == [min(25, info["rows"] - k)
+                                                           for k in range(0, info["rows"], 25)]
+        ids = [i for t in tables for i in t.column("id").to_pylist()]
+        assert sorted(ids, key=int) == [str(r["qid"]) for r in source]
+        assert all(t.column("id").to_pylist() == sorted(t.column("id").to_pylist(), key=int) for t in tables)
+        assert [d for t in tables for d in t.column("dataset").to_pylist()] == ["synth"] * len(source)
+        assert Counter(a for t in tables for a in t.column("answer").to_pylist()) == Counter(
+            r["answer"] for r in source)
     assert manifest["rows"] == manifest["rows_read"] and manifest["skipped"]["count"] == 0
     assert manifest["images"]["unique"] == 30 == len(list((vqa_rad_dir / "VQA_RAD Image Folder").iterdir()))
     assert json.loads((out / "manifest.json").read_text()) == manifest
     assert sorted(p.name for p in tmp_path.iterdir()) == ["out"]  # no staging folder left behind
+
+
+def _val_images(out: Path) -> dict[str, set[str]]:
+    return {split: {json.loads(e)["image_name"] for e in pq.read_table(out / split).column("extra").to_pylist()}
+            for split in ("train", "val", "test")}
+
+
+def test_val_is_carved_from_train_by_image_seeded_and_never_from_test(vqa_rad_dir: Path, tmp_path: Path) -> None:
+    import shutil
+
+    src = tmp_path / "src"
+    shutil.copytree(vqa_rad_dir, src)
+    train = json.loads((src / "trainset.json").read_text())
+    test = json.loads((src / "testset.json").read_text())
+    train_images = sorted({r["image_name"] for r in train})
+    shared = train_images[:3]  # as in VQA-RAD's release, test asks about images that train also has
+    for row, image in zip(test, shared):
+        row["image_name"] = image
+    (src / "testset.json").write_text(json.dumps(test))
+
+    manifest = prepare("vqa-rad", src, tmp_path / "a", val_fraction=0.25, val_seed=5)
+    images = _val_images(tmp_path / "a")
+    assert manifest["val_split"] == {"source": "carved", "by": "image", "fraction": 0.25, "seed": 5,
+                                     "train_images": 24, "in_test": 3, "images": 6}  # round(24 x 0.25)
+    assert len(images["val"]) == 6 and images["val"] | images["train"] == set(train_images)
+    assert not images["val"] & images["train"] and not images["val"] & images["test"]
+    assert images["train"] & images["test"] == set(shared)  # the source's own overlap stays, and is counted
+    assert manifest["image_overlap"] == {"train-val": 0, "train-test": 3, "val-test": 0}
+    val_rows = pq.read_table(tmp_path / "a" / "val").to_pylist()
+    assert all(r["split"] == "val" for r in val_rows)
+    assert len(val_rows) == sum(r["image_name"] in images["val"] for r in train)  # every question of an image
+
+    prepare("vqa-rad", src, tmp_path / "b", val_fraction=0.25, val_seed=5)
+    prepare("vqa-rad", src, tmp_path / "c", val_fraction=0.25, val_seed=6)
+    assert _val_images(tmp_path / "b")["val"] == images["val"] != _val_images(tmp_path / "c")["val"]
+
+    none = prepare("vqa-rad", src, tmp_path / "d", val_fraction=0)
+    assert none["val_split"] == {"source": "none", "reason": "--val-fraction 0"} and "val" not in none["splits"]
+    with pytest.raises(ValueError, match=r"--val-fraction must be in \[0, 1\), got 1.5"):
+        prepare("vqa-rad", src, tmp_path / "e", val_fraction=1.5)
+    assert not (tmp_path / "e").exists()
 
 
 def _break_one_image(src: Path, dst: Path) -> tuple[str, str]:
@@ -131,6 +179,8 @@ def test_cli_prepare_inspect_and_usage_errors(vqa_rad_dir: Path, tmp_path: Path,
     assert main(["prepare", "--format", "vqa-rad", "--input", str(vqa_rad_dir), "--out", str(out)]) == 0
     printed = capsys.readouterr().out
     assert "vqa-rad (vqa-rad):" in printed and "  train " in printed and "  test " in printed
+    assert "  val " in printed
+    assert "val carved from train by image: 2 of 24 train images (fraction 0.1, seed 0)" in printed
     assert main(["inspect", str(out), "--rows", "1"]) == 0
     assert "[train] 0:" in capsys.readouterr().out
     with pytest.raises(SystemExit) as exit_info:

@@ -170,6 +170,7 @@ def test_slake_english_by_default(tmp_path: Path) -> None:
     assert rows(out, "train", "id", "question", "answer", "answer_type") == [
         ("0", "Which organ?", "Lung", "open"), ("2", "How many kidneys?", "2", "open")]
     assert rows(out, "val", "id", "split", "answer_type") == [("3", "val", "closed")]
+    assert manifest["val_split"] == {"source": "dataset"}  # validate.json is SLAKE's own: nothing carved
     assert "test" not in manifest["splits"]
     assert skipped(manifest) == [("test.json", 0, "4", "missing answer")]
     assert manifest["filtered"] == {"q_lang=zh (--lang en)": 1}
@@ -238,6 +239,7 @@ def test_r2gen_first_view_by_default(tmp_path: Path) -> None:
     assert json.loads(first["extra"]) == {"image_path": "CXR1_1/0.png", "split": "train",
                                           "views": ["CXR1_1/0.png", "CXR1_1/1.png"]}
     assert rows(out, "val", "id") == [("CXR3_1",)]
+    assert manifest["val_split"] == {"source": "dataset"}
     assert skipped(manifest) == [
         ("annotation.json:test", 0, "CXR4_1", "missing report text; missing image: images/CXR4_1/0.png")]
     assert manifest["splits"]["train"]["task"] == {"report": 2}

@@ -115,8 +115,8 @@ def test_rows_per_rank(synth_data: Path) -> None:
     assert set(read_rows(data, "test", columns=["id", "answer"])[0]) == {"id", "answer"}
     with pytest.raises(ValueError, match="rank 3"):
         read_rows(data, "test", rank=3, world_size=3)
-    with pytest.raises(KeyError, match="no split 'val'; splits are: train, test"):
-        read_rows(data, "val")
+    with pytest.raises(KeyError, match="no split 'dev'; splits are: train, val, test"):
+        read_rows(data, "dev")
 
 
 @pytest.mark.unit
@@ -174,8 +174,9 @@ def big_data(tmp_path_factory: pytest.TempPathFactory) -> tuple[Path, int]:
     rows = [{"qid": i, "image_name": f"noise{i % 4}.jpg", "question": f"question {i}?", "answer": "yes",
              "answer_type": "CLOSED"} for i in range(n)]
     (root / "raw" / "trainset.json").write_text(json.dumps(rows))
-    manifest = prepare("vqa-rad", root / "raw", root / "data", rows_per_shard=50, row_group_rows=10)
-    assert manifest["rows"] == n
+    # every row in train (no val carved): the point is one split larger than the object store
+    manifest = prepare("vqa-rad", root / "raw", root / "data", rows_per_shard=50, row_group_rows=10, val_fraction=0)
+    assert manifest["rows"] == manifest["splits"]["train"]["rows"] == n
     size = sum(p.stat().st_size for p in (root / "data" / "train").iterdir())
     assert size > 1.5 * OBJECT_STORE
     return root / "data", n

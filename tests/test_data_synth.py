@@ -38,8 +38,11 @@ def test_every_style_is_a_valid_vqa_rad_folder(style: str, tmp_path: Path) -> No
     info = generate(tmp_path / "synth", n=20, seed=0, style=style)
     manifest = prepare("vqa-rad", tmp_path / "synth", tmp_path / "out", options=ReadOptions(dataset=f"synth-{style}"))
     assert manifest["skipped"]["count"] == 0
-    assert {k: v["rows"] for k, v in manifest["splits"].items()} == info["rows"]
-    assert info["rows"]["train"] == 16 * STYLES[style].questions_per_image
+    # 16 train images, 2 of them (10%, rounded) carved into val with their questions; 4 test images
+    per_image = STYLES[style].questions_per_image
+    assert info["rows"] == {"train": 16 * per_image, "test": 4 * per_image}
+    assert {k: v["rows"] for k, v in manifest["splits"].items()} == {
+        "train": 14 * per_image, "val": 2 * per_image, "test": 4 * per_image}
     rows = json.loads((tmp_path / "synth" / "trainset.json").read_text())
     templates = {text: q.kind for q in STYLES[style].questions for text in q.texts}
     for row in rows:  # every question comes from the style's templates, with the kind's VQA-RAD fields
@@ -77,8 +80,10 @@ def test_downstream_styles_against_pretraining() -> None:
 def test_r2gen_layout_reads_as_report_task(tmp_path: Path) -> None:
     generate(tmp_path / "r", n=10, seed=0, layout="r2gen", test_fraction=0.3)
     manifest = prepare("r2gen", tmp_path / "r", tmp_path / "out")
-    assert {k: v["rows"] for k, v in manifest["splits"].items()} == {"train": 7, "test": 3}
-    assert manifest["splits"]["train"]["task"] == {"report": 7}
+    # its "val" is empty: one of the 7 train studies (10%, at least one) is carved into val
+    assert {k: v["rows"] for k, v in manifest["splits"].items()} == {"train": 6, "val": 1, "test": 3}
+    assert manifest["splits"]["train"]["task"] == {"report": 6}
+    assert manifest["val_split"]["source"] == "carved"
 
 
 def _histograms(path: Path) -> np.ndarray:

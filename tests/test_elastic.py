@@ -24,7 +24,7 @@ from raymed.train import fit
 
 pytestmark = pytest.mark.integration
 
-# 48 training rows, 16 per micro-batch: 2 steps per epoch on 2 workers, 3 on 1.
+# 42 training rows (14 images; 2 more are carved into val), 16 per micro-batch: 2 steps per epoch on 2 workers, 3 on 1.
 BASE = [
     "model.name=tiny-llava", "data.synth_n=20", "data.max_eval_rows=4", "data.synth_ood_style=null",
     "data.preprocess_actors=0", "train.epochs=3", "train.batch_size=16", "train.lr=5e-3", "train.zero_shot=false",

@@ -9,7 +9,8 @@ import pytest
 
 
 def test_question_breakdown_and_paired_test():
-    from raymed.questions import breakdown, mcnemar, question_type
+    from raymed.questions import breakdown, question_type
+    from raymed.stats import mcnemar
 
     rows = [{"answer": "yes", "answer_type": "closed", "extra": '{"question_type": "PRES"}'},
             {"answer": "left", "answer_type": "closed", "extra": '{"question_type": "POS"}'},

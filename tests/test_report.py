@@ -14,7 +14,8 @@ from typing import Any
 import pytest
 from PIL import Image
 
-from raymed.report import build_report, load_rows, main, normalize_row, pareto_front
+from raymed.plots import pareto_front
+from raymed.report import build_report, load_rows, main, normalize_row
 
 pytestmark = pytest.mark.unit
 
@@ -73,7 +74,15 @@ def md_tables(text: str) -> dict[str, list[dict[str, str]]]:
 
 
 def cell_number(cell: str) -> float | None:
-    return None if cell == "-" else float(cell)
+    """The number of a report.md cell (an accuracy's cell also holds its interval: ``0.6 [0.51, 0.68]``)."""
+    return None if cell == "-" else float(cell.split(" [")[0])
+
+
+def cell_interval(cell: str) -> list[float] | None:
+    """The interval of an accuracy's cell, None when it has none."""
+    if " [" not in cell:
+        return None
+    return [float(x) for x in cell.split(" [")[1].rstrip("]").split(", ")]
 
 
 def test_build_report_writes_its_files(tmp_path: Path) -> None:
@@ -128,7 +137,7 @@ def test_report_md_numbers_are_those_of_results_json(tmp_path: Path) -> None:
         assert float(r["trainable_pct"]) == t["params"]["percent"]
         assert (int(r["steps"]), float(r["wall_s"]), float(r["peak_mem_mb"])) == (
             t["steps"], t["wall_s"], t["peak_mem_mb"])
-        assert r["stopped_early"] == ("yes" if t["stopped_early"] else "no")
+        assert r["status"] == t["status"] == ("stopped" if t["stopped_early"] else "completed")
 
     best = tables["Best configuration per method"]
     assert [r["method"] for r in best] == ["full", "ln", "lora", "ffn"]  # sorted by the metric
@@ -278,3 +287,118 @@ def test_a_stopped_trial_is_cut_back_to_the_epoch_the_scheduler_saw(tmp_path: Pa
     [cut] = load_rows(tmp_path)
     assert cut["epochs"] == 2 and cut["steps"] == 20 and cut["stopped_early"] is True and "error" not in cut
     assert cut["metrics"] == {"zeroshot/test/overall_acc": 0.1, "eval/test/overall_acc": 0.2, "loss": 0.5}
+
+
+# ---- selection on validation, intervals, paired tests, status ----------------------------------------------------
+ZERO_SHOT = [1, 0, 0, 0, 0, 0, 1, 0, 0, 0]  # the base model's answers to the 10 test questions (1 = right)
+
+
+def _scored(trial_id: str, method: str, val: float, test: list[int], **extra: Any) -> dict[str, Any]:
+    """A row as training writes it: val and test accuracies with their question counts, and per-question answers."""
+    n = len(test)
+    counts = {"n_closed": 6, "n_open": n - 6}
+    metrics = {"eval/val/overall_acc": val, **{f"eval/val/{k}": 10 for k in ("n_closed", "n_open")},
+               "eval/test/overall_acc": sum(test) / n, **{f"eval/test/{k}": v for k, v in counts.items()},
+               "zeroshot/test/overall_acc": sum(ZERO_SHOT) / n, "zeroshot/val/overall_acc": 0.45,
+               **{f"zeroshot/test/{k}": v for k, v in counts.items()}}
+    answers = {"eval/test": {"ids": "q10", "correct": "".join(map(str, test))},
+               "zeroshot/test": {"ids": "q10", "correct": "".join(map(str, ZERO_SHOT))}}
+    return _row(trial_id, method, 1e-3, 100, None, metrics=metrics, answers=answers,
+                config={"data": {"eval_split": "test"}}, **extra)
+
+
+SCORED = [
+    _scored("a", "ln", 0.60, [1, 1, 1, 1, 0, 0, 1, 1, 0, 0]),
+    _scored("b", "ln", 0.50, [1, 1, 1, 1, 1, 1, 1, 1, 1, 0]),  # better on test, worse on val: not chosen
+    _scored("c", "lora", 0.55, [0, 1, 1, 1, 1, 1, 0, 1, 1, 1]),
+    _scored("d", "lora", 0.90, [1] * 10, error="RuntimeError: worker died"),  # best on val, but errored
+    _scored("e", "full", 0.40, [0, 1, 0, 0, 0, 0, 1, 0, 0, 0], stopped_early=True),
+    _scored("f", "ffn", 0.70, [1] * 10, error="RuntimeError: out of memory"),  # every ffn trial errored
+]
+
+
+def test_each_method_is_chosen_on_val_and_reported_on_test_with_intervals(tmp_path: Path) -> None:
+    from raymed.stats import proportion_ci
+
+    files = build_report(SCORED, tmp_path)
+    summary = json.loads(files["results_json"].read_text())
+    assert (summary["metric"], summary["selection_split"]) == ("eval/val/overall_acc", "val")
+    assert (summary["reported_metric"], summary["reported_split"]) == ("eval/test/overall_acc", "test")
+    assert summary["best_per_method"] == {"ln": "a", "lora": "c", "full": "e"}  # never d (errored), no ffn at all
+    trials = {t["trial_id"]: t for t in summary["trials"]}
+    assert {i: t["status"] for i, t in trials.items()} == {
+        "a": "completed", "b": "completed", "c": "completed", "d": "errored", "e": "stopped", "f": "errored"}
+    assert [t["trial_id"] for t in summary["trials"]] == ["a", "c", "b", "e", "d", "f"]
+    assert trials["d"]["rank"] is None and trials["f"]["rank"] is None
+    # exact intervals from each accuracy's question count: a has 6 of 10 test questions right, 60% of 20 on val
+    assert trials["a"]["intervals"]["eval/test/overall_acc"] == [float(f"{x:.4g}") for x in proportion_ci(6, 10)]
+    assert trials["a"]["intervals"]["eval/val/overall_acc"] == [float(f"{x:.4g}") for x in proportion_ci(12, 20)]
+
+    text = files["report_md"].read_text()
+    assert "Chosen on `eval/val/overall_acc` (higher is better), the `val` split; reported on the `test` split" in text
+    assert "Every trial of ffn errored" in text and "Warning" not in text
+    tables = md_tables(text)
+    best = tables["Best configuration per method"]
+    assert [(r["method"], r["trial_id"], r["status"]) for r in best] == [
+        ("ln", "a", "completed"), ("lora", "c", "completed"), ("full", "e", "stopped")]
+    for r in best + tables["All trials"]:  # every accuracy cell: the value and interval of results.json
+        t = trials[r["trial_id"]]
+        for name in ("eval/val/overall_acc", "eval/test/overall_acc"):
+            assert cell_number(r[name]) == t["metrics"][name] and cell_interval(r[name]) == t["intervals"][name]
+    assert {r["trial_id"]: r["status"] for r in tables["All trials"]} == {i: t["status"] for i, t in trials.items()}
+    # the other sets: zero-shot on test; nothing of the selection split, which chooses rather than reports
+    assert list(tables["Out-of-distribution and zero-shot"][0]) == [
+        "method", "lr", "eval/test/overall_acc", "zeroshot/test/overall_acc"]
+
+
+def test_chosen_trials_are_tested_against_zero_shot_and_ln_on_the_same_questions(tmp_path: Path) -> None:
+    from raymed.stats import mcnemar
+
+    summary = json.loads(build_report(SCORED, tmp_path)["results_json"].read_text())
+    tests = summary["comparisons"]
+    # lora (c) against zero-shot: right on 8 questions zero-shot missed, wrong on the 2 it got (1 and 7), so
+    # p = 2 * P(X <= 2 | 10, 1/2) = 2 * 56/1024 by hand; against ln (a): gains questions 5, 6, 9, 10, loses 1 and 7,
+    # p = 2 * P(X <= 2 | 6, 1/2) = 2 * 22/64.
+    assert tests["lora"]["zero-shot"] == {"gained": 8, "lost": 2, "p": 0.1094, "n": 10}
+    assert tests["lora"]["ln"] == {"gained": 4, "lost": 2, "p": 0.6875, "n": 10} and tests["lora"]["ln_trial"] == "a"
+    c, a = [1 if x == "1" else 0 for x in SCORED[2]["answers"]["eval/test"]["correct"]], \
+        [int(x) for x in SCORED[0]["answers"]["eval/test"]["correct"]]
+    assert tests["lora"]["ln"]["p"] == float(f"{mcnemar(a, c)['p']:.4g}")
+    assert tests["ln"]["ln"] is None and tests["ln"]["zero-shot"] == {"gained": 4, "lost": 0, "p": 0.125, "n": 10}
+    paired = {r["method"]: r for r in md_tables(build_report(SCORED, tmp_path)["report_md"].read_text())[
+        "Paired comparisons"]}
+    assert paired["lora"]["gained vs ln"] == "4" and float(paired["lora"]["p vs zero-shot"]) == 0.1094
+    assert paired["ln"]["p vs ln"] == "-" and paired["full"]["ln trial"] == "a"
+    # other questions (another ids hash) are never paired
+    other = [{**SCORED[0], "answers": {"eval/test": {"ids": "other", "correct": "1" * 10}}}, *SCORED[1:]]
+    assert json.loads(build_report(other, tmp_path / "x")["results_json"].read_text())["comparisons"]["lora"][
+        "ln"] is None
+
+
+def test_choosing_on_the_reported_split_is_flagged(tmp_path: Path) -> None:
+    text = build_report(SCORED, tmp_path, metric="eval/test/overall_acc")["report_md"].read_text()
+    assert "**Warning: trials were chosen (and stopped) on `test`, the split they are reported on" in text
+    # a sweep from before validation splits: chosen on test by default, and said so
+    old = build_report(ROWS, tmp_path / "old")["report_md"].read_text()
+    assert "Chosen on `eval/test/overall_acc`" in old and "**Warning" in old
+
+
+def test_answers_follow_the_reported_epoch_and_survive_a_rebuild(tmp_path: Path) -> None:
+    from raymed.results import write_stopped
+
+    def epoch(e: int) -> dict[str, Any]:
+        return {"epoch": e, "step": 10 * e, "loss": 1.0 / e, "eval/test/overall_acc": e / 10,
+                "answers": {"eval/test": {"ids": "q3", "correct": "100" if e < 3 else "111"}}}
+
+    row = {**SCORED[0], "trial_id": "run", "history": [epoch(e) for e in (1, 2, 3)], "epochs": 3,
+           "answers": {"eval/test": {"ids": "q3", "correct": "111"}, "zeroshot/test": {"ids": "q3", "correct": "000"}}}
+    write_stopped(_write_run(tmp_path / "exp" / "runs", row), 2)
+    [cut] = load_rows(tmp_path / "exp")
+    assert cut["answers"] == {"eval/test": {"ids": "q3", "correct": "100"},
+                              "zeroshot/test": {"ids": "q3", "correct": "000"}}
+    assert all("answers" not in h for h in cut["history"])  # per-epoch answers stay in the checkpoints only
+    first = build_report([cut], tmp_path / "report")["results_json"].read_text()
+    rebuilt = build_report(load_rows(tmp_path / "report"), tmp_path / "report")  # from results.json alone
+    assert rebuilt["results_json"].read_text() == first
+    with pytest.raises(ValueError, match="'answers' must map eval sets to"):
+        normalize_row({**SCORED[0], "answers": {"eval/test": {"ids": "q", "correct": "yes"}}})

@@ -64,7 +64,9 @@ def test_method_matrix(ray_cluster, model_name, stage, method):
     losses = [h["loss"] for h in summary["history"]]
     assert summary["steps"] == 6 and len(losses) == 2
     assert losses[1] < losses[0], f"loss did not decrease: {losses}"
-    assert "eval/test/overall_acc" in summary["metrics"]
+    assert "eval/test/overall_acc" in summary["metrics"] and "eval/val/overall_acc" in summary["metrics"]
+    # rank 0 gathers both ranks' answers: which of the 4 val and 4 test questions came out right
+    assert {k: len(v["correct"]) for k, v in summary["answers"].items()} == {"eval/val": 4, "eval/test": 4}
     assert summary["history"][-1]["zero_stage"] == stage  # two workers: the stage asked for
 
     ckpt = Path(summary["checkpoint"]) / "model"
@@ -126,7 +128,7 @@ def test_checkpoint_rebuilds_and_exports_the_model(ray_cluster, tmp_path, method
 
 def test_resume_refuses_a_changed_config_and_continues_the_schedule_when_allowed(ray_cluster):
     common = ("model.name=tiny-llava", "method.name=ln", "train.eval_every=1", "scaling.num_workers=1")
-    # A run of 4 epochs (6 steps each: 48 rows, 1 worker) dies in epoch 3 (no restarts): its last checkpoint is
+    # A run of 4 epochs (6 steps each: 42 rows, 1 worker) dies in epoch 3 (no restarts): its last checkpoint is
     # epoch 2, step 12.
     with pytest.raises(Exception):
         run(ray_cluster, "resume", *common, "train.epochs=4", "run.fail_at_step=14")

@@ -53,6 +53,14 @@ def test_sweep_with_asha_writes_the_report(ray_cluster, tmp_path, capsys):
     assert all(t["params"]["trainable"] > 0 for t in rows)
     assert any(t["stopped_early"] for t in rows), "ASHA stopped no trial"
     assert all(t["steps"] > 0 for t in rows)
+    # every trial evaluated the carved val split (2 of the 16 train images: 6 questions) and test (8 of 12 asked),
+    # and carries which of those questions it got right, for the report's paired tests
+    for t in rows:
+        assert {k: len(v["correct"]) for k, v in t["answers"].items()} == {"eval/val": 6, "eval/test": 8}
+        assert t["status"] == ("stopped" if t["stopped_early"] else "completed")
+        assert t["metrics"]["eval/val/n_closed"] + t["metrics"]["eval/val/n_open"] == 6
+    assert set(summary["comparisons"]["attn"]) == {"zero-shot", "ln", "ln_trial"}
+    assert summary["comparisons"]["attn"]["ln"]["n"] == 8  # chosen attn against chosen ln, on the same 8 questions
     assert "report.md" in capsys.readouterr().out or (tmp_path / "tiny-cpu" / "report.md").exists()
     # `raymed.report DIR` rebuilds the very results.json the sweep wrote, stopped trials included.
     from raymed.report import main as report_main

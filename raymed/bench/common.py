@@ -78,7 +78,7 @@ def default_max_length(ref: Any, processor: Any) -> int:
 
 def synth_data(n_images: int, image_size: int = 64, seed: int = 0, rows_per_shard: int = 1000) -> Path:
     """Prepared shards of the synthetic Med-VQA (3 questions per image), cached by their parameters."""
-    from raymed.data.prepare import MANIFEST, prepare
+    from raymed.data.prepare import MANIFEST, VAL_FRACTION, prepare
     from raymed.data.synth import generate
 
     if image_size == 64 and rows_per_shard == 1000:
@@ -86,7 +86,7 @@ def synth_data(n_images: int, image_size: int = 64, seed: int = 0, rows_per_shar
 
         return synthetic_dataset("base", n_images, seed)
     root = CACHE / "data" / f"base-n{n_images}-px{image_size}-s{seed}-r{rows_per_shard}"
-    prepared = root / "prepared"
+    prepared = root / f"prepared-val{VAL_FRACTION:g}"  # train less the val split `prepare` carves, as `fit` has it
     if not (prepared / MANIFEST).is_file():
         generate(root / "raw", n=n_images, seed=seed, style="base", size=image_size)
         prepare("vqa-rad", root / "raw", prepared, overwrite=True, rows_per_shard=rows_per_shard,

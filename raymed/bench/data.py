@@ -141,7 +141,7 @@ def run(model: str = BENCH_MODEL, images: int = 400, image_size: int = 256, batc
         pipelines: tuple[str, ...] = tuple(PIPELINES)) -> dict[str, Any]:
     import ray
 
-    from raymed.data.prepare import read_manifest
+    from raymed.data.prepare import VAL_FRACTION, read_manifest, val_images
     from raymed.data.transform import FamilyEncoderFactory
     from raymed.models import load_processor
     from raymed.cluster import start_local_ray
@@ -149,7 +149,8 @@ def run(model: str = BENCH_MODEL, images: int = 400, image_size: int = 256, batc
     started = time.time()
     ref = model_ref(model)
     max_length = max_length or default_max_length(ref, load_processor(ref))
-    train_rows = 3 * (images - round(images * 0.2))
+    train_images = images - round(images * 0.2)
+    train_rows = 3 * (train_images - val_images(train_images, VAL_FRACTION))  # `prepare` carves val from train
     data_dir = synth_data(images, image_size=image_size, rows_per_shard=max(1, math.ceil(train_rows / shards)))
     manifest = read_manifest(data_dir)["splits"]["train"]
     # The factory pickles only plain fields; a directory (or preset) name is what workers can resolve.

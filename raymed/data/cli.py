@@ -30,6 +30,7 @@ def _columns(text: str) -> dict[str, str]:
 
 
 def _parser() -> argparse.ArgumentParser:
+    from raymed.data.prepare import VAL_FRACTION
     from raymed.data.synth import STYLES
 
     parser = argparse.ArgumentParser(prog="python -m raymed.data",
@@ -51,6 +52,10 @@ def _parser() -> argparse.ArgumentParser:
                    help="do not decode images to detect corrupt/truncated files (faster, riskier)")
     p.add_argument("--workers", type=int, default=2, help="threads decoding images for the check")
     p.add_argument("--overwrite", action="store_true", help="replace an earlier prepare output in --out")
+    p.add_argument("--val-fraction", type=float, default=VAL_FRACTION,
+                   help="when the source has no validation split: share of the train images (with all their "
+                        "questions) carved into one, never an image also in test (default %(default)s; 0: none)")
+    p.add_argument("--val-seed", type=int, default=0, help="seed of the carved validation split (default 0)")
     g = p.add_argument_group("format-specific options")
     g.add_argument("--lang", choices=("en", "zh", "all"), help="slake: question language (default en)")
     g.add_argument("--views", choices=("first", "all"), help="r2gen: first view per study (default) or all")
@@ -92,7 +97,7 @@ def _prepare(args: argparse.Namespace, parser: argparse.ArgumentParser) -> int:
                           **given)
     manifest = prepare(args.format, args.input, args.out, options=options, on_bad=args.on_bad, images=args.images,
                        rows_per_shard=args.rows_per_shard, check_images=args.check_images, workers=args.workers,
-                       overwrite=args.overwrite)
+                       overwrite=args.overwrite, val_fraction=args.val_fraction, val_seed=args.val_seed)
     print(summary(manifest))
     print(f"wrote {storage.resolve(args.out)}")
     return 0

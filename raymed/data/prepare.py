@@ -3,19 +3,27 @@
 Layout written: ``OUT/{split}/part-00000.parquet`` (at most ``rows_per_shard`` rows each) and
 ``OUT/manifest.json``. Shards are written into a hidden staging folder beside ``OUT`` and moved into
 place only when the run succeeds, so a failed run (``--on-bad error``) leaves nothing behind.
+
+Every prepared dataset has a ``val`` split to select on (docs/DESIGN.md, "Validation splits"): the source's own
+(SLAKE ``validate.json``, PathVQA ``val``, R2Gen ``val``) or, when it ships none (VQA-RAD), one carved from
+``train`` by image (``_Conversion.carve_val``): a seeded ``val_fraction`` of the train images, never an image
+that is also in ``test``, with all of each image's questions. The manifest records how (``val_split``) and how
+many images each pair of splits shares (``image_overlap``).
 """
 
 from __future__ import annotations
 
 import hashlib
+import itertools
 import json
 import os
 import shutil
 from collections import Counter, defaultdict
 from dataclasses import asdict, dataclass, fields
 from pathlib import Path
-from typing import Any, Iterable, Literal
+from typing import Any, Callable, Iterable, Literal
 
+import numpy as np
 import pyarrow as pa
 import pyarrow.parquet as pq
 
@@ -27,6 +35,7 @@ from raymed.data.source import ReadContext, ReadOptions, SourceRow
 OnBad = Literal["error", "skip"]
 ImageMode = Literal["embed", "uri"]
 MANIFEST = "manifest.json"
+VAL_FRACTION = 0.1  # share of the train images carved into `val` when the source ships no validation split
 _CHUNK = 256  # rows whose images are checked together in the thread pool
 _ROW_GROUP_BYTES = 32 << 20  # small row groups keep Ray Data blocks small
 
@@ -154,7 +163,9 @@ class _Conversion:
         self.seen: dict[tuple[str, str], str] = {}  # (split, id) -> where it was first seen
         self.stats: dict[str, Counter[str]] = defaultdict(Counter)
         self.split_images: dict[str, set[str]] = defaultdict(set)
+        self.image_of: dict[tuple[str, str], str] = {}  # (split, id) -> image key (path, URI or content hash)
         self.image_stats: Counter[str] = Counter()
+        self.val_split: dict[str, Any] = {}
 
     def problems(self, row: SourceRow) -> list[str]:
         """Why ``row`` cannot be written: the reader's problems, its image's, a duplicate id."""
@@ -186,20 +197,62 @@ class _Conversion:
             data, uri, image_key = None, image.uri, str(image.uri)
             self.image_stats["remote_unchecked"] += 1
         self.image_stats["embedded" if data is not None else "uri"] += 1
-        self.split_images[row.split].add(image_key)
-        writer = self.writers.get(row.split)
-        if writer is None:
-            writer = ShardWriter(self.staging / row.split, self.rows_per_shard, self.row_group_rows)
-            self.writers[row.split] = writer
-        writer.add({
+        self.add(row.split, image_key, {
             "id": row.id, "dataset": self.dataset, "split": row.split, "task": row.task, "image": data,
             "image_uri": uri, "question": row.question, "answer": row.answer, "answer_type": row.answer_type,
             "extra": row.extra,
         })
-        counts = self.stats[row.split]
+
+    def add(self, split: str, image_key: str, record: dict[str, Any]) -> None:
+        """Write one unified record to ``split``'s shards and count it."""
+        self.split_images[split].add(image_key)
+        self.image_of[(split, record["id"])] = image_key
+        writer = self.writers.get(split)
+        if writer is None:
+            writer = ShardWriter(self.staging / split, self.rows_per_shard, self.row_group_rows)
+            self.writers[split] = writer
+        writer.add(record)
+        counts = self.stats[split]
         counts["rows"] += 1
-        counts[f"answer_type.{row.answer_type}"] += 1
-        counts[f"task.{row.task}"] += 1
+        counts[f"answer_type.{record['answer_type']}"] += 1
+        counts[f"task.{record['task']}"] += 1
+
+    def close(self, val_fraction: float, val_seed: int) -> None:
+        """Finish every split's shards, ``val`` included (:meth:`carve_val`)."""
+        for writer in self.writers.values():
+            writer.close()
+        self.carve_val(val_fraction, val_seed)
+        for writer in self.writers.values():
+            writer.close()
+
+    def carve_val(self, fraction: float, seed: int) -> None:
+        """Give the dataset a ``val`` split: the source's own, else a seeded ``fraction`` of the train images (none
+        that is also in ``test``) moved from ``train`` with all their rows. Call with every writer closed."""
+        if "val" in self.writers:
+            self.val_split = {"source": "dataset"}
+            return
+        train = sorted(self.split_images.get("train", ()))
+        pool = [key for key in train if key not in self.split_images.get("test", ())]
+        count = min(val_images(len(train), fraction), len(pool))
+        self.val_split = {"source": "carved", "by": "image", "fraction": fraction, "seed": seed,
+                          "train_images": len(train), "in_test": len(train) - len(pool), "images": count}
+        if count == 0:
+            reason = ("--val-fraction 0" if fraction == 0 else "no train split" if not train
+                      else "every train image is also in test" if not pool else "fewer than 2 train images")
+            self.val_split = {"source": "none", "reason": reason}
+            return
+        chosen = {pool[i] for i in np.random.default_rng(seed).permutation(len(pool))[:count]}
+        uncarved = self.staging / ".train-uncarved"
+        (self.staging / "train").rename(uncarved)
+        shards = self.writers.pop("train").shards
+        del self.stats["train"], self.split_images["train"]
+        for shard in shards:  # file order kept within train and val
+            for batch in pq.ParquetFile(uncarved / shard["file"]).iter_batches(batch_size=self.row_group_rows):
+                for record in batch.to_pylist():
+                    key = self.image_of[("train", record["id"])]
+                    split = "val" if key in chosen else "train"
+                    self.add(split, key, {**record, "split": split})
+        shutil.rmtree(uncarved)
 
     def manifest(self, head: dict[str, Any], rows_read: int, bad: list[BadRow]) -> dict[str, Any]:
         splits = {}
@@ -219,6 +272,8 @@ class _Conversion:
             "rows_read": rows_read,
             "rows": sum(s["rows"] for s in splits.values()),
             "splits": splits,
+            "val_split": self.val_split,
+            "image_overlap": image_overlap(self.split_images),
             "images": {
                 "unique": len(set().union(*self.split_images.values())),
                 "files_checked": self.checker.files_checked,
@@ -230,6 +285,31 @@ class _Conversion:
             "skipped": {"count": len(bad), "by_reason": dict(sorted(reasons.items())),
                         "rows": [asdict(b) for b in bad]},
         }
+
+
+def val_images(train_images: int, fraction: float) -> int:
+    """Images to carve into ``val`` from ``train_images``: ``fraction`` of them, rounded, at least one when the
+    fraction is not 0, and never all of them."""
+    if not 0 <= fraction < 1:
+        raise ValueError(f"--val-fraction must be in [0, 1), got {fraction}")
+    if fraction == 0 or train_images < 2:
+        return 0
+    return min(train_images - 1, max(1, round(train_images * fraction)))
+
+
+def image_overlap(split_images: dict[str, set[str]]) -> dict[str, int]:
+    """Images shared by each pair of splits (``train-test``, ``train-val``, ``val-test``): an image in two splits
+    lets a model see at training time what it is scored on."""
+    names = sorted(split_images, key=lambda s: (SPLITS.index(s) if s in SPLITS else len(SPLITS), s))
+    return {f"{a}-{b}": len(split_images[a] & split_images[b]) for a, b in itertools.combinations(names, 2)}
+
+
+def _check_out(out: Any, not_empty: bool, prepared: Callable[[], bool], overwrite: bool) -> None:
+    """``--out`` must be empty, or an earlier prepare output replaced with ``--overwrite``."""
+    if not_empty and not overwrite:
+        raise FileExistsError(f"--out {out} exists and is not empty; choose another folder or pass --overwrite")
+    if not_empty and not prepared():
+        raise FileExistsError(f"--out {out} is not a prepared dataset (no {MANIFEST}); refusing to overwrite it")
 
 
 def prepare(
@@ -245,37 +325,35 @@ def prepare(
     check_images: bool = True,
     workers: int = 2,
     overwrite: bool = False,
+    val_fraction: float = VAL_FRACTION,
+    val_seed: int = 0,
 ) -> dict[str, Any]:
     """Read ``source`` in format ``fmt``, check every row and image, write shards; return the manifest.
 
     ``images="embed"`` stores the image file bytes as stored; ``"uri"`` stores the absolute path in
     ``image_uri`` instead (the stream then reads it). Raises :class:`BadRowsError` (nothing written)
-    when ``on_bad == "error"`` and any row is bad.
+    when ``on_bad == "error"`` and any row is bad. A source without a validation split gets one carved from
+    ``train`` (``val_fraction`` of its images, seeded by ``val_seed``; 0: none).
     """
     from raymed import storage
 
+    val_images(2, val_fraction)  # a wrong fraction fails before anything is read
+
     if storage.is_uri(out):  # prepare locally, then upload (manifest last: no half-written dataset)
         storage.check(out, "--out")
-        if storage.listdir(out):
-            if not overwrite:
-                raise FileExistsError(f"--out {out} exists and is not empty; choose another folder or pass --overwrite")
-            if not storage.is_file(storage.join(out, MANIFEST)):
-                raise FileExistsError(f"--out {out} is not a prepared dataset (no {MANIFEST}); refusing to overwrite it")
+        _check_out(out, bool(storage.listdir(out)), lambda: storage.is_file(storage.join(out, MANIFEST)), overwrite)
         with storage.staged_output(out, last=(MANIFEST,)) as local:
             manifest = prepare(fmt, source, local, options=options, on_bad=on_bad, images=images,
                                rows_per_shard=rows_per_shard, row_group_rows=row_group_rows,
-                               check_images=check_images, workers=workers)
+                               check_images=check_images, workers=workers, val_fraction=val_fraction,
+                               val_seed=val_seed)
             storage.remove(out)  # --overwrite: no stale shards of the earlier dataset
         return manifest
     spec = get_format(fmt)
     source, out = Path(source).resolve(), Path(out).resolve()
     if not source.exists():
         raise FileNotFoundError(f"--input {source} does not exist")
-    if out.exists() and any(out.iterdir()):
-        if not overwrite:
-            raise FileExistsError(f"--out {out} exists and is not empty; choose another folder or pass --overwrite")
-        if not (out / MANIFEST).is_file():
-            raise FileExistsError(f"--out {out} is not a prepared dataset (no {MANIFEST}); refusing to overwrite it")
+    _check_out(out, out.exists() and any(out.iterdir()), (out / MANIFEST).is_file, overwrite)
     ctx = ReadContext(root=source, options=options)
     checker = ImageChecker(check=check_images, workers=workers)
     staging = out.parent / f".{out.name}.partial-{os.getpid()}"
@@ -299,8 +377,7 @@ def prepare(
             raise ValueError(f"{source}: no rows found for format {fmt} (filtered: {dict(ctx.filtered) or 'none'})")
         if bad and on_bad == "error":
             raise BadRowsError(bad, source, fmt)
-        for writer in run.writers.values():
-            writer.close()
+        run.close(val_fraction, val_seed)
         head = {"format": spec.name, "dataset": dataset, "source": str(source),
                 "options": {**_options_dict(options), "on_bad": on_bad, "images": images}}
         manifest = run.manifest(head, rows_read, bad)
@@ -333,6 +410,16 @@ def summary(manifest: dict[str, Any]) -> str:
         at = s["answer_type"]
         lines.append(f"  {name:<5} {s['rows']:>7} rows  closed {at['closed']:>6}  open {at['open']:>6}"
                      f"  images {s['images']:>6}  shards {len(s['shards'])}")
+    val = manifest.get("val_split") or {}
+    if val.get("source") == "carved":
+        kept = f"; {val['in_test']} train images also in test stay in train" if val["in_test"] else ""
+        lines.append(f"  val carved from train by image: {val['images']} of {val['train_images']} train images "
+                     f"(fraction {val['fraction']}, seed {val['seed']}{kept})")
+    elif val.get("source") == "none":
+        lines.append(f"  no val split: {val['reason']}")
+    shared = {k: v for k, v in (manifest.get("image_overlap") or {}).items() if v}
+    if shared:
+        lines.append("  images in two splits: " + ", ".join(f"{k} {v}" for k, v in shared.items()))
     skipped = manifest["skipped"]
     if skipped["count"]:
         reasons = ", ".join(f"{k} {v}" for k, v in skipped["by_reason"].items())
