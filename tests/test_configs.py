@@ -150,17 +150,17 @@ def test_selection_split_and_eval_set_names(tmp_path):
 
 def test_a_dataset_without_the_selection_split_is_named_at_plan_time(tmp_path):
     from raymed.data import generate, prepare
-    from raymed.data.plan import steps_per_epoch
+    from raymed.data.plan import micro_batches_per_epoch
 
     generate(tmp_path / "raw", n=12, seed=0)
     prepare("vqa-rad", tmp_path / "raw", tmp_path / "old", val_fraction=0)  # as prepared before val splits
     cfg = load_config(None, [f"data.path={tmp_path / 'old'}", "scaling.num_workers=1"])
     with pytest.raises(ConfigError, match=r"data.select_split: no split 'val' in .*old; splits: train, test "
                                           r"\(prepared before raymed carved validation splits\?"):
-        steps_per_epoch(str(tmp_path / "old"), cfg)
+        micro_batches_per_epoch(str(tmp_path / "old"), cfg)
     unselected = load_config(None, [f"data.path={tmp_path / 'old'}", "scaling.num_workers=1",
                                     "data.select_split=null"])
-    assert steps_per_epoch(str(tmp_path / "old"), unselected) == {1: 4}  # 10 train images x 3 = 30 rows, batch 8
+    assert micro_batches_per_epoch(str(tmp_path / "old"), unselected) == {1: 4}  # 10 train images x 3 = 30 rows, batch 8
 
 
 def test_default_max_new_tokens_fits_the_fixture_answers(tmp_path):

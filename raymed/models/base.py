@@ -232,7 +232,7 @@ def enable_activation_checkpointing(model: nn.Module) -> None:
 
 def prefix_cache(peft_model: nn.Module) -> None:
     """The KV cache through which peft's prefix tuning hands its prefix to the model, made right for training and for
-    BERT-style layers (docs/DESIGN.md §9).
+    BERT-style layers (docs/DESIGN.md §10).
 
     - In training, each layer of the prefix cache is read-only: `update` returns prefix + the step's keys and values
       and stores nothing. A checkpointed layer's replay in backward then computes exactly what its forward did, so
