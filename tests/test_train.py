@@ -170,15 +170,19 @@ def test_later_epochs_replay_the_first_epochs_batches(ray_cluster):
 
 
 def test_a_crashed_run_resumes_exactly(ray_cluster):
-    """LoRA (dropout 0.1) on 2 workers: a worker killed mid-epoch 2 restarts from the epoch-1 checkpoint and ends
-    with the very weights and losses of the uninterrupted run (RNG restored, the same shuffled batches)."""
-    common = ("model.name=tiny-miss", "method.name=lora", "train.eval_every=1")
+    """LoRA (dropout 0.1) on 2 workers with gradient accumulation: a worker killed mid-epoch 2 restarts from the
+    epoch-1 checkpoint and ends with the very weights and losses of the uninterrupted run (RNG restored, the same
+    shuffled batches). Each worker has 3 micro-batches an epoch and accumulates 2: every epoch ends on a shorter
+    group (2 optimizer steps, as planned), no gradient is pending at a checkpoint, and the lr ends at 0 (it used to
+    take more steps than planned and climb back up)."""
+    common = ("model.name=tiny-miss", "method.name=lora", "train.eval_every=1", "train.grad_accum=2")
     clean = run(ray_cluster, "nofault", *common)
-    faulty = run(ray_cluster, "fault", *common, "run.max_failures=1", "run.fail_at_step=5")
+    faulty = run(ray_cluster, "fault", *common, "run.max_failures=1", "run.fail_at_step=3")
     assert (Path(ray_cluster) / "fault" / "fault-injected.txt").is_file()
-    assert faulty["steps"] == clean["steps"] == 6
-    assert [h["step"] for h in faulty["history"]] == [3, 6]
+    assert faulty["steps"] == clean["steps"] == 4
+    assert [h["step"] for h in faulty["history"]] == [2, 4]
     assert [h["loss"] for h in faulty["history"]] == [h["loss"] for h in clean["history"]]
+    assert clean["history"][-1]["lr"] == pytest.approx(0.0, abs=1e-12)
     a = load_file(Path(clean["checkpoint"]) / "model" / "trainable.safetensors")
     b = load_file(Path(faulty["checkpoint"]) / "model" / "trainable.safetensors")
     assert set(a) == set(b) and all(torch.equal(a[k], b[k]) for k in a)
