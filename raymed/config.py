@@ -74,7 +74,11 @@ class DataConfig(Section):
     and LLaVA-Med); or resize the short side and centre-crop (loses `1 - short/long` of the long axis). auto: the
     processor's `do_pad` (the tiny presets crop, as they were pretrained), pad otherwise."""
     max_length: int = Field(64, ge=8, le=8192)
-    """Token length of model inputs (LLaVA: prompt incl. image tokens + answer)."""
+    """Truncation limit of model inputs in tokens (LLaVA: prompt incl. image tokens + answer). Batches are cut to
+    their longest sample (`pad_to_multiple_of`), so a larger limit costs nothing on shorter data."""
+    pad_to_multiple_of: int = Field(8, ge=1, le=512)
+    """Each batch (training and generation) is padded to its longest sample rounded up to this many tokens (8: tensor
+    cores); 1: exactly the longest. Pads are masked, so it does not change what a run computes."""
     synth_n: int = Field(400, ge=10)
     """Images in the built-in synthetic dataset (3 questions each)."""
     synth_style: str = "base"
@@ -254,7 +258,7 @@ class Config(Section):
 RESULT_NEUTRAL_KEYS = frozenset({
     "run.name", "run.storage", "run.metrics_export", "run.max_failures", "run.keep_checkpoints", "run.fail_at_step",
     "run.save_full_model", "run.allow_config_change", "run.report_to",
-    "data.preprocess_actors", "train.eval_batch_size", "train.log_every",
+    "data.preprocess_actors", "data.pad_to_multiple_of", "train.eval_batch_size", "train.log_every",
     "scaling.cpus_per_worker", "scaling.gpus_per_worker", "scaling.placement_strategy", "scaling.resize_interval_s",
 })
 

@@ -34,12 +34,14 @@ def encoder(family: Any, processor: Any, max_length: int, template: str = "auto"
 def answer_rows(model: torch.nn.Module, family: Any, processor: Any, rows: Sequence[Mapping[str, Any]], *,
                 batch_size: int, max_new_tokens: int, max_length: int, template: str = "auto",
                 image_aspect: str = "auto", n_batches: int | None = None, bf16: bool | None = None,
-                filler: Mapping[str, Any] | None = None, **generate_kwargs: Any) -> list[str]:
+                filler: Mapping[str, Any] | None = None, pad_to_multiple_of: int = 8,
+                **generate_kwargs: Any) -> list[str]:
     """Generated answers to ``rows``, in order.
 
     ``n_batches`` larger than needed runs extra batches (repeating the last rows, answers dropped): ZeRO-3 ranks
     must call `generate` the same number of times. A rank with no rows at all still runs them, on ``filler``, a
-    dummy row (``rows=[]``). ``bf16``: images in bf16 (default: when the model's weights are).
+    dummy row (``rows=[]``). ``bf16``: images in bf16 (default: when the model's weights are). Each batch is cut to
+    its longest prompt, rounded up to ``pad_to_multiple_of`` (`Family.cut_padding`); ``max_length`` only truncates.
     """
     encode = encoder(family, processor, max_length, template, image_aspect)
     first = next(model.parameters())
@@ -51,7 +53,8 @@ def answer_rows(model: torch.nn.Module, family: Any, processor: Any, rows: Seque
         chunk = list(rows[b * batch_size:(b + 1) * batch_size]) or list(rows[-1:]) or ([filler] if filler else [])
         if not chunk:
             break
-        enc = encode({k: [r[k] for r in chunk] for k in chunk[0]})
+        enc = family.cut_padding(processor, encode({k: [r[k] for r in chunk] for k in chunk[0]}), train=False,
+                                 multiple=pad_to_multiple_of)
         batch = {k: torch.from_numpy(v).to(device) for k, v in enc.items() if k != "id"}
         if bf16:
             batch["pixel_values"] = batch["pixel_values"].to(torch.bfloat16)
@@ -91,7 +94,8 @@ def answer(model: torch.nn.Module, family: Any, processor: Any, cfg: Any, rows: 
         return answer_rows(model, family, processor, rows,
                            batch_size=batch_size or eval_batch_size(family, processor, cfg),
                            max_new_tokens=max_new_tokens or cfg.train.max_new_tokens, max_length=cfg.data.max_length,
-                           template=cfg.model.template, image_aspect=cfg.data.image_aspect, **options)
+                           template=cfg.model.template, image_aspect=cfg.data.image_aspect,
+                           pad_to_multiple_of=cfg.data.pad_to_multiple_of, **options)
 
 
 def score(rows: Sequence[Mapping[str, Any]], preds: Sequence[str]) -> dict[str, float]:

@@ -59,7 +59,7 @@ class Telemetry:
         ctx = ray.train.get_context()
         return cls(ctx.get_experiment_name(), method, ctx.get_world_rank(), ctx.get_world_size(), enabled, every_s)
 
-    def step(self, loss: float, lr: float, stats: dict[str, float], train_s: float, trainable: int) -> None:
+    def step(self, loss: Any, lr: float, stats: dict[str, float], train_s: float, trainable: int) -> None:
         """Record one training step. `stats` are the loop's run totals of `samples` and `tokens`, counted as
         this rank's batches x world size; `train_s` the seconds of training they took."""
         now = time.monotonic()
@@ -72,7 +72,7 @@ class Telemetry:
                 self.metrics[k].inc(total - self.sent[k], tags=self.tags)
             self.sent[k] = max(self.sent[k], total)
         values = {
-            "loss": loss, "lr": lr, "trainable_params": trainable,
+            "loss": float(loss), "lr": lr, "trainable_params": trainable,
             "samples_per_s": mine["samples"] / max(train_s, 1e-9),
             "tokens_per_s": mine["tokens"] / max(train_s, 1e-9),
         }

@@ -119,8 +119,9 @@ class RunTracker:
         return cls(cfg.run.report_to, plan["run_name"], Path(directory) if directory else None, cfg.train.log_every,
                    total_steps, log, flat_params(cfg.as_written()), rank)
 
-    def step(self, step: int, loss: float, lr: float, stats: Mapping[str, float], train_s: float) -> None:
-        """Called after every micro-batch; logs at optimizer steps that are multiples of `every`.
+    def step(self, step: int, loss: Any, lr: float, stats: Mapping[str, float], train_s: float) -> None:
+        """Called after every micro-batch; logs at optimizer steps that are multiples of `every`. `loss` may be a
+        device tensor: it is read (a host sync) only at those steps.
         `stats` are the run's all-worker totals of samples and tokens, `train_s` their training seconds."""
         if self.first_step is None:
             self.first_step = step - 1  # a resumed run starts past 0
@@ -129,8 +130,11 @@ class RunTracker:
         self.last_step = step
         done = step - self.first_step
         eta = (self.total - step) * train_s / max(done, 1)
+        loss = float(loss)
         values = {"loss": loss, "lr": lr, "samples_per_s": stats["samples"] / max(train_s, 1e-9),
                   "tokens_per_s": stats["tokens"] / max(train_s, 1e-9)}
+        if stats.get("padded_tokens"):
+            values["padding_fraction"] = 1 - stats["tokens"] / stats["padded_tokens"]
         self.log(f"step {step}/{self.total}: loss {loss:.4f}, lr {lr:.2e}, {values['samples_per_s']:.1f} samples/s, "
                  f"{values['tokens_per_s']:.0f} tokens/s, ETA {_duration(eta)}")
         self._scalars({f"train/{k}": v for k, v in values.items()}, step)

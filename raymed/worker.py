@@ -22,6 +22,7 @@ import torch
 import torch.distributed as dist
 
 from .config import Config, with_paths
+from .data.padding import token_counts
 from .data.plan import eval_split_of
 from .engine import Schedule, build_engine, ds_config, zero3_loading
 from .methods import apply_method
@@ -123,44 +124,52 @@ def train_loop(loop_config: dict[str, Any]) -> None:
     t_mark = time.perf_counter()
 
     # 5. Train, evaluate, checkpoint, report: one report (with checkpoint) per epoch.
-    stats = {"samples": 0, "tokens": 0, "train_s": 0.0}
+    # Host-side counts (from the batch before it is copied) and a device-side loss sum: the step never waits for the
+    # device; the loss is read at `train.log_every` (raymed.tracking) and at the epoch's end.
+    stats = {"samples": 0, "tokens": 0, "padded_tokens": 0, "train_s": 0.0}
     for epoch in range(start_epoch, cfg.train.epochs):
         engine.train()
-        losses = []
+        loss_sum, n_losses = torch.zeros((), dtype=torch.float32, device=device), 0
         t0 = time.perf_counter()
         for index, batch in enumerate(batches.epoch(epoch)):
             if index == micro_batches:
                 raise RuntimeError(f"epoch {epoch + 1}: the data stream gave more than the {micro_batches} planned "
                                    "micro-batches (the training split changed since the run was planned?)")
-            batch = {k: v.to(device) for k, v in batch.items() if isinstance(v, torch.Tensor)}
+            batch = ref.family.cut_padding(processor, batch, train=True, multiple=cfg.data.pad_to_multiple_of)
+            real, padded = token_counts(batch)
+            batch = {k: v.to(device, non_blocking=True) for k, v in batch.items() if isinstance(v, torch.Tensor)}
             if bf16:
                 batch["pixel_values"] = batch["pixel_values"].to(torch.bfloat16)
-            loss = train_micro_batch(engine, batch, index, micro_batches, cfg.train.grad_accum)
-            losses.append(loss.item())
-            if len(losses) == 1:
+            loss = train_micro_batch(engine, batch, index, micro_batches, cfg.train.grad_accum).detach()
+            loss_sum += loss.float()
+            n_losses += 1
+            if n_losses == 1:
                 log(f"epoch {epoch + 1}: first step done")
             stats["samples"] += batch["input_ids"].shape[0] * world
-            stats["tokens"] += int(batch["attention_mask"].sum()) * world
+            stats["tokens"] += real * world
+            stats["padded_tokens"] += padded * world
             if not engine.is_gradient_accumulation_boundary():
                 continue
             _maybe_inject_fault(cfg, plan, engine.global_steps, rank, world)
-            telemetry.step(loss.item(), engine.get_lr()[0], stats, time.perf_counter() - t0 + stats["train_s"],
+            telemetry.step(loss, engine.get_lr()[0], stats, time.perf_counter() - t0 + stats["train_s"],
                            acc.trainable)
-            tracker.step(engine.global_steps, loss.item(), engine.get_lr()[0], stats,
+            tracker.step(engine.global_steps, loss, engine.get_lr()[0], stats,
                          time.perf_counter() - t0 + stats["train_s"])
-        if len(losses) != micro_batches:
-            raise RuntimeError(f"epoch {epoch + 1}: the data stream gave {len(losses)} micro-batches, "
+        if n_losses != micro_batches:
+            raise RuntimeError(f"epoch {epoch + 1}: the data stream gave {n_losses} micro-batches, "
                                f"{micro_batches} were planned (the training split changed since the run was planned?)")
         stats["train_s"] += time.perf_counter() - t0
         metrics: dict[str, Any] = {
             "epoch": epoch + 1,
             "step": engine.global_steps,
-            "loss": _mean_across(losses, device),
+            "loss": _mean_across(loss_sum, n_losses, device),
             "lr": engine.get_lr()[0],
             "trainable": acc.trainable,
             "total_params": acc.total,
             "samples_per_s": stats["samples"] / max(stats["train_s"], 1e-9),
-            "tokens_per_s": stats["tokens"] / max(stats["train_s"], 1e-9),
+            "tokens_per_s": stats["tokens"] / max(stats["train_s"], 1e-9),  # real (unpadded) tokens
+            "padded_tokens_per_s": stats["padded_tokens"] / max(stats["train_s"], 1e-9),
+            "padding_fraction": 1 - stats["tokens"] / max(stats["padded_tokens"], 1),
             "peak_mem_mb": _peak_memory_mb(device),
             "data_cached_mb": batches.kept_mb,
             "zero_stage": engine.zero_optimization_stage(),
@@ -312,8 +321,8 @@ def _seed_everything(seed: int) -> None:
     torch.manual_seed(seed)
 
 
-def _mean_across(values: list[float], device: torch.device) -> float:
-    t = torch.tensor([sum(values), len(values)], dtype=torch.float64, device=device)
+def _mean_across(total: torch.Tensor, count: int, device: torch.device) -> float:
+    t = torch.stack([total.to(torch.float64), torch.tensor(float(count), dtype=torch.float64, device=device)])
     dist.all_reduce(t)
     return float(t[0] / max(t[1], 1))
 

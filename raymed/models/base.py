@@ -169,6 +169,14 @@ class Family:
         """
         raise NotImplementedError
 
+    def cut_padding(self, processor: Any, batch: Mapping[str, Any], *, train: bool, multiple: int = 8) -> dict[str, Any]:
+        """``batch`` (host arrays from `encode`) cut to its longest sample, rounded up to ``multiple`` columns
+        (`raymed.data.padding`). Default: one prompt group (`attention_mask`, `input_ids`, `labels`), right-padded for
+        training and left-padded for generation; pads are masked, so the loss and answers do not depend on the cut."""
+        from ..data.padding import cut_columns
+
+        return cut_columns(batch, "attention_mask", ("input_ids", "labels"), multiple)
+
     def eval_batch_size(self, processor: Any) -> int | None:
         """The questions per `generate` call the model's recipe fixes (None: the run's `train.eval_batch_size`)."""
         return None

@@ -244,6 +244,18 @@ class MissFamily(Family):
                        labels=labels)
         return out
 
+    def cut_padding(self, processor: Any, batch: Mapping[str, Any], *, train: bool, multiple: int = 8) -> dict[str, Any]:
+        """The answer decoder's columns (`decoder_*`, `labels`) cut to the longest answer: its self-attention is causal
+        and the loss skips pads, so trailing pads change nothing. The question columns are cut only where the decoder
+        masks question pads (`decoder_masks_question_pads`, MISS's recipe) and only in training: raymed's tiny MISS
+        bases attend to them, and generation keeps the recipe's own question width (`trim_questions`)."""
+        from ..data.padding import cut_columns
+
+        out = cut_columns(batch, "decoder_attention_mask", ("decoder_input_ids", "labels"), multiple)
+        if train and recipe_of(processor).get("decoder_masks_question_pads"):
+            out = cut_columns(out, "attention_mask", ("input_ids",), multiple)
+        return out
+
     def eval_batch_size(self, processor: Any) -> int | None:
         """MISS evaluates 100 questions at a time in file order (`train_rad.py`'s test loader), padded to the batch's
         longest, and BLIP's `generate` lets the answer decoder attend to that padding: answers depend on the batch."""
