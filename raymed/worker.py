@@ -126,28 +126,20 @@ def train_loop(loop_config: dict[str, Any]) -> None:
     # 5. Train, evaluate, checkpoint, report: one report (with checkpoint) per epoch.
     # Host-side counts (from the batch before it is copied) and a device-side loss sum: the step never waits for the
     # device; the loss is read at `train.log_every` (raymed.tracking) and at the epoch's end.
-    stats = {"samples": 0, "tokens": 0, "padded_tokens": 0, "train_s": 0.0}
+    step = TrainStep(engine, ref.family, processor, device, bf16=bf16, world=world,
+                     pad_to_multiple_of=cfg.data.pad_to_multiple_of, grad_accum=cfg.train.grad_accum)
+    stats = step.stats
     for epoch in range(start_epoch, cfg.train.epochs):
         engine.train()
-        loss_sum, n_losses = torch.zeros((), dtype=torch.float32, device=device), 0
+        step.new_epoch()
         t0 = time.perf_counter()
         for index, batch in enumerate(batches.epoch(epoch)):
             if index == micro_batches:
                 raise RuntimeError(f"epoch {epoch + 1}: the data stream gave more than the {micro_batches} planned "
                                    "micro-batches (the training split changed since the run was planned?)")
-            batch = ref.family.cut_padding(processor, batch, train=True, multiple=cfg.data.pad_to_multiple_of)
-            real, padded = token_counts(batch)
-            batch = {k: v.to(device, non_blocking=True) for k, v in batch.items() if isinstance(v, torch.Tensor)}
-            if bf16:
-                batch["pixel_values"] = batch["pixel_values"].to(torch.bfloat16)
-            loss = train_micro_batch(engine, batch, index, micro_batches, cfg.train.grad_accum).detach()
-            loss_sum += loss.float()
-            n_losses += 1
-            if n_losses == 1:
+            loss = step(batch, index, micro_batches)
+            if step.n_losses == 1:
                 log(f"epoch {epoch + 1}: first step done")
-            stats["samples"] += batch["input_ids"].shape[0] * world
-            stats["tokens"] += real * world
-            stats["padded_tokens"] += padded * world
             if not engine.is_gradient_accumulation_boundary():
                 continue
             _maybe_inject_fault(cfg, plan, engine.global_steps, rank, world)
@@ -155,6 +147,7 @@ def train_loop(loop_config: dict[str, Any]) -> None:
                            acc.trainable)
             tracker.step(engine.global_steps, loss, engine.get_lr()[0], stats,
                          time.perf_counter() - t0 + stats["train_s"])
+        n_losses = step.n_losses
         if n_losses != micro_batches:
             raise RuntimeError(f"epoch {epoch + 1}: the data stream gave {n_losses} micro-batches, "
                                f"{micro_batches} were planned (the training split changed since the run was planned?)")
@@ -162,7 +155,7 @@ def train_loop(loop_config: dict[str, Any]) -> None:
         metrics: dict[str, Any] = {
             "epoch": epoch + 1,
             "step": engine.global_steps,
-            "loss": _mean_across(loss_sum, n_losses, device),
+            "loss": _mean_across(step.loss_sum, n_losses, device),
             "lr": engine.get_lr()[0],
             "trainable": acc.trainable,
             "total_params": acc.total,
@@ -198,6 +191,37 @@ def train_loop(loop_config: dict[str, Any]) -> None:
                 write_evaluation(Path(tmp), cfg, acc, history, zero_shot, zero_shot_records, records, wall_s, name)
             ray.train.report(metrics, checkpoint=ray.train.Checkpoint.from_directory(tmp), checkpoint_dir_name=name)
     tracker.close()
+
+
+class TrainStep:
+    """One micro-batch of the loop, without a host sync: the batch is cut to its longest sample and its tokens
+    counted on the host (before the copy to the device); the loss is summed on the device (`loss_sum`), read by the
+    caller at log intervals and epoch ends. `stats` are run totals (all workers: this rank's counts x world)."""
+
+    def __init__(self, engine: Any, family: Any, processor: Any, device: torch.device, *, bf16: bool, world: int,
+                 pad_to_multiple_of: int, grad_accum: int) -> None:
+        self.engine, self.family, self.processor, self.device = engine, family, processor, device
+        self.bf16, self.world, self.multiple, self.grad_accum = bf16, world, pad_to_multiple_of, grad_accum
+        self.stats = {"samples": 0, "tokens": 0, "padded_tokens": 0, "train_s": 0.0}
+        self.new_epoch()
+
+    def new_epoch(self) -> None:
+        self.loss_sum, self.n_losses = torch.zeros((), dtype=torch.float32, device=self.device), 0
+
+    def __call__(self, batch: dict[str, Any], index: int, micro_batches: int) -> torch.Tensor:
+        """Forward, backward (and the optimizer step at a boundary) of micro-batch `index`; its loss, on the device."""
+        batch = self.family.cut_padding(self.processor, batch, train=True, multiple=self.multiple)
+        real, padded = token_counts(batch)
+        batch = {k: v.to(self.device, non_blocking=True) for k, v in batch.items() if isinstance(v, torch.Tensor)}
+        if self.bf16:
+            batch["pixel_values"] = batch["pixel_values"].to(torch.bfloat16)
+        loss = train_micro_batch(self.engine, batch, index, micro_batches, self.grad_accum).detach()
+        self.loss_sum += loss.float()
+        self.n_losses += 1
+        self.stats["samples"] += batch["input_ids"].shape[0] * self.world
+        self.stats["tokens"] += real * self.world
+        self.stats["padded_tokens"] += padded * self.world
+        return loss
 
 
 def train_micro_batch(engine: Any, batch: dict[str, torch.Tensor], index: int, micro_batches: int,

@@ -1,6 +1,6 @@
 """`python -m raymed.bench SUITE [options] [--out FILE.json]`: run one benchmark suite.
 
-Suites: methods, overhead, data, checkpoint, sweep, load, gpu (`python -m raymed.bench SUITE --help`).
+Suites: methods, overhead, padding, data, checkpoint, sweep, load, gpu (`python -m raymed.bench SUITE --help`).
 Each prints a table (figures, machine, load) and, with `--out`, writes the JSON document.
 """
 
@@ -15,6 +15,7 @@ import warnings
 SUITES = {
     "methods": "step time, training memory and trainable parameters per method (plain PyTorch loop)",
     "overhead": "raymed's recipe (1 Ray Train worker, DeepSpeed ZeRO-0/2) vs a plain PyTorch loop",
+    "padding": "training throughput at a long data.max_length vs a short one, same rows (pad to the batch)",
     "data": "Ray Data pipeline vs a torch DataLoader with the same decoding and workers",
     "checkpoint": "bytes written per checkpoint (model/ and resume/) vs trainable bytes, per method",
     "sweep": "ASHA vs the full grid on the default sweep: trial-epochs and best method",

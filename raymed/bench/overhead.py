@@ -117,7 +117,8 @@ def raymed_run(model_dir: str, method: str, images: int, max_length: int, batch_
             "cpus_per_worker": cpus_per_worker, "epoch_rates": rates,
             "samples_per_s": rates[-1], "samples_per_epoch": rows, "wall_s": wall, "train_s": train_s,
             "outside_training_s": wall - train_s, "trainable": summary["params"]["trainable"],
-            "losses": [h["loss"] for h in summary["history"]]}
+            "losses": [h["loss"] for h in summary["history"]],
+            "padding_fraction": summary["history"][-1].get("padding_fraction")}
 
 
 def run(model: str = BENCH_MODEL, method: str = "full", images: int = 14, batch_size: int = 4, epochs: int = 2,
