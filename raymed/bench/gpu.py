@@ -1,21 +1,27 @@
-"""Suite `gpu` (CUDA only): the real recipe on a converted model, then LLaVA-Med v1.5 size `ln` vs `full` in bf16.
+"""Suite `gpu` (CUDA only): the real recipe on a converted model, then LLaVA-Med v1.5 size methods compared in bf16.
 
 One command, sized for ~8 minutes on one H200:
 (a) `recipe`: the tiny LLaVA-Med v1.5 stand-in (`raymed.models.llava_fixture`, the release's exact layout) is
     converted (`raymed.convert`) and trained by `raymed.train` as a user would: Ray Train, 1 worker, NCCL, bf16,
     zero-shot evaluation, one short epoch, evaluation (every collective on the GPU; SDPA attention).
-(b) the LLaVA-Med v1.5 architecture with random bf16 weights, `ln` vs `full`, both ZeRO-3 by default.
+(b) the LLaVA-Med v1.5 architecture with random bf16 weights: `ln` / `attn` / `ffn` / `lora` / `full` at the
+    deepest language model where `full` fits with plain GPU Adam (no offload), and `ln` at the full depth.
 
-Each method of (b) runs in a fresh process on one GPU through the recipe's DeepSpeed engine
-(`raymed.engine.build_engine`): `full` with ZeRO-3 (optimizer offloaded to CPU when 16 B/parameter does not
-fit the GPU), `ln` with ZeRO-2 (`--ln-zero-stage`). Batches are random token ids with LLaVA's 576 image
-tokens plus `--text-tokens` text tokens and random 336 px images. Reported: step time, tokens/s, GPU
-training memory (peak allocated minus allocated after the engine is built), and model-FLOPs utilisation:
-the method's training FLOPs (linear layers from a profiled forward, as in the `methods` suite, plus
-attention score/value products) per second over the GPU's dense bf16 peak.
+Sizing comes first, from the device's free memory and a meta-device build (`size_parts`, a pure function):
+bytes per parameter (18 trainable with Adam, 2 frozen) plus activations (34 B per token per hidden unit per layer,
+vision tower included), within 85% of the free memory; the batch halves until `ln` fits at full depth. Each part
+runs in a fresh process through the recipe's DeepSpeed engine (`raymed.engine.build_engine`), `full` with ZeRO-3,
+the others with `--ln-zero-stage`. Batches are random token ids with LLaVA's 576 image tokens plus
+`--text-tokens` text tokens and random 336 px images. Reported: step time, tokens/s, GPU peak and training memory
+(peak allocated minus allocated after the engine is built), and model-FLOPs utilisation: the method's training
+FLOPs per step over the GPU's dense bf16 peak. FLOPs: every linear and convolution layer of a profiled forward of
+the whole model (the vision tower, the projector and the language model over all tokens, the 576 image tokens included) counted
+2 x MACs forward, plus the backward's weight-gradient half only for trainable layers and its input-gradient half
+wherever a gradient flows (as in the `methods` suite), plus attention score and value products (4 B L^2 d per layer,
+language and vision, x3 with a backward).
 
-Without CUDA the suite writes a document that says it was skipped (`--allow-cpu` runs the same code
-on the CPU with a small preset, to check the code path).
+Without CUDA the suite writes a document that says it was skipped (`--allow-cpu` runs the same code, sizing
+included, on the CPU with a small preset and the host's memory, to check the code path).
 """
 
 from __future__ import annotations
@@ -45,6 +51,62 @@ def peak_tflops(device_name: str) -> float | None:
         if key in device_name:
             return PEAK_BF16_TFLOPS[key]
     return None
+
+
+# ---- sizing: each part from the device's memory, before anything is built ---------------------------------------
+HEADROOM = 0.85  # of the free device memory: CUDA context, allocator fragmentation, NCCL buffers
+ADAM_BYTES = 18  # per trainable parameter: bf16 weights and grads, fp32 master, Adam m and v (16 B), and the fp32
+# gradient DeepSpeed's bf16 optimizers hold at the step (2 B amortised over its sub-groups); no offload
+FROZEN_BYTES = 2  # per frozen parameter (bf16 weights)
+ACT_BYTES = 34  # activation bytes per token per hidden unit per layer, bf16, flash/SDPA attention (no L^2 term)
+
+
+def model_shape(cfg: Any) -> dict[str, int]:
+    """Parameter counts of a LLaVA config (a meta-device build): per language layer, the rest, and the sizes that
+    set activation memory."""
+    import torch
+    from transformers import LlavaForConditionalGeneration
+
+    with torch.device("meta"):
+        model = LlavaForConditionalGeneration(cfg)
+    layers = model.model.language_model.layers
+    layer = sum(p.numel() for p in layers[0].parameters())
+    total = sum(p.numel() for p in model.parameters())
+    vc, tc = cfg.vision_config, cfg.text_config
+    return {"fixed_params": total - layer * len(layers), "layer_params": layer, "layers": len(layers),
+            "hidden": tc.hidden_size, "vision_hidden": vc.hidden_size, "vision_layers": vc.num_hidden_layers,
+            "image_tokens": (vc.image_size // vc.patch_size) ** 2}
+
+
+def part_bytes(shape: dict[str, int], depth: int, batch: int, text_tokens: int, trainable_all: bool) -> int:
+    """Estimated peak device bytes of one training step at language depth `depth`: weights (+ gradients and plain
+    Adam state for `full`), activations of the vision tower and of every language layer."""
+    params = shape["fixed_params"] + depth * shape["layer_params"]
+    tokens = batch * (1 + shape["image_tokens"] + text_tokens)
+    vis = ACT_BYTES * batch * (shape["image_tokens"] + 1) * shape["vision_hidden"] * shape["vision_layers"]
+    act = ACT_BYTES * tokens * shape["hidden"] * depth + vis
+    return params * (ADAM_BYTES if trainable_all else FROZEN_BYTES) + act
+
+
+def size_parts(device_bytes: int, shape: dict[str, int], batch: int, text_tokens: int,
+               headroom: float = HEADROOM) -> dict[str, Any]:
+    """What the bench runs on a device of `device_bytes` free memory: the batch (halved from `batch` until `ln` fits
+    at the model's full depth) and the deepest language model at which `full` fits with plain GPU Adam (the depth
+    `ln`/`attn`/`ffn`/`lora`/`full` are compared at). Raises ValueError when not even one layer fits."""
+    budget = int(device_bytes * headroom)
+    while batch > 1 and part_bytes(shape, shape["layers"], batch, text_tokens, False) > budget:
+        batch //= 2
+    if part_bytes(shape, shape["layers"], batch, text_tokens, False) > budget:
+        raise ValueError(f"ln at full depth does not fit {device_bytes / 2**30:.1f} GiB even at batch 1")
+    depth = shape["layers"]
+    while depth > 0 and part_bytes(shape, depth, batch, text_tokens, True) > budget:
+        depth -= 1
+    if depth == 0:
+        raise ValueError(f"full fine-tuning does not fit {device_bytes / 2**30:.1f} GiB with one language layer")
+    return {"device_bytes": device_bytes, "budget_bytes": budget, "batch": batch, "compare_depth": depth,
+            "full_depth": shape["layers"],
+            "full_bytes": part_bytes(shape, depth, batch, text_tokens, True),
+            "ln_full_depth_bytes": part_bytes(shape, shape["layers"], batch, text_tokens, False)}
 
 
 def random_batch(cfg: Any, batch_size: int, text_tokens: int, device: Any, dtype: Any) -> dict[str, Any]:
@@ -189,61 +251,84 @@ def recipe(cuda: bool, synth_n: int = 40) -> dict[str, Any]:
                and not k.endswith(("n_closed", "n_open"))}}
 
 
+PARTS = ("full", "ln", "attn", "ffn", "lora")
+
+
 def run(model: str = "llava-med-v1.5", batch_size: int = 4, text_tokens: int = 64, steps: int = 5, warmup: int = 2,
-        ln_zero_stage: int = 3, full_offload: str = "auto", language_layers: int | None = None,
-        peak: float | None = None, allow_cpu: bool = False, with_recipe: bool = True) -> dict[str, Any]:
+        ln_zero_stage: int = 3, peak: float | None = None, allow_cpu: bool = False, with_recipe: bool = True,
+        device_gb: float | None = None, parts: tuple[str, ...] = PARTS) -> dict[str, Any]:
+    """Sizes the parts from the device's free memory (`size_parts`, before anything is built), then runs each in a
+    fresh process: `parts` at the deepest language model where `full` fits with plain GPU Adam, and `ln` at the
+    model's full depth. `device_gb` overrides the memory the sizing assumes (the CPU dry run: the host's)."""
     import torch
 
     started = time.time()
+    cuda = torch.cuda.is_available()
     config = {"model": model, "batch_size": batch_size, "text_tokens": text_tokens, "steps": steps, "warmup": warmup,
-              "ln_zero_stage": ln_zero_stage, "full_offload": full_offload, "language_layers": language_layers}
-    if not torch.cuda.is_available() and not allow_cpu:
+              "ln_zero_stage": ln_zero_stage, "parts": list(parts)}
+    if not cuda and not allow_cpu:
         msg = "skipped: no CUDA device (the gpu suite needs one; run it on a GPU machine)"
         print(f"[bench gpu] {msg}", flush=True)
         return result("gpu", config, [], [], started, skipped=msg)
-    recipe_out = recipe(torch.cuda.is_available()) if with_recipe else {"skipped": "--no-recipe"}
-    print(f"[bench gpu] recipe: {recipe_out.get('error') or recipe_out.get('skipped') or 'ok'} "
-          f"({recipe_out.get('wall_s', 0):.0f} s)", flush=True)
     from raymed.bench.common import model_ref
 
-    ref = model_ref(model)
-    params = sum(p.numel() for p in _meta_model(ref, language_layers).parameters())
-    offload = full_offload == "on"
-    if full_offload == "auto" and torch.cuda.is_available():
-        offload = 16 * params * 1.1 > torch.cuda.get_device_properties(0).total_memory
-    config.update({"params": params, "full_offload_optimizer": offload})
+    shape = model_shape(model_ref(model).preset.build_config())
+    free = torch.cuda.mem_get_info()[0] if cuda else _host_available()
+    sizing = size_parts(int(device_gb * 2**30) if device_gb else free, shape, batch_size, text_tokens)
+    config.update({"shape": shape, "sizing": sizing, "batch_size": sizing["batch"],
+                   "params": shape["fixed_params"] + shape["layers"] * shape["layer_params"]})
+    print(f"[bench gpu] sizing for {sizing['device_bytes'] / 2**30:.1f} GiB: batch {sizing['batch']}, parts at "
+          f"{sizing['compare_depth']} of {shape['layers']} language layers", flush=True)
+    recipe_out = recipe(cuda) if with_recipe else {"skipped": "--no-recipe"}
+    print(f"[bench gpu] recipe: {recipe_out.get('error') or recipe_out.get('skipped') or 'ok'} "
+          f"({recipe_out.get('wall_s', 0):.0f} s)", flush=True)
+    runs = [(m, sizing["compare_depth"]) for m in parts] + [("ln", shape["layers"])]
     rows = []
-    for method, stage, off in (("full", 3, offload), ("ln", ln_zero_stage, False)):
-        spec = {"model": model, "method": method, "zero_stage": stage, "offload_optimizer": off,
-                "batch_size": batch_size, "text_tokens": text_tokens, "steps": steps, "warmup": warmup,
-                "language_layers": language_layers, "peak_tflops": peak, "cpu": not torch.cuda.is_available()}
+    for method, depth in runs:
+        spec = {"model": model, "method": method, "zero_stage": 3 if method == "full" else ln_zero_stage,
+                "offload_optimizer": False, "batch_size": sizing["batch"], "text_tokens": text_tokens,
+                "steps": steps, "warmup": warmup, "language_layers": depth, "peak_tflops": peak, "cpu": not cuda}
         out = _child(spec)
+        out.setdefault("language_layers", depth)
         rows.append(out)
-        status = out.get("error") or f"{out['step_s']:.2f} s/step"
-        print(f"[bench gpu] {method}: {status}", flush=True)
+        print(f"[bench gpu] {method} @ {depth} layers: {_status(out)}", flush=True)
+    return result("gpu", config, rows, _targets(rows, recipe_out), started, recipe=recipe_out)
+
+
+def _targets(rows: list[dict[str, Any]], recipe_out: dict[str, Any]) -> list[dict[str, Any]]:
+    """ln/full step and memory at the compared depth; ln MFU at full depth; the recipe runs."""
+    ok = [r for r in rows if "error" not in r]
+    full = next((r for r in ok if r["method"] == "full"), None)
     targets = []
-    if all("error" not in r for r in rows):
-        full, ln = rows
-        ln["step_ratio"], ln["mem_ratio"] = ratio(ln["step_s"], full["step_s"]), ratio(ln["train_mem_mb"],
-                                                                                       full["train_mem_mb"])
-        full["step_ratio"] = full["mem_ratio"] = 1.0
-        targets = [target("ln/full training memory (GPU)", ln["mem_ratio"], 0.30, "<=",
-                          "peak allocated - allocated after engine build"),
-                   target("ln/full step time (GPU)", ln["step_ratio"], 0.72, "<=", "")]
+    for r in ok:
+        if full is not None and r["language_layers"] == full["language_layers"]:
+            r["step_ratio"], r["mem_ratio"] = ratio(r["step_s"], full["step_s"]), ratio(r["train_mem_mb"],
+                                                                                        full["train_mem_mb"])
+    ln = next((r for r in ok if r["method"] == "ln" and full and r["language_layers"] == full["language_layers"]), None)
+    if ln is not None:
+        targets += [target("ln/full training memory (GPU)", ln["mem_ratio"], 0.30, "<=",
+                           "peak allocated - allocated after engine build"),
+                    target("ln/full step time (GPU)", ln["step_ratio"], 0.70, "<=", "")]
+    deepest = max((r for r in ok if r["method"] == "ln"), key=lambda r: r["language_layers"], default=None)
+    if deepest is not None and deepest.get("mfu") is not None:
+        targets.append(target(f"ln MFU at {deepest['language_layers']} layers", deepest["mfu"], 0.35, ">=",
+                              "model FLOPs incl. vision tower and image tokens / dense bf16 peak"))
+    if len(ok) < len(rows):
+        targets.append(target("parts that ran", len(ok), len(rows), ">=",
+                              "; ".join(f"{r['method']}: {r['error'][:120]}" for r in rows if "error" in r)))
     if recipe_out.get("error"):
         targets.append(target("recipe (Ray Train, NCCL, bf16) runs", 0, 1, ">=", recipe_out["error"][:200]))
-    return result("gpu", config, rows, targets, started, recipe=recipe_out)
+    return targets
 
 
-def _meta_model(ref: Any, language_layers: int | None) -> Any:
-    import torch
-    from transformers import LlavaForConditionalGeneration
+def _status(out: dict[str, Any]) -> str:
+    return out.get("error") or f"{out['step_s']:.3f} s/step, peak {out['peak_mb']:.0f} MB"
 
-    cfg = ref.preset.build_config()
-    if language_layers:
-        cfg.text_config.num_hidden_layers = language_layers
-    with torch.device("meta"):
-        return LlavaForConditionalGeneration(cfg)
+
+def _host_available() -> int:
+    import psutil
+
+    return int(psutil.virtual_memory().available)
 
 
 def _child(spec: dict[str, Any]) -> dict[str, Any]:
@@ -259,9 +344,10 @@ def _child(spec: dict[str, Any]) -> dict[str, Any]:
     return {"method": spec["method"], "error": f"exit {proc.returncode}: {proc.stderr.strip()[-3000:]}"}
 
 
-COLUMNS = [("method", "method"), ("zero_stage", "ZeRO"), ("offload_optimizer", "offload"), ("trainable", "trainable"),
+COLUMNS = [("method", "method"), ("language_layers", "layers"), ("zero_stage", "ZeRO"), ("trainable", "trainable"),
            ("step_s", "step s"), ("step_ratio", "x full"), ("tokens_per_s", "tokens/s"),
-           ("train_mem_mb", "train MB"), ("mem_ratio", "x full"), ("tflops_per_s", "TFLOP/s"), ("mfu", "MFU")]
+           ("peak_mb", "peak MB"), ("train_mem_mb", "train MB"), ("mem_ratio", "x full"), ("tflops_per_s", "TFLOP/s"),
+           ("mfu", "MFU")]
 
 
 def render(doc: dict[str, Any]) -> str:
@@ -274,7 +360,10 @@ def render(doc: dict[str, Any]) -> str:
     return "\n".join([
         header(doc), rec_line,
         f"model {c['model']} ({c['params']:,} parameters), batch {c['batch_size']} x "
-        f"(576 image + {c['text_tokens']} text tokens), bf16, {c['steps']} timed steps after {c['warmup']}",
+        f"({c['shape']['image_tokens']} image + {c['text_tokens']} text tokens), {c['steps']} timed steps after "
+        f"{c['warmup']}; sized for {c['sizing']['device_bytes'] / 2**30:.1f} GiB free: parts at "
+        f"{c['sizing']['compare_depth']} of {c['shape']['layers']} language layers (full with plain Adam, est. "
+        f"{c['sizing']['full_bytes'] / 2**30:.1f} GiB of a {c['sizing']['budget_bytes'] / 2**30:.1f} GiB budget)",
         table(doc["rows"], COLUMNS), targets_table(doc["targets"]),
     ])
 
@@ -288,18 +377,17 @@ def add_arguments(ap: Any) -> None:
     ap.add_argument("--ln-zero-stage", type=int, default=3)
     ap.add_argument("--no-recipe", dest="with_recipe", action="store_false",
                     help="skip part (a), the recipe on the converted stand-in")
-    ap.add_argument("--full-offload", choices=("auto", "on", "off"), default="auto",
-                    help="offload full fine-tuning's optimizer to CPU (auto: when 16 B/param exceeds the GPU)")
-    ap.add_argument("--language-layers", type=int, default=None, help="shrink the language model (memory)")
+    ap.add_argument("--device-gb", type=float, default=None,
+                    help="memory the sizing assumes (default: the GPU's free memory; the host's with --allow-cpu)")
+    ap.add_argument("--parts", default=",".join(PARTS), help="methods compared at the depth where full fits")
     ap.add_argument("--peak-tflops", type=float, default=None, help="GPU dense bf16 peak, if not known")
     ap.add_argument("--allow-cpu", action="store_true", help=argparse.SUPPRESS)  # code-path check with a tiny preset
 
 
 def from_args(args: Any) -> dict[str, Any]:
     return run(model=args.model, batch_size=args.batch_size, text_tokens=args.text_tokens, steps=args.steps,
-               warmup=args.warmup, ln_zero_stage=args.ln_zero_stage, full_offload=args.full_offload,
-               language_layers=args.language_layers, peak=args.peak_tflops, allow_cpu=args.allow_cpu,
-               with_recipe=args.with_recipe)
+               warmup=args.warmup, ln_zero_stage=args.ln_zero_stage, peak=args.peak_tflops, allow_cpu=args.allow_cpu,
+               with_recipe=args.with_recipe, device_gb=args.device_gb, parts=tuple(args.parts.split(",")))
 
 
 def main(argv: list[str] | None = None) -> int:
