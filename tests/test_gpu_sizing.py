@@ -37,7 +37,7 @@ def test_sizing_follows_the_device(v15):
     small, large = (gpu.size_parts(d, v15, 4, 64) for d in (H100_80GB, H200_141GB))
     assert small["compare_depth"] < large["compare_depth"]
     assert (small["compare_depth"], large["compare_depth"]) == (14, 27)  # 18 B/param + activations, 85% headroom
-    tight = gpu.size_parts(20 * 2**30, v15, 8, 64)  # ln at full depth needs a smaller batch on a 20 GiB device
+    tight = gpu.size_parts(24 * 2**30, v15, 8, 64)  # ln at full depth needs a smaller batch on a 24 GiB device
     assert tight["batch"] < 8 and tight["ln_full_depth_bytes"] <= tight["budget_bytes"]
     with pytest.raises(ValueError, match="does not fit"):
         gpu.size_parts(8 * 2**30, v15, 4, 64)

@@ -15,9 +15,9 @@ the others with `--ln-zero-stage`. Batches are random token ids with LLaVA's 576
 `--text-tokens` text tokens and random 336 px images. Reported: step time, tokens/s, GPU peak and training memory
 (peak allocated minus allocated after the engine is built), and model-FLOPs utilisation: the method's training
 FLOPs per step over the GPU's dense bf16 peak. FLOPs: every linear and convolution layer of a profiled forward of
-the whole model (the vision tower, the projector and the language model over all tokens, the 576 image tokens included) counted
-2 x MACs forward, plus the backward's weight-gradient half only for trainable layers and its input-gradient half
-wherever a gradient flows (as in the `methods` suite), plus attention score and value products (4 B L^2 d per layer,
+the whole model (the vision tower, the projector and the language model over all tokens, the 576 image tokens
+included) counted 2 x MACs forward, plus the backward's weight-gradient half only for trainable layers and its
+input-gradient half wherever a gradient flows (as in the `methods` suite), plus attention score and value products (4 B L^2 d per layer,
 language and vision, x3 with a backward).
 
 Without CUDA the suite writes a document that says it was skipped (`--allow-cpu` runs the same code, sizing
@@ -247,7 +247,8 @@ def recipe(cuda: bool, synth_n: int = 40) -> dict[str, Any]:
             ray.shutdown()
     m = summary["metrics"]
     return {"wall_s": time.time() - t0, "steps": summary["steps"], "overrides": overrides,
-            **{k: m[k] for k in sorted(m) if k.startswith(("loss", "eval/test/", "zeroshot/test/", "peak", "tokens_per_s"))
+            **{k: m[k] for k in sorted(m)
+               if k.startswith(("loss", "eval/test/", "zeroshot/test/", "peak", "tokens_per_s"))
                and not k.endswith(("n_closed", "n_open"))}}
 
 
