@@ -167,6 +167,9 @@ def test_later_epochs_replay_the_first_epochs_batches(ray_cluster):
     # Replaying from memory trains on exactly what re-streaming the shard gives (one worker: a fixed order).
     assert [h["loss"] for h in cached["history"]] == pytest.approx([h["loss"] for h in streamed["history"]],
                                                                     rel=1e-6)
+    # Batches are cut to their longest sample: real tokens/s below padded tokens/s, a padding fraction in [0, 1).
+    h = cached["history"][-1]
+    assert 0 < h["tokens_per_s"] <= h["padded_tokens_per_s"] and 0 <= h["padding_fraction"] < 1
 
 
 def test_a_crashed_run_resumes_exactly(ray_cluster):
