@@ -47,7 +47,8 @@ def cut_columns(batch: Batch, mask_key: str, keys: Sequence[str], multiple: int 
     for key in (mask_key, *keys):
         value = batch.get(key)
         if value is not None and getattr(value, "ndim", 0) == 2 and value.shape[1] == width:
-            out[key] = value[:, start:end]
+            cut = value[:, start:end]
+            out[key] = cut.contiguous() if hasattr(cut, "contiguous") else np.ascontiguousarray(cut)
     return out
 
 
