@@ -65,3 +65,6 @@ def test_llava_generation_answers_as_the_full_width():
         alone = [predict.answer_rows(model, ref.family, proc, [r], batch_size=1, max_new_tokens=3, max_length=120)[0]
                  for r in rows]
     assert cut == full == alone
+    enc = ref.family.encode(proc, make_rows(2), train=False, max_length=120)
+    short = ref.family.cut_padding(proc, enc, train=False, multiple=8)
+    assert short["input_ids"].shape[1] < 120 and (short["attention_mask"][:, 0] == 0).any()  # cut, still left-padded
