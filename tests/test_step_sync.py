@@ -1,6 +1,11 @@
-"""The training step never waits for the device (#24): the worker's `TrainStep` over a stretch of steps between log
-intervals runs no `aten::_local_scalar_dense` (the op behind `.item()`, `float(t)`, `int(t)`), counted with
-torch.profiler on a tiny LLaVA under the real DeepSpeed engine (one gloo rank)."""
+"""The training step adds no host sync (#24): the worker's `TrainStep` over a stretch of steps between log intervals
+(forward, backward, DeepSpeed's optimizer steps, token counts, loss sums) runs no more `aten::_local_scalar_dense`
+(the op behind `.item()`, `float(t)`, `bool(t)`) than the bare model's forward and backward on the same batches,
+counted with torch.profiler on a tiny LLaVA under the real DeepSpeed engine (one gloo rank).
+
+The model's own are transformers' (5.x) LLaVA: `get_placeholder_mask` reads the image-token count (twice: its
+check and its eagerly formatted message) and the SDPA mask builder reads the padding mask to skip it when there is
+no padding. They are listed in docs/benchmarks.md; this test fails if the loop adds any."""
 
 from __future__ import annotations
 
@@ -31,7 +36,22 @@ def one_rank(monkeypatch):
     torch.distributed.destroy_process_group()
 
 
-def test_no_host_sync_between_log_intervals(one_rank):
+def _syncs(prof) -> list:
+    return [e for e in prof.events() if e.name == SYNC_OP]
+
+
+def _model_syncs(ref, processor, batches) -> int:
+    """Host syncs of the bare model (same method, no engine, no loop) over `batches`, after one warm-up pass."""
+    model, _ = apply_method(load_model(ref), ref, "ln")
+    cut = [ref.family.cut_padding(processor, b, train=True, multiple=8) for b in batches]
+    model(**cut[0]).loss.backward()
+    with profile(activities=[ProfilerActivity.CPU]) as prof:
+        for b in cut[1:]:
+            model(**b).loss.backward()
+    return len(_syncs(prof))
+
+
+def test_the_step_adds_no_host_sync_between_log_intervals(one_rank):
     cfg = load_config(None, ["model.name=tiny-llava", "method.name=ln", "train.grad_accum=2"])
     ref = resolve(cfg.model.name)
     processor = load_processor(ref)
@@ -45,9 +65,9 @@ def test_no_host_sync_between_log_intervals(one_rank):
     with profile(activities=[ProfilerActivity.CPU]) as prof:
         for index in range(1, len(batches)):
             step(batches[index], index, len(batches))
-    syncs = [e for e in prof.events() if e.name == SYNC_OP]
+    syncs = _syncs(prof)
     assert step.n_losses == len(batches) and engine.global_steps == 3  # optimizer steps ran inside the profile
     assert step.stats["tokens"] < step.stats["padded_tokens"] <= 6 * 2 * 96
-    assert not syncs, f"{len(syncs)} host syncs in 5 profiled micro-batches: " + ", ".join(
-        sorted({str(e.cpu_parent.name) if e.cpu_parent else "?" for e in syncs}))
+    own = _model_syncs(ref, processor, batches)
+    assert len(syncs) <= own, f"the loop adds {len(syncs) - own} host syncs to the model's {own} in 5 micro-batches"
     assert float(step.loss_sum) > 0  # the loss is there, read once, at the end
