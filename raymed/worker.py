@@ -206,7 +206,7 @@ class TrainStep:
         self.new_epoch()
 
     def new_epoch(self) -> None:
-        self.loss_sum, self.n_losses = torch.zeros((), dtype=torch.float32, device=self.device), 0
+        self.loss_sum, self.n_losses = torch.zeros((), dtype=torch.float64, device=self.device), 0
 
     def __call__(self, batch: dict[str, Any], index: int, micro_batches: int) -> torch.Tensor:
         """Forward, backward (and the optimizer step at a boundary) of micro-batch `index`; its loss, on the device."""
@@ -216,7 +216,7 @@ class TrainStep:
         if self.bf16:
             batch["pixel_values"] = batch["pixel_values"].to(torch.bfloat16)
         loss = train_micro_batch(self.engine, batch, index, micro_batches, self.grad_accum).detach()
-        self.loss_sum += loss.float()
+        self.loss_sum += loss.double()
         self.n_losses += 1
         self.stats["samples"] += batch["input_ids"].shape[0] * self.world
         self.stats["tokens"] += real * self.world
@@ -346,7 +346,7 @@ def _seed_everything(seed: int) -> None:
 
 
 def _mean_across(total: torch.Tensor, count: int, device: torch.device) -> float:
-    t = torch.stack([total.to(torch.float64), torch.tensor(float(count), dtype=torch.float64, device=device)])
+    t = torch.stack([total.to(device, torch.float64), torch.tensor(float(count), dtype=torch.float64, device=device)])
     dist.all_reduce(t)
     return float(t[0] / max(t[1], 1))
 
