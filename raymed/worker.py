@@ -26,7 +26,7 @@ from .data.plan import eval_split_of
 from .engine import Schedule, build_engine, ds_config, zero3_loading
 from .methods import apply_method
 from .models import load_model, load_processor, resolve
-from .models.base import enable_activation_checkpointing
+from .models.base import enable_activation_checkpointing, enable_drop_path
 from .results import answers
 
 
@@ -79,6 +79,8 @@ def train_loop(loop_config: dict[str, Any]) -> None:
                               seed=cfg.train.seed)
     if cfg.model.gradient_checkpointing:
         enable_activation_checkpointing(model)
+    if cfg.model.drop_path:
+        enable_drop_path(model, cfg.model.drop_path)
     _seed_everything(cfg.train.seed + rank)
 
     # 2. Data: this worker's shard of the Ray Data stream (decoded + encoded in the stream), in a seeded order
@@ -88,7 +90,7 @@ def train_loop(loop_config: dict[str, Any]) -> None:
                            seed=cfg.train.seed, shuffle=cfg.data.shuffle)
 
     # 3. Engine (raymed.engine): optimizer over trainable parameters only; frozen ones get no grads and no state.
-    schedule = Schedule.fresh(total_steps, math.ceil(cfg.train.warmup_ratio * total_steps))
+    schedule = Schedule.for_run(cfg, total_steps, steps_per_epoch)
     engine = build_engine(model, cfg, bf16=bf16, world=world, schedule=schedule, ds_cfg=ds_cfg)
     del hf_ds_config
     telemetry = Telemetry.for_train_worker(cfg.method.name, enabled=cfg.run.metrics_export)

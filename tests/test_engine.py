@@ -52,3 +52,11 @@ def test_zero3_decays_matrices_of_weights_partitioned_while_loading(one_rank):
     assert engine.zero_optimization_stage() == 3
     decays = sorted(group["weight_decay"] for group in engine.optimizer.param_groups)
     assert decays == [0.0, 0.05]  # matrices decay, norms and biases do not (all went undecayed before)
+
+    # the MISS authors' policy (`train.decay_norms_and_biases`): every parameter decays, norms and biases included
+    cfg = load_config(None, ["deepspeed.zero_stage=3", "deepspeed.shard_single_worker=true",
+                             "train.weight_decay=0.05", "train.decay_norms_and_biases=true"])
+    with deepspeed.zero.Init(config_dict_or_path=ds):
+        model = Block()
+    engine = build_engine(model, cfg, bf16=False, world=1, total_steps=4, ds_cfg=ds)
+    assert [g["weight_decay"] for g in engine.optimizer.param_groups] == [0.05]  # one group: all four decay

@@ -59,12 +59,16 @@ def image_problem(data: bytes) -> str | None:
 
 
 def decode_image(data: bytes, *, mode: str = "RGB", max_side: int | None = None) -> Image.Image:
-    """Decode compressed bytes into a PIL image in ``mode``.
+    """Decode compressed bytes into a PIL image in ``mode``; ``mode="keep-gray"``: 8-bit grayscale (``L``) stays
+    ``L`` (LLaVA-Med pads grayscale scans with a grey of its own before converting them; the model families
+    convert to RGB), every other mode becomes RGB.
 
     ``max_side`` bounds memory for large scans: JPEGs are decoded at a reduced DCT scale
     (``Image.draft``) and the result is shrunk to fit ``max_side`` keeping the aspect ratio.
     """
     image = Image.open(io.BytesIO(data))
+    if mode == "keep-gray":
+        mode = "L" if image.mode == "L" else "RGB"
     if max_side is not None:
         image.draft(mode, (max_side, max_side))
     image = image.convert(mode)
