@@ -78,6 +78,11 @@ def test_the_same_answers_with_1_2_and_4_workers_and_raymed_eval(setup, tmp_path
 
     from raymed.eval import evaluate
 
+    import sys
+
+    from ray import cloudpickle
+
+    cloudpickle.register_pickle_by_value(sys.modules[__name__])  # the workers cannot import this test module
     root = setup
     models = {"miss": {"model": {"name": str(root / "miss-hf")}, "train": {"max_new_tokens": 10}},
               "llava": {"model": {"name": "tiny-llava"}, "data": {"max_length": 64},
