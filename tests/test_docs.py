@@ -120,8 +120,19 @@ def substitute(command: list[str], root: Path, bucket: str) -> list[str]:
             from raymed.config import deep_merge
 
             base = deep_merge(read_yaml((root / config).parent / data["train_config"]), base)
-        args += shrink(base) + (["sweep.search.train.lr=[0.002]", *SWEEP_SIZE] if name == "tune" else [])
+        args += shrink(base) + (["sweep.search.train.lr=[0.002]", *one_point(root, config), *SWEEP_SIZE]
+                                if name == "tune" else [])
     return [name, *args]
+
+
+def one_point(root: Path, config: str | None) -> list[str]:
+    """A documented sweep runs one grid point here (`ln`, every tower): the shipped-config tier trains the methods
+    of every shipped grid (tests/test_shipped.py); this shows the command as written runs."""
+    from raymed.tune import DEFAULT_SWEEP, load_sweep
+
+    sweep, _ = load_sweep(root / config if config else DEFAULT_SWEEP, [], check_paths=False)
+    return ['sweep.search.method.name=["ln"]'] + \
+        (["sweep.search.method.towers=[null]"] if "method.towers" in sweep.search else [])
 
 
 def run_document(doc: Path, root: Path, bucket: str) -> int:
