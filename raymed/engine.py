@@ -122,7 +122,8 @@ def build_engine(model: torch.nn.Module, cfg: Config, *, bf16: bool, world: int,
             vector = len(getattr(p, "ds_shape", p.shape)) < 2
             (no_decay if vector and not cfg.train.decay_norms_and_biases else decay).append(p)
     groups = [{"params": decay, "weight_decay": cfg.train.weight_decay}, {"params": no_decay, "weight_decay": 0.0}]
-    optimizer = torch.optim.AdamW([g for g in groups if g["params"]], lr=cfg.train.lr)
+    # fused: one kernel per step and no host read of Adam's step counters (the unfused update reads each one)
+    optimizer = torch.optim.AdamW([g for g in groups if g["params"]], lr=cfg.train.lr, fused=True)
 
     def scheduler(opt: torch.optim.Optimizer) -> Any:  # built on DeepSpeed's wrapped optimizer
         # A plain function, not the Schedule object: LambdaLR saves (and would restore over) an object's state.

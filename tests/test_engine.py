@@ -2,8 +2,6 @@
 
 from __future__ import annotations
 
-import os
-
 import pytest
 import torch
 from torch import nn
@@ -12,18 +10,6 @@ from raymed.config import load_config
 from raymed.engine import build_engine, ds_config
 
 pytestmark = pytest.mark.integration
-
-
-@pytest.fixture()
-def one_rank(monkeypatch):
-    import deepspeed
-
-    for key, value in {"MASTER_ADDR": "127.0.0.1", "MASTER_PORT": "29533", "RANK": "0", "WORLD_SIZE": "1",
-                       "LOCAL_RANK": "0"}.items():
-        monkeypatch.setenv(key, value)
-    deepspeed.init_distributed(dist_backend="gloo")
-    yield
-    torch.distributed.destroy_process_group()
 
 
 class Block(nn.Module):

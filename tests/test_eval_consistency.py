@@ -51,7 +51,7 @@ def evaluate_in_workers(config: dict) -> None:
     from raymed.engine import build_engine
     from raymed.methods import apply_method
     from raymed.models import load_model, load_processor, resolve
-    from raymed.worker import Evaluator
+    from raymed.evaluator import Evaluator
 
     ctx = ray.train.get_context()
     rank, world = ctx.get_world_rank(), ctx.get_world_size()
