@@ -29,8 +29,10 @@ class Schedule:
 
     @classmethod
     def fresh(cls, total: int, warmup: int, per: int = 0) -> "Schedule":
-        """`per`: hold each value for `per` steps (`train.schedule: cosine-per-epoch`, per = steps per epoch)."""
-        return cls([{"start": 0, "end": max(total, 1), "warmup": warmup, "scale": 1.0, "per": per}])
+        """`per`: hold each value for `per` steps (`train.schedule: cosine-per-epoch`, per = steps per epoch). The
+        warm-up leaves at least one step to decay over (a run of 1 step has none and ends at 0)."""
+        total = max(total, 1)
+        return cls([{"start": 0, "end": total, "warmup": min(warmup, total - 1), "scale": 1.0, "per": per}])
 
     @classmethod
     def for_run(cls, cfg: Config, total: int, steps_per_epoch: int) -> "Schedule":

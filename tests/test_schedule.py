@@ -36,3 +36,12 @@ def test_per_step_cosine_is_transformers_cosine_with_warmup():
         opt.step()
         hf.step()
     assert [schedule(s) for s in range(41)] == pytest.approx(want, abs=1e-9)
+
+
+@pytest.mark.parametrize("total", [1, 2, 3])
+def test_a_run_shorter_than_its_warmup_still_ends_at_zero(total):
+    """A 1-step run (a tiny split) with warm-up: the warm-up used to take every step and the lr ended at its peak."""
+    cfg = load_config(None, ["train.warmup_ratio=0.5"])
+    schedule = Schedule.for_run(cfg, total, total)
+    lrs = [schedule(s) for s in range(total + 1)]
+    assert lrs[-1] == pytest.approx(0.0, abs=1e-12) and max(lrs) > 0
