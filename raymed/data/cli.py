@@ -29,6 +29,16 @@ def _columns(text: str) -> dict[str, str]:
     return pairs
 
 
+def _window(text: str) -> tuple[float, float]:
+    try:
+        center, width = (float(v) for v in text.split(","))
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"{text!r}: expected CENTER,WIDTH, e.g. 40,400") from None
+    if width < 1:
+        raise argparse.ArgumentTypeError(f"{text!r}: the width must be at least 1")
+    return center, width
+
+
 def _parser() -> argparse.ArgumentParser:
     from raymed.data.prepare import VAL_FRACTION
     from raymed.data.synth import STYLES
@@ -56,6 +66,8 @@ def _parser() -> argparse.ArgumentParser:
                    help="when the source has no validation split: share of the train images (with all their "
                         "questions) carved into one, never an image also in test (default %(default)s; 0: none)")
     p.add_argument("--val-seed", type=int, default=0, help="seed of the carved validation split (default 0)")
+    p.add_argument("--dicom-window", type=_window, metavar="CENTER,WIDTH",
+                   help="DICOM images: this window instead of each file's own (e.g. 40,400 for CT soft tissue)")
     g = p.add_argument_group("format-specific options")
     g.add_argument("--lang", choices=("en", "zh", "all"), help="slake: question language (default en)")
     g.add_argument("--views", choices=("first", "all"), help="r2gen: first view per study (default) or all")
@@ -94,7 +106,7 @@ def _prepare(args: argparse.Namespace, parser: argparse.ArgumentParser) -> int:
         parser.error("; ".join(f"{flag} applies to format {', '.join(users[flag])}, not {args.format}"
                                for flag in wrong))
     options = ReadOptions(dataset=args.dataset, image_root=args.image_root.resolve() if args.image_root else None,
-                          **given)
+                          dicom_window=args.dicom_window, **given)
     manifest = prepare(args.format, args.input, args.out, options=options, on_bad=args.on_bad, images=args.images,
                        rows_per_shard=args.rows_per_shard, check_images=args.check_images, workers=args.workers,
                        overwrite=args.overwrite, val_fraction=args.val_fraction, val_seed=args.val_seed)
