@@ -29,6 +29,10 @@ def _columns(text: str) -> dict[str, str]:
     return pairs
 
 
+def _input(text: str) -> Path | str:
+    return text if text.startswith("hf://") else Path(text)
+
+
 def _window(text: str) -> tuple[float, float]:
     try:
         center, width = (float(v) for v in text.split(","))
@@ -49,7 +53,8 @@ def _parser() -> argparse.ArgumentParser:
 
     p = sub.add_parser("prepare", help="convert a published dataset into Parquet shards + manifest.json")
     p.add_argument("--format", required=True, choices=sorted(FORMATS), help="input format (see `formats`)")
-    p.add_argument("--input", required=True, type=Path, help="dataset folder or annotation file")
+    p.add_argument("--input", required=True, type=_input,
+                   help="dataset folder or annotation file; format hf: also hf://datasets/ORG/NAME[@revision]")
     p.add_argument("--out", required=True, help="output folder or URI (s3://, gs://) for shards and manifest.json")
     p.add_argument("--on-bad", choices=("error", "skip"), default="error",
                    help="error (default): stop before writing anything; skip: write the rest, record skips")

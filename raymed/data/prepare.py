@@ -31,6 +31,7 @@ from raymed.data.images import ImageChecker
 from raymed.data.readers import get_format
 from raymed.data.schema import SCHEMA, SCHEMA_VERSION, SPLITS
 from raymed.data.dicom import dicom_png, is_dicom
+from raymed.data.hf import is_hf_uri, local_folder
 from raymed.data.source import ReadContext, ReadOptions, SourceRow
 
 OnBad = Literal["error", "skip"]
@@ -354,6 +355,8 @@ def prepare(
             storage.remove(out)  # --overwrite: no stale shards of the earlier dataset
         return manifest
     spec = get_format(fmt)
+    if is_hf_uri(source):  # hf://datasets/ORG/NAME[@rev]: its snapshot in the Hub cache
+        source = local_folder(source)
     source, out = Path(source).resolve(), Path(out).resolve()
     if not source.exists():
         raise FileNotFoundError(f"--input {source} does not exist")
