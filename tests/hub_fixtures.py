@@ -17,13 +17,15 @@ from PIL import Image
 
 COMMIT = "0123456789abcdef0123456789abcdef01234567"
 
-# Run first in a child process (python -c): every non-loopback connect raises.
+# Run first in a child process (python -c): a connect to anything but this machine (loopback, its own
+# addresses: Ray's processes talk over them) raises.
 NO_NETWORK = (
     "import socket\n"
     "_connect = socket.socket.connect\n"
+    "_own = {'127.0.0.1', '::1', 'localhost', socket.gethostname()}\n"
+    "_own |= {a[4][0] for a in socket.getaddrinfo(socket.gethostname(), None)}\n"
     "def _refuse(self, address, *a):\n"
-    "    host = address[0] if isinstance(address, tuple) else ''\n"
-    "    if isinstance(address, tuple) and host not in ('127.0.0.1', '::1', 'localhost'):\n"
+    "    if isinstance(address, tuple) and address[0] not in _own:\n"
     "        raise OSError(f'test: outgoing connection to {address} refused')\n"
     "    return _connect(self, address, *a)\n"
     "socket.socket.connect = _refuse\n"

@@ -12,7 +12,7 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 import pytest
 
-from hub_fixtures import NO_NETWORK, hub_dataset_cache, png, vqa_table
+from tests.hub_fixtures import NO_NETWORK, hub_dataset_cache, png, vqa_table
 from raymed.data import BadRowsError, prepare
 
 REPO = Path(__file__).resolve().parents[1]
@@ -71,3 +71,43 @@ def test_hf_local_folder_captions_and_bad_rows(tmp_path: Path) -> None:
     message = str(err.value)
     assert "train split row 0 (id 'train-0'): missing answer" in message
     assert "train split row 1 (id 'train-1'): missing answer; missing image: gone.png" in message
+
+
+def test_hf_data_path_resolves_offline_to_a_prepared_copy_keyed_by_commit(tmp_path: Path) -> None:
+    hub_dataset_cache(tmp_path / "hub", "med-org/tiny-vqa", {"train": vqa_table("train", 4)})
+    code = NO_NETWORK + (
+        "import json, sys\nfrom raymed.config import load_config, local_paths, with_paths\n"
+        "cfg = load_config(None, sys.argv[1:])\npaths = local_paths([cfg])\n"
+        "print(json.dumps([paths, with_paths(cfg, paths).data.path, local_paths([cfg]) == paths]))\n")
+    result = subprocess.run([sys.executable, "-c", code, "data.path=hf://datasets/med-org/tiny-vqa"],
+                            capture_output=True, text=True, env=_offline_env(tmp_path), timeout=240)
+    assert result.returncode == 0, result.stderr[-3000:]
+    paths, data_path, again = json.loads(result.stdout.strip().splitlines()[-1])
+    expected = tmp_path / "hf-home" / "raymed-prepared" / "med-org--tiny-vqa--0123456789abcdef0123456789abcdef01234567"
+    assert paths == {"hf://datasets/med-org/tiny-vqa": str(expected)} and data_path == str(expected) and again
+    assert json.loads((expected / "manifest.json").read_text())["rows"] == 4
+    bad = subprocess.run([sys.executable, "-c", code, "data.path=hf://datasets/med-org/nothing"],
+                         capture_output=True, text=True, env=_offline_env(tmp_path), timeout=240)
+    assert bad.returncode != 0 and "data.path hf://datasets/med-org/nothing: " in bad.stderr
+    assert "not in the Hub cache" in bad.stderr
+
+
+@pytest.mark.integration
+def test_train_reads_hf_data_path_offline_without_prepare(tmp_path: Path) -> None:
+    """`data.path: hf://datasets/...` trains a tiny model offline; the prepared copy is keyed by commit."""
+    hub_dataset_cache(tmp_path / "hub", "med-org/tiny-vqa", {
+        "train": vqa_table("train", 8), "test": vqa_table("test", 2, start=8)})
+    code = NO_NETWORK + "import sys\nfrom raymed.train import main\nsys.exit(main(sys.argv[1:]))\n"
+    overrides = ["model.name=tiny-llava", "data.path=hf://datasets/med-org/tiny-vqa", "data.max_eval_rows=2",
+                 "data.preprocess_actors=0", "train.epochs=1", "train.batch_size=4", "train.zero_shot=false",
+                 "scaling.num_workers=1", "scaling.cpus_per_worker=0.5", "run.metrics_export=false",
+                 f"run.storage={tmp_path / 'runs'}", "run.name=hf-data"]
+    result = subprocess.run(["flock", "/tmp/raymed-ray.lock", sys.executable, "-c", code, *overrides],
+                            capture_output=True, text=True, env=_offline_env(tmp_path), timeout=1500)
+    assert result.returncode == 0, result.stderr[-3000:]
+    prepared = list((tmp_path / "hf-home" / "raymed-prepared").iterdir())
+    assert [p.name for p in prepared] == ["med-org--tiny-vqa--0123456789abcdef0123456789abcdef01234567"]
+    manifest = json.loads((prepared[0] / "manifest.json").read_text())
+    assert manifest["splits"]["train"]["rows"] + manifest["splits"]["val"]["rows"] == 8
+    summary = json.loads((tmp_path / "runs" / "hf-data" / "raymed-result.json").read_text())
+    assert summary["steps"] >= 1

@@ -75,6 +75,24 @@ def local_folder(source: Path | str) -> Path:
     return snapshot(str(source)) if is_hf_uri(source) else Path(source)
 
 
+def prepared_folder(uri: str) -> Path:
+    """``uri`` prepared once into ``$HF_HOME/raymed-prepared/ORG--NAME--COMMIT`` and reused (``data.path: hf://``).
+
+    The folder is keyed by the snapshot's commit, so a new revision of the dataset is prepared again and a
+    run resumed later reads the same rows. Bad rows are an error, as in ``prepare``'s default.
+    """
+    from huggingface_hub import constants
+
+    from raymed.data.prepare import MANIFEST, prepare
+
+    folder = snapshot(uri)
+    repo, _ = parse_hf_uri(uri)
+    out = Path(constants.HF_HOME) / "raymed-prepared" / f"{repo.replace('/', '--')}--{folder.name}"
+    if not (out / MANIFEST).is_file():
+        prepare("hf", folder, out, overwrite=True)
+    return out
+
+
 def split_files(root: Path) -> dict[str, list[str]]:
     """raymed split -> data files, by the ``datasets`` library's own data-file patterns."""
     from datasets.data_files import DataFilesDict, get_data_patterns
@@ -122,4 +140,4 @@ def read_hf(ctx: ReadContext) -> Iterator[SourceRow]:
             yield row
 
 
-__all__ = ["GENERIC_FIELDS", "HubDatasetError", "is_hf_uri", "local_folder", "read_hf", "snapshot"]
+__all__ = ["GENERIC_FIELDS", "HubDatasetError", "is_hf_uri", "local_folder", "prepared_folder", "read_hf", "snapshot"]
