@@ -80,9 +80,9 @@ def _parser() -> argparse.ArgumentParser:
                    help="vqa-rad: trainset/testset.json or the public release JSON (default auto)")
     g.add_argument("--columns", type=_columns, help="generic: field=column,... (fields: id, image, "
                    "question, answer, answer_type, split, task)")
-    g.add_argument("--split", choices=("train", "val", "test"), 
+    g.add_argument("--split", choices=("train", "val", "test"),
                    help="generic, llava, messages: split for rows without one")
-    g.add_argument("--task", choices=("vqa", "report"), help="generic: task for rows without one (default vqa)")
+    g.add_argument("--task", choices=("vqa", "report"), help="generic, hf: task for rows without one (default vqa; hf: report when there is no question column)")
 
     s = sub.add_parser("synth", help="generate the synthetic Med-VQA dataset (VQA-RAD or R2Gen layout)")
     s.add_argument("--out", required=True, type=Path)
