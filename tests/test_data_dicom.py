@@ -99,3 +99,24 @@ def test_prepare_embeds_windowed_png_and_names_bad_dicom_rows(tmp_path: Path) ->
     assert "data.jsonl row 1 (id 'r1'): unreadable DICOM" in message
     assert "row 2 (id 'r2'): missing image" in message
     assert "row 3 (id 'r3'): DICOM transfer syntax 'JPEG-LS Lossless Image Compression'" in message
+
+
+def test_dicom_rows_stored_by_path_decode_on_the_worker_and_train_a_step(tmp_path: Path) -> None:
+    """``--images uri`` keeps the .dcm path: the stream's decoder windows it; one tiny-llava step learns from it."""
+    import torch
+
+    from raymed.data.rows import read_rows
+    from raymed.data.transform import DecodeAndEncode, FamilyEncoderFactory
+    from raymed.models import load_model
+
+    root = _rows(tmp_path, ["CT_small.dcm", "MR_small.dcm", "SC_rgb_rle_2frame.dcm"])
+    prepare("generic", root, tmp_path / "out", images="uri", val_fraction=0)
+    rows = read_rows(tmp_path / "out", "train")
+    assert all(r["image"] is None and r["image_uri"].endswith(".dcm") for r in rows)
+    batch = {k: [r[k] for r in rows] for k in rows[0]}
+    encoded = DecodeAndEncode(FamilyEncoderFactory("llava", "tiny-llava", 64))(batch)
+    model = load_model("tiny-llava")
+    inputs = {k: torch.from_numpy(v) for k, v in encoded.items() if k != "id"}
+    loss = model(**inputs).loss
+    loss.backward()
+    assert torch.isfinite(loss) and any(p.grad is not None and p.grad.abs().sum() > 0 for p in model.parameters())
