@@ -76,20 +76,20 @@ def test_hf_local_folder_captions_and_bad_rows(tmp_path: Path) -> None:
 def test_hf_data_path_resolves_offline_to_a_prepared_copy_keyed_by_commit(tmp_path: Path) -> None:
     hub_dataset_cache(tmp_path / "hub", "med-org/tiny-vqa", {"train": vqa_table("train", 4)})
     code = NO_NETWORK + (
-        "import json, sys\nfrom raymed.config import load_config, local_paths, with_paths\n"
-        "cfg = load_config(None, sys.argv[1:])\npaths = local_paths([cfg])\n"
-        "print(json.dumps([paths, with_paths(cfg, paths).data.path, local_paths([cfg]) == paths]))\n")
-    result = subprocess.run([sys.executable, "-c", code, "data.path=hf://datasets/med-org/tiny-vqa"],
+        "import json, sys\nfrom raymed.config import ConfigError, load_config, local_paths, with_paths\n"
+        "cfg = load_config(None, [sys.argv[1]], check_paths=False)\npaths = local_paths([cfg])\n"
+        "try:\n    local_paths([load_config(None, [sys.argv[2]], check_paths=False)])\n    error = None\n"
+        "except ConfigError as err:\n    error = str(err)\n"
+        "print(json.dumps([paths, with_paths(cfg, paths).data.path, local_paths([cfg]) == paths, error]))\n")
+    result = subprocess.run([sys.executable, "-c", code, "data.path=hf://datasets/med-org/tiny-vqa",
+                             "data.path=hf://datasets/med-org/nothing"],
                             capture_output=True, text=True, env=_offline_env(tmp_path), timeout=240)
     assert result.returncode == 0, result.stderr[-3000:]
-    paths, data_path, again = json.loads(result.stdout.strip().splitlines()[-1])
+    paths, data_path, again, error = json.loads(result.stdout.strip().splitlines()[-1])
     expected = tmp_path / "hf-home" / "raymed-prepared" / "med-org--tiny-vqa--0123456789abcdef0123456789abcdef01234567"
     assert paths == {"hf://datasets/med-org/tiny-vqa": str(expected)} and data_path == str(expected) and again
     assert json.loads((expected / "manifest.json").read_text())["rows"] == 4
-    bad = subprocess.run([sys.executable, "-c", code, "data.path=hf://datasets/med-org/nothing"],
-                         capture_output=True, text=True, env=_offline_env(tmp_path), timeout=240)
-    assert bad.returncode != 0 and "data.path hf://datasets/med-org/nothing: " in bad.stderr
-    assert "not in the Hub cache" in bad.stderr
+    assert "data.path hf://datasets/med-org/nothing: " in error and "not in the Hub cache" in error
 
 
 @pytest.mark.integration
