@@ -355,8 +355,7 @@ def prepare(
             storage.remove(out)  # --overwrite: no stale shards of the earlier dataset
         return manifest
     spec = get_format(fmt)
-    if is_hf_uri(source):  # hf://datasets/ORG/NAME[@rev]: its snapshot in the Hub cache
-        source = local_folder(source)
+    source = local_folder(source) if is_hf_uri(source) else source  # hf://datasets/...: its Hub-cache snapshot
     source, out = Path(source).resolve(), Path(out).resolve()
     if not source.exists():
         raise FileNotFoundError(f"--input {source} does not exist")
