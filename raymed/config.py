@@ -299,12 +299,25 @@ def local_paths(cfgs: Iterable[Config], cwd: str | Path | None = None) -> dict[s
     out: dict[str, str] = {}
     for cfg in cfgs:
         for value in _path_values(cfg):
+            if value.startswith("hf://datasets/") and value not in out:  # prepared once, cached by commit
+                out[value] = _hf_dataset(value)
+                continue
             local = Path(value).expanduser()
             if value in PRESETS or "://" in value or local.is_absolute() or value in out:
                 continue
             if (cwd / local).exists():
                 out[value] = str((cwd / local).resolve())
     return out
+
+
+def _hf_dataset(uri: str) -> str:
+    """The prepared local folder of a ``hf://datasets/...`` data path (`raymed.data.hf.prepared_folder`)."""
+    from .data.hf import prepared_folder
+
+    try:
+        return str(prepared_folder(uri))
+    except (ValueError, FileNotFoundError) as err:  # HubDatasetError, BadRowsError, no data files
+        raise ConfigError([f"data.path {uri}: {err}"]) from None
 
 
 def with_paths(cfg: Config, paths: Mapping[str, str]) -> Config:

@@ -24,6 +24,7 @@ from raymed.cli import main as raymed_main
 from raymed.config import read_yaml
 from tests.cluster_fixtures import start_s3
 from tests.fixtures import datasets
+from tests.fixtures.data_sources import write_data_sources
 from tests.fixtures.miss_release import target_dir, write_miss_checkpoint
 from tests.fixtures.shipped import SWEEP_SIZE, shrink
 
@@ -98,6 +99,7 @@ def downloads(root: Path) -> None:
     datasets.slake(root / "Slake1.0")
     datasets.pathvqa(root / "pvqa")
     datasets.iu_xray(root / "iu_xray")
+    write_data_sources(root)  # docs/data-sources.md
 
 
 def substitute(command: list[str], root: Path, bucket: str) -> list[str]:
