@@ -46,6 +46,10 @@ class ModelConfig(Section):
     template: Literal["auto", "plain", "llava-med-v1.5", "llava-med-v1.0"] = "auto"
     """LLaVA conversation template for training, evaluation and inference. auto: the model directory's chat
     template (a converted LLaVA-Med v1.5 carries `[INST] <image>\n{q} [/INST]`), else `plain` (the tiny presets)."""
+    drop_path: float = Field(0.0, ge=0, lt=1)
+    """Stochastic depth in the vision tower while training: of its n layers, layer i skips its attention and MLP
+    branches (per sample) with probability `drop_path * i / (n - 1)`, BLIP's / timm's rule. The MISS authors fine-tune
+    with 0.1 (configs/models/miss-original.yaml); 0: off. Evaluation never drops."""
 
 
 class MethodConfig(Section):
@@ -106,7 +110,14 @@ class TrainConfig(Section):
     grad_accum: int = Field(1, ge=1)
     lr: float = Field(1e-3, gt=0, lt=1)
     weight_decay: float = Field(0.05, ge=0)
+    decay_norms_and_biases: bool = False
+    """Apply `weight_decay` to norm weights and biases too (the MISS authors' AdamW decays every parameter); false:
+    only weight matrices decay (the usual transformers recipe), so `ln` then trains without decay."""
     warmup_ratio: float = Field(0.1, ge=0, le=1)
+    schedule: Literal["cosine", "cosine-per-epoch"] = "cosine"
+    """Learning rate: linear warm-up then cosine to 0 per optimizer step; `cosine-per-epoch`: the cosine's value at
+    each epoch's start held for the whole epoch, `lr * (1 + cos(pi * epoch / epochs)) / 2` (the MISS authors'
+    `cosine_lr_schedule`, called once per epoch; use with `warmup_ratio: 0`)."""
     max_grad_norm: float = Field(1.0, ge=0)
     seed: int = 0
     zero_shot: bool = True
@@ -292,12 +303,25 @@ def local_paths(cfgs: Iterable[Config], cwd: str | Path | None = None) -> dict[s
     out: dict[str, str] = {}
     for cfg in cfgs:
         for value in _path_values(cfg):
+            if value.startswith("hf://datasets/") and value not in out:  # prepared once, cached by commit
+                out[value] = _hf_dataset(value)
+                continue
             local = Path(value).expanduser()
             if value in PRESETS or "://" in value or local.is_absolute() or value in out:
                 continue
             if (cwd / local).exists():
                 out[value] = str((cwd / local).resolve())
     return out
+
+
+def _hf_dataset(uri: str) -> str:
+    """The prepared local folder of a ``hf://datasets/...`` data path (`raymed.data.hf.prepared_folder`)."""
+    from .data.hf import prepared_folder
+
+    try:
+        return str(prepared_folder(uri))
+    except (ValueError, FileNotFoundError) as err:  # HubDatasetError, BadRowsError, no data files
+        raise ConfigError([f"data.path {uri}: {err}"]) from None
 
 
 def with_paths(cfg: Config, paths: Mapping[str, str]) -> Config:

@@ -28,8 +28,16 @@ class Schedule:
         self.segments = segments
 
     @classmethod
-    def fresh(cls, total: int, warmup: int) -> "Schedule":
-        return cls([{"start": 0, "end": max(total, 1), "warmup": warmup, "scale": 1.0}])
+    def fresh(cls, total: int, warmup: int, per: int = 0) -> "Schedule":
+        """`per`: hold each value for `per` steps (`train.schedule: cosine-per-epoch`, per = steps per epoch). The
+        warm-up leaves at least one step to decay over (a run of 1 step has none and ends at 0)."""
+        total = max(total, 1)
+        return cls([{"start": 0, "end": total, "warmup": min(warmup, total - 1), "scale": 1.0, "per": per}])
+
+    @classmethod
+    def for_run(cls, cfg: Config, total: int, steps_per_epoch: int) -> "Schedule":
+        per = steps_per_epoch if cfg.train.schedule == "cosine-per-epoch" else 0
+        return cls.fresh(total, math.ceil(cfg.train.warmup_ratio * total), per)
 
     def __call__(self, step: int) -> float:
         """The multiplier of the base learning rate at `step` (the function LambdaLR calls)."""
@@ -37,7 +45,10 @@ class Schedule:
         at, warmup = step - seg["start"], seg["warmup"]
         if at < warmup:  # same formula as transformers' get_cosine_schedule_with_warmup
             return seg["scale"] * at / max(1, warmup)
-        progress = min(1.0, (at - warmup) / max(1, seg["end"] - seg["start"] - warmup))  # never back up past the end
+        at -= warmup
+        if seg.get("per"):  # the value at the epoch's first step, for the whole epoch
+            at -= at % seg["per"]
+        progress = min(1.0, at / max(1, seg["end"] - seg["start"] - warmup))  # never back up past the end
         return seg["scale"] * max(0.0, 0.5 * (1.0 + math.cos(math.pi * progress)))
 
     def resume(self, state: dict[str, Any], cfg: Config, steps_per_epoch: int, step: int, log: Any) -> None:
@@ -50,7 +61,8 @@ class Schedule:
         if self.segments[-1]["end"] == total and ratio == 1.0 and old.train.warmup_ratio == cfg.train.warmup_ratio:
             return
         scale = self(step) * ratio
-        self.segments.append({"start": step, "end": max(total, step + 1), "warmup": 0, "scale": scale})
+        per = steps_per_epoch if cfg.train.schedule == "cosine-per-epoch" else 0
+        self.segments.append({"start": step, "end": max(total, step + 1), "warmup": 0, "scale": scale, "per": per})
         log(f"schedule continued at step {step}: lr x{scale:.4g} of the original, cosine to 0 at step {total}")
 
 
@@ -94,7 +106,7 @@ def zero3_loading(ds_cfg: dict[str, Any], cfg: Config) -> Any:
 def build_engine(model: torch.nn.Module, cfg: Config, *, bf16: bool, world: int, schedule: Schedule | None = None,
                  total_steps: int | None = None, ds_cfg: dict[str, Any] | None = None) -> Any:
     """The DeepSpeed engine of a run: AdamW over the trainable parameters only (frozen ones get no grads and no
-    state; no weight decay on norms and biases) under `schedule`, the run's learning-rate schedule (or a fresh one
+    state; no weight decay on norms and biases unless `train.decay_norms_and_biases`) under `schedule`, the run's learning-rate schedule (or a fresh one
     over `total_steps` with the config's warm-up). `ds_cfg`: the one `zero3_loading` used, when the weights were
     loaded under it. Needs `deepspeed.init_distributed` (or a process group) first."""
     import deepspeed
@@ -102,16 +114,18 @@ def build_engine(model: torch.nn.Module, cfg: Config, *, bf16: bool, world: int,
     ds_cfg = ds_cfg or ds_config(cfg, world, bf16)
     if schedule is None:
         total = max(total_steps or 1, 1)
-        schedule = Schedule.fresh(total, math.ceil(cfg.train.warmup_ratio * total))
+        schedule = Schedule.for_run(cfg, total, total // max(cfg.train.epochs, 1))
 
     decay, no_decay = [], []
     for p in model.parameters():
         if p.requires_grad:
-            # no decay on norms and biases, by the parameter's full shape: ZeRO-3 leaves a partitioned parameter an
-            # empty 1-d tensor and keeps its shape in `ds_shape`
-            (no_decay if len(getattr(p, "ds_shape", p.shape)) < 2 else decay).append(p)
+            # no decay on norms and biases (unless `train.decay_norms_and_biases`), by the parameter's full shape:
+            # ZeRO-3 leaves a partitioned parameter an empty 1-d tensor and keeps its shape in `ds_shape`
+            vector = len(getattr(p, "ds_shape", p.shape)) < 2
+            (no_decay if vector and not cfg.train.decay_norms_and_biases else decay).append(p)
     groups = [{"params": decay, "weight_decay": cfg.train.weight_decay}, {"params": no_decay, "weight_decay": 0.0}]
-    optimizer = torch.optim.AdamW([g for g in groups if g["params"]], lr=cfg.train.lr)
+    # fused: one kernel per step and no host read of Adam's step counters (the unfused update reads each one)
+    optimizer = torch.optim.AdamW([g for g in groups if g["params"]], lr=cfg.train.lr, fused=True)
 
     def scheduler(opt: torch.optim.Optimizer) -> Any:  # built on DeepSpeed's wrapped optimizer
         # A plain function, not the Schedule object: LambdaLR saves (and would restore over) an object's state.

@@ -55,9 +55,9 @@ METHODS: dict[str, Method] = {
         # The MISS authors' peft baselines (TIMMY-CHAN/MISS models/peft_miss.py; the same authors' MILE): LoRA on
         # `query`/`value` (peft's BERT default), (IA)3 on `key`/`value`/`output.dense` with every `output.dense`
         # (attention output and FFN output, peft's suffix match) scaled as a feed-forward module.
-        Method("lora-qv", "peft LoRA r=8, alpha 32, dropout 0.1 on query/value (MISS baseline)", groups=("attn",),
+        Method("lora-qv", "peft LoRA r=4, alpha 32, dropout 0.1 on query/value (MISS baseline)", groups=("attn",),
                peft="lora", families=("miss",),
-               defaults={"r": 8, "lora_alpha": 32, "lora_dropout": 0.1, "target_names": ["query", "value"]}),
+               defaults={"r": 4, "lora_alpha": 32, "lora_dropout": 0.1, "target_names": ["query", "value"]}),
         Method("ia3-kvo", "peft (IA)3 on key/value/output.dense (MISS baseline)", groups=("attn", "ffn"), peft="ia3",
                families=("miss",),
                defaults={"target_names": ["key", "value", "output.dense"], "feedforward_names": ["output.dense"]}),
@@ -74,6 +74,9 @@ METHODS: dict[str, Method] = {
 
 # Where prompt-learning methods attach: the text model that reads the question.
 PROMPT_TOWER = {"llava": "language", "miss": "text_encoder"}
+# Prefix tuning on MISS, as its authors' baselines (models/peft_miss.py): the question encoder and the answer decoder
+# each get their own 10-token prefix (prompt tuning stays on the encoder, which reads the question).
+PREFIX_TOWERS = {"llava": ("language",), "miss": ("text_encoder", "text_decoder")}
 # (IA)3's attention targets: the key and value projections, by their module names per family (peft's own
 # default table names the same: `k_proj`/`v_proj` for LLaMA/Mistral/CLIP, `key`/`value` for BERT). BLIP's
 # vision attention has one fused `qkv` linear, so (IA)3 scales only its FFN there.
@@ -184,21 +187,19 @@ def _apply_peft(
     for p in model.parameters():
         p.requires_grad_(False)
     if spec.peft in ("prefix", "prompt"):
-        host = PROMPT_TOWER[family.name]
-        if host not in towers:
-            raise MethodError(
-                f"family {family.name!r}, method {spec.name!r} attaches to tower {host!r}, "
-                f"which is not in towers {list(towers)}"
-            )
+        hosts = prompt_hosts(family.name, spec, towers)
         cls = peft.PrefixTuningConfig if spec.peft == "prefix" else peft.PromptTuningConfig
         if family.name == "miss":
-            # BLIP-VQA is no standard peft task: prompt-learn the question encoder (a BERT feature extractor).
-            text_cfg = model.text_encoder.config
-            if spec.peft == "prefix":
-                opts.setdefault("encoder_hidden_size", text_cfg.hidden_size)
-            model.text_encoder = peft.get_peft_model(model.text_encoder, cls(task_type="FEATURE_EXTRACTION", **opts))
-            if spec.peft == "prefix":
-                prefix_cache(model.text_encoder)
+            # BLIP-VQA is no standard peft task: the question encoder is a BERT feature extractor, the answer
+            # decoder a causal LM (as the MISS authors configure them), each wrapped on its own.
+            for host in hosts:
+                tower = getattr(model, host)
+                task = "FEATURE_EXTRACTION" if host == "text_encoder" else "CAUSAL_LM"
+                kwargs = {"encoder_hidden_size": tower.config.hidden_size} if spec.peft == "prefix" else {}
+                wrapped = peft.get_peft_model(tower, cls(task_type=task, **{**kwargs, **opts}))
+                if spec.peft == "prefix":
+                    prefix_cache(wrapped)
+                setattr(model, host, wrapped)
             return model
         if spec.peft == "prefix":
             opts.setdefault("encoder_hidden_size", model.config.text_config.hidden_size)
@@ -238,9 +239,19 @@ def _apply_peft(
 
 
 
+def prompt_hosts(family: str, spec: Method, towers: Sequence[str]) -> list[str]:
+    """The towers a prompt-learning method attaches to, of those asked for; refused when none is."""
+    candidates = PREFIX_TOWERS[family] if spec.peft == "prefix" else (PROMPT_TOWER[family],)
+    hosts = [t for t in candidates if t in towers]
+    if not hosts:
+        raise MethodError(f"family {family!r}, method {spec.name!r} attaches to tower(s) {list(candidates)}, "
+                          f"none of which is in towers {list(towers)}")
+    return hosts
+
+
 def effective_towers(model: str, family: str | None, method: str, towers: Sequence[str] | None) -> list[str] | None:
-    """The towers a method really changes: a prompt-learning method attaches to one tower whatever `towers` says
-    (so two tower choices that both hold it train the same model). Used to drop duplicate sweep points."""
+    """The towers a method really changes: a prompt-learning method attaches to its host tower(s) whatever `towers`
+    says (so two tower choices that both hold them train the same model). Used to drop duplicate sweep points."""
     spec = get_method(method)
     if spec.peft not in ("prefix", "prompt"):
         return list(towers) if towers else None
@@ -248,5 +259,6 @@ def effective_towers(model: str, family: str | None, method: str, towers: Sequen
         from .models import resolve
 
         family = resolve(model).family.name
-    host = PROMPT_TOWER[family]
-    return [host] if not towers or host in towers else list(towers)
+    candidates = PREFIX_TOWERS[family] if spec.peft == "prefix" else (PROMPT_TOWER[family],)
+    hosts = [t for t in candidates if not towers or t in towers]
+    return hosts or list(towers or [])

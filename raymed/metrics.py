@@ -304,18 +304,29 @@ def _tokenize(
     return gts, res
 
 
+_METEOR: Any = None  # one METEOR JVM per process, started at the first call and kept (a JVM start is ~10 s of CPU)
+
+
+def _meteor_scorer() -> Any:
+    global _METEOR
+    if _METEOR is None or _METEOR.meteor_p.poll() is not None:
+        from pycocoevalcap.meteor.meteor import Meteor
+
+        _METEOR = Meteor()
+    return _METEOR
+
+
 def _meteor(gts: dict[int, list[str]], res: dict[int, list[str]], timeout_s: float) -> float | None:
-    """Run pycocoevalcap's METEOR; None (with the reason logged) when it cannot run."""
+    """Run pycocoevalcap's METEOR on this process's METEOR JVM; None (with the reason logged) when it cannot run."""
+    global _METEOR
     if shutil.which("java") is None:
         logger.warning("METEOR skipped: Java is not on PATH (pycocoevalcap's METEOR is a Java program)")
         return None
-    from pycocoevalcap.meteor.meteor import Meteor
-
     # METEOR reads one line per request: newlines inside a report would desynchronise the protocol.
     gts = {k: [" ".join(r.split()) for r in v] for k, v in gts.items()}
     res = {k: [" ".join(r.split()) for r in v] for k, v in res.items()}
     try:
-        scorer = Meteor()
+        scorer = _meteor_scorer()
     except Exception as exc:  # noqa: BLE001 - any start-up failure means "no METEOR", not a crash
         logger.warning("METEOR skipped: could not start the Java process: %s", exc)
         return None
@@ -332,20 +343,15 @@ def _meteor(gts: dict[int, list[str]], res: dict[int, list[str]], timeout_s: flo
             stderr = scorer.meteor_p.stderr.read()[-500:]
         except Exception:  # noqa: BLE001
             pass
-        reason = stderr.decode(errors="replace")
-        logger.warning("METEOR skipped: the METEOR process failed (%r) %s", exc, reason)
-        return None
-    finally:
-        watchdog.cancel()
+        logger.warning("METEOR skipped: the METEOR process failed (%r) %s", exc, stderr.decode(errors="replace"))
         # pycocoevalcap keeps its lock when compute_score raises; its __del__ would then block forever.
         if scorer.lock.locked():
             scorer.lock.release()
-        try:
-            scorer.meteor_p.stdin.close()
-        except OSError:
-            pass
-        scorer.meteor_p.kill()
         scorer.meteor_p.wait()
+        _METEOR = None  # the next call starts a fresh JVM
+        return None
+    finally:
+        watchdog.cancel()
 
 
 def row_scores(refs: Sequence[Any], preds: Sequence[Any], answer_types: Sequence[Any],

@@ -120,10 +120,11 @@ def check_storage(cfg: Config, storage: str | None = None) -> None:
     """Run storage and data reachable and usable (driver side, before any worker starts): raises
     `storage.StorageError` naming the URI."""
     store.check(storage or storage_path(cfg), "run.storage")
-    if cfg.data.path is not None:
+    if cfg.data.path is not None and not cfg.data.path.startswith("hf://"):  # hf://: prepared by local_paths
         store.check_dataset(cfg.data.path, "data.path")
     for name, path in cfg.data.eval_sets.items():
-        store.check_dataset(path, f"data.eval_sets.{name}")
+        if not path.startswith("hf://"):
+            store.check_dataset(path, f"data.eval_sets.{name}")
 
 
 def fit(cfg: Config) -> dict[str, Any]:

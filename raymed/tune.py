@@ -347,6 +347,19 @@ def concurrent_trials(cluster: dict[str, float], base_cfg: Config, sweep: SweepC
     return max(1, n)
 
 
+def trial_concurrency(cluster: dict[str, float], base_cfg: Config, sweep: SweepConfig, *,
+                      autoscaling: bool = False) -> tuple[int, str | None]:
+    """Trials run at once: `sweep.max_concurrent`, at most what the cluster holds (more trials than the CPUs hold
+    starve each other's data tasks, and the sweep hangs); on an autoscaling cluster as asked (nodes are coming)."""
+    fits = concurrent_trials(cluster, base_cfg, sweep)
+    if not sweep.max_concurrent:
+        return fits, None
+    if sweep.max_concurrent <= fits or autoscaling:
+        return sweep.max_concurrent, None
+    return fits, (f"sweep.max_concurrent={sweep.max_concurrent}: the cluster holds {fits} trial(s) at once "
+                  f"({cluster.get('CPU', 0):g} CPUs, {trial_cpus(base_cfg, sweep):g} per trial); running {fits}")
+
+
 def sweep_paths(sweep: SweepConfig, base: dict[str, Any]) -> dict[str, str]:
     """The relative local paths of the base config and of every grid point, made absolute from here (the driver's
     directory; `config.local_paths`)."""
@@ -377,7 +390,10 @@ def run_sweep(sweep: SweepConfig, base: dict[str, Any], out: str | Path, resume:
     if base_cfg.scaling.use_gpu and not ray.cluster_resources().get("GPU") and not os.environ.get("RAYMED_AUTOSCALING"):
         raise ResourceError("scaling.use_gpu=true but the cluster has no GPU (set RAYMED_AUTOSCALING=1 if it "
                             "autoscales GPU nodes)")
-    concurrency = sweep.max_concurrent or concurrent_trials(ray.cluster_resources(), base_cfg, sweep)
+    concurrency, note = trial_concurrency(ray.cluster_resources(), base_cfg, sweep,
+                                          autoscaling=bool(os.environ.get("RAYMED_AUTOSCALING")))
+    if note:
+        print(note, file=sys.stderr)
     trainable = tune.with_resources(trial, {"cpu": sweep.trial_cpus})
     storage, fs = store.ray_storage(out)
     experiment = f"{storage}/{sweep.name}"

@@ -1,19 +1,21 @@
 """The worker recipe: one training loop for every model family and every method.
 
-Runs inside each Ray Train worker and reads top to bottom: build model -> apply method (before the
-engine) -> dataset shard -> DeepSpeed engine -> resume -> [zero-shot eval] -> train / eval / checkpoint
--> report. Only plain data crosses the process boundary: the validated config and a small plan dict.
+Runs inside each Ray Train worker, as named steps (`train_loop` reads as the recipe): `setup` (process group,
+model + method, dataset shard, DeepSpeed engine) -> `resume` (or the zero-shot evaluation) -> per epoch
+`train_epoch` (`train_step` per micro-batch; the host reads the device only at `train.log_every` steps) ->
+`evaluate` (raymed.evaluator) -> `save_and_report`. Only plain data crosses the process boundary: the validated
+config, a small plan dict and the driver's absolute paths.
 """
 
 from __future__ import annotations
 
-import json
-import math
 import os
 import random
 import resource
 import tempfile
 import time
+from collections.abc import Callable
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
@@ -23,21 +25,69 @@ import torch.distributed as dist
 
 from .config import Config, with_paths
 from .data.padding import token_counts
-from .data.plan import eval_split_of
 from .engine import Schedule, build_engine, ds_config, zero3_loading
 from .methods import apply_method
 from .models import load_model, load_processor, resolve
-from .models.base import enable_activation_checkpointing
+from .models.base import enable_activation_checkpointing, enable_drop_path
+from .evaluator import Evaluator, read_zero_shot_records, write_evaluation
 from .results import answers
 
 
 def train_loop(loop_config: dict[str, Any]) -> None:
-    """Ray Train `train_loop_per_worker`. `loop_config` = {"config": Config dump, "plan": driver facts}."""
+    """Ray Train `train_loop_per_worker`. `loop_config` = {"config": Config dump, "plan": driver facts, "paths": the
+    driver's absolute local paths}."""
+    run = setup(loop_config)
+    progress = resume(run)
+    for epoch in range(progress.start_epoch, run.cfg.train.epochs):
+        metrics = train_epoch(run, epoch, progress)
+        records = evaluate(run, epoch, metrics)
+        save_and_report(run, progress, epoch, metrics, records)
+    run.tracker.close()
+
+
+@dataclass
+class Run:
+    """What every step of the recipe shares: config, plan, this worker's place, the engine and its companions."""
+
+    cfg: Config
+    plan: dict[str, Any]
+    rank: int
+    world: int
+    device: torch.device
+    nodes: list[str | None]
+    ref: Any
+    processor: Any
+    acc: Any
+    engine: Any
+    schedule: Schedule
+    batches: Any
+    evaluator: Evaluator
+    telemetry: Any
+    tracker: Any
+    log: Callable[[str], None]
+    micro_batches: int
+    steps_per_epoch: int
+    stats: dict[str, Any] = field(default_factory=dict)
+
+
+@dataclass
+class Progress:
+    """Where the run is: restored from the latest checkpoint, or fresh (with the zero-shot scores when asked)."""
+
+    start_epoch: int = 0
+    history: list[dict[str, Any]] = field(default_factory=list)
+    zero_shot: dict[str, Any] = field(default_factory=dict)
+    zero_shot_records: dict[str, list] = field(default_factory=dict)
+    wall_s: float = 0.0
+    t_mark: float = 0.0
+
+
+def setup(loop_config: dict[str, Any]) -> Run:
+    """Process group, model + method, the dataset shard, the DeepSpeed engine (raymed.engine) and the trackers."""
     import ray.train
     import ray.train.torch
 
     t_start = time.perf_counter()
-
     cfg = with_paths(Config.model_validate(loop_config["config"]), loop_config["paths"])
     plan = loop_config["plan"]
     ctx = ray.train.get_context()
@@ -45,8 +95,6 @@ def train_loop(loop_config: dict[str, Any]) -> None:
     os.environ.setdefault("DS_ACCELERATOR", "cuda" if cfg.scaling.use_gpu else "cpu")
     import deepspeed  # after DS_ACCELERATOR is set
 
-    from . import elastic
-    from .checkpoint import load_resume_state, save_checkpoint
     from .data.epochs import EpochBatches
     from .data.plan import optimizer_steps
     from .data.stream import quiet_data_context
@@ -58,170 +106,190 @@ def train_loop(loop_config: dict[str, Any]) -> None:
     device = ray.train.torch.get_device()
     if device.type == "cuda":
         torch.cuda.set_device(device)  # all_gather_object and NCCL collectives use the current device
-    # Ray node id of every rank (recorded in each checkpoint's state.json: where the workers ran).
-    nodes: list[str | None] = [None] * world
+    nodes: list[str | None] = [None] * world  # where the workers ran (recorded in every checkpoint)
     torch.distributed.all_gather_object(nodes, ray.get_runtime_context().get_node_id())
-    bf16 = cfg.bf16
-
-    # 1. Model and method. Every rank builds identical weights (same seed), then freezes / wraps. Weights load in
-    # the training precision; under ZeRO-3 an HfDeepSpeedConfig alive during from_pretrained makes transformers
-    # partition them as they load (deepspeed.zero.Init), so no rank holds the whole model.
-    ref = resolve(cfg.model.name)
-    processor = load_processor(ref)
     micro_batches = plan["micro_batches"][world]  # an elastic run's world size varies between restarts
     steps_per_epoch = optimizer_steps(micro_batches, cfg.train.grad_accum)
-    total_steps = steps_per_epoch * cfg.train.epochs
-    ds_cfg = ds_config(cfg, world, bf16)
-    # keep alive until the engine exists; only for weights loaded from a directory (a preset built from its config
-    # with random init would be partitioned before transformers initialises it)
+    ref = resolve(cfg.model.name)
+    processor = load_processor(ref)
+    engine, acc, schedule = build_model_and_engine(cfg, ref, rank, world, steps_per_epoch)
+    log = _logger(rank, t_start)
+    # This worker's shard of the Ray Data stream, in a seeded order per (seed, epoch); kept in memory after the first
+    # epoch when it fits in `data.cache_mb`.
+    batches = EpochBatches(ray.train.get_dataset_shard("train"), cfg.train.batch_size, cfg.data.cache_mb, log,
+                           seed=cfg.train.seed, shuffle=cfg.data.shuffle)
+    log(f"model {ref.name}, method {cfg.method.name}: {acc.trainable:,} trainable of {acc.total:,}; engine ready "
+        f"(ZeRO-{engine.zero_optimization_stage()} [asked {cfg.deepspeed.zero_stage}], "
+        f"{'bf16' if cfg.bf16 else 'fp32'}, {world} workers)")
+    return Run(cfg, plan, rank, world, device, nodes, ref, processor, acc, engine, schedule, batches,
+               Evaluator(cfg, ref, processor, engine, plan, rank, world),
+               Telemetry.for_train_worker(cfg.method.name, enabled=cfg.run.metrics_export),
+               RunTracker.for_worker(cfg, plan, rank, steps_per_epoch * cfg.train.epochs, log),  # train.log_every
+               log, micro_batches, steps_per_epoch)
+
+
+def build_model_and_engine(cfg: Config, ref: Any, rank: int, world: int, steps_per_epoch: int) -> tuple[Any, Any,
+                                                                                                        Schedule]:
+    """Every rank builds identical weights (same seed), then freezes / wraps them (the method), then the engine:
+    AdamW over the trainable parameters only. Weights load in the training precision; under ZeRO-3 an
+    HfDeepSpeedConfig alive during `from_pretrained` partitions them as they load, so no rank holds the whole model."""
+    ds_cfg = ds_config(cfg, world, cfg.bf16)
+    # only for weights loaded from a directory (a preset built from its config with random init would be
+    # partitioned before transformers initialises it); kept alive until the engine exists
     hf_ds_config = zero3_loading(ds_cfg, cfg) if ref.path is not None or ref.preset.shipped_dir else None
-    model = load_model(ref, seed=cfg.train.seed, dtype=torch.bfloat16 if bf16 else torch.float32)
+    model = load_model(ref, seed=cfg.train.seed, dtype=torch.bfloat16 if cfg.bf16 else torch.float32)
     model, acc = apply_method(model, ref, cfg.method.name, cfg.method.towers, cfg.method.options,
                               seed=cfg.train.seed)
     if cfg.model.gradient_checkpointing:
         enable_activation_checkpointing(model)
+    if cfg.model.drop_path:
+        enable_drop_path(model, cfg.model.drop_path)
     _seed_everything(cfg.train.seed + rank)
-
-    # 2. Data: this worker's shard of the Ray Data stream (decoded + encoded in the stream), in a seeded order
-    # per (seed, epoch); kept in memory after the first epoch when it fits in `data.cache_mb`.
-    log = _logger(rank, t_start)
-    batches = EpochBatches(ray.train.get_dataset_shard("train"), cfg.train.batch_size, cfg.data.cache_mb, log,
-                           seed=cfg.train.seed, shuffle=cfg.data.shuffle)
-
-    # 3. Engine (raymed.engine): optimizer over trainable parameters only; frozen ones get no grads and no state.
-    schedule = Schedule.fresh(total_steps, math.ceil(cfg.train.warmup_ratio * total_steps))
-    engine = build_engine(model, cfg, bf16=bf16, world=world, schedule=schedule, ds_cfg=ds_cfg)
+    schedule = Schedule.for_run(cfg, steps_per_epoch * cfg.train.epochs, steps_per_epoch)
+    engine = build_engine(model, cfg, bf16=cfg.bf16, world=world, schedule=schedule, ds_cfg=ds_cfg)
     del hf_ds_config
-    telemetry = Telemetry.for_train_worker(cfg.method.name, enabled=cfg.run.metrics_export)
-    tracker = RunTracker.for_worker(cfg, plan, rank, total_steps, log)  # run.report_to, train.log_every
-    log(f"model {ref.name}, method {cfg.method.name}: {acc.trainable:,} trainable of {acc.total:,}; engine ready "
-        f"(ZeRO-{engine.zero_optimization_stage()} [asked {cfg.deepspeed.zero_stage}], {'bf16' if bf16 else 'fp32'}, "
-        f"{world} workers)")
+    return engine, acc, schedule
 
-    # 4. Resume: the latest checkpoint of this run (a restarted worker group or a re-run of the command). The
-    # engine, the schedule and every RNG continue exactly where the checkpoint left them.
-    start_epoch, history, zero_shot, zero_shot_records, wall_s = 0, [], {}, {}, 0.0
+
+def resume(run: Run) -> Progress:
+    """The latest checkpoint of this run (a restarted worker group or a re-run of the command): the engine, the
+    schedule and every RNG continue exactly where it left them. A fresh run is evaluated zero-shot first."""
+    import ray.train
+
+    from . import elastic
+    from .checkpoint import load_resume_state
+
+    progress = Progress()
     checkpoint = ray.train.get_checkpoint()
-    evaluator = Evaluator(cfg, ref, processor, engine, plan, rank, world)
-    if checkpoint is not None:
-        with checkpoint.as_directory() as d:
-            state = load_resume_state(engine, Path(d), rank, cfg)
-            zero_shot_records = read_zero_shot_records(Path(d)) if rank == 0 else {}
-        start_epoch, history, zero_shot = state["epoch"] + 1, state["history"], state["zero_shot"]
-        wall_s = state.get("wall_s", 0.0)
-        schedule.resume(state, cfg, steps_per_epoch, engine.global_steps, log)
-        if "resharded_from" in state:  # another world size: weights + optimizer state re-sharded (raymed.elastic)
-            elastic.sync_lr(engine)
-            elastic.reseed(cfg.train.seed, rank, engine.global_steps)
-            was = state["resharded_from"]
-            log(f"world size changed: checkpoint of {was['world_size']} workers (ZeRO-{was['zero_stage']}) restored "
-                f"on {world} (ZeRO-{engine.zero_optimization_stage()})")
-        log(f"resumed after epoch {start_epoch} (step {engine.global_steps})")
-        elastic.dump_restored(engine, rank, world, start_epoch, plan["run_name"])  # test hook (RAYMED_RESTORE_DUMP)
-    elif cfg.train.zero_shot:
-        zero_shot, zero_shot_records = evaluator.run(prefix="zeroshot")
-        log("zero-shot evaluation done")
-    t_mark = time.perf_counter()
+    if checkpoint is None:
+        if run.cfg.train.zero_shot:
+            progress.zero_shot, progress.zero_shot_records = run.evaluator.run(prefix="zeroshot")
+            run.log("zero-shot evaluation done")
+        progress.t_mark = time.perf_counter()
+        run.tracker.first_step = run.engine.global_steps  # the ETA counts the steps this process trained
+        return progress
+    engine = run.engine
+    with checkpoint.as_directory() as d:
+        state = load_resume_state(engine, Path(d), run.rank, run.cfg)
+        progress.zero_shot_records = read_zero_shot_records(Path(d)) if run.rank == 0 else {}
+    progress.start_epoch, progress.history, progress.zero_shot = state["epoch"] + 1, state["history"], \
+        state["zero_shot"]
+    progress.wall_s = state.get("wall_s", 0.0)
+    run.schedule.resume(state, run.cfg, run.steps_per_epoch, engine.global_steps, run.log)
+    if "resharded_from" in state:  # another world size: weights + optimizer state re-sharded (raymed.elastic)
+        elastic.sync_lr(engine)
+        elastic.reseed(run.cfg.train.seed, run.rank, engine.global_steps)
+        was = state["resharded_from"]
+        run.log(f"world size changed: checkpoint of {was['world_size']} workers (ZeRO-{was['zero_stage']}) restored "
+                f"on {run.world} (ZeRO-{engine.zero_optimization_stage()})")
+    run.log(f"resumed after epoch {progress.start_epoch} (step {engine.global_steps})")
+    elastic.dump_restored(engine, run.rank, run.world, progress.start_epoch, run.plan["run_name"])  # test hook
+    progress.t_mark = time.perf_counter()
+    run.tracker.first_step = engine.global_steps
+    return progress
 
-    # 5. Train, evaluate, checkpoint, report: one report (with checkpoint) per epoch.
-    # Host-side counts (from the batch before it is copied) and a device-side loss sum: the step never waits for the
-    # device; the loss is read at `train.log_every` (raymed.tracking) and at the epoch's end.
-    step = TrainStep(engine, ref.family, processor, device, bf16=bf16, world=world,
-                     pad_to_multiple_of=cfg.data.pad_to_multiple_of, grad_accum=cfg.train.grad_accum)
-    stats = step.stats
-    for epoch in range(start_epoch, cfg.train.epochs):
-        engine.train()
-        step.new_epoch()
-        t0 = time.perf_counter()
-        for index, batch in enumerate(batches.epoch(epoch)):
-            if index == micro_batches:
-                raise RuntimeError(f"epoch {epoch + 1}: the data stream gave more than the {micro_batches} planned "
-                                   "micro-batches (the training split changed since the run was planned?)")
-            loss = step(batch, index, micro_batches)
-            if step.n_losses == 1:
-                log(f"epoch {epoch + 1}: first step done")
-            if not engine.is_gradient_accumulation_boundary():
-                continue
-            _maybe_inject_fault(cfg, plan, engine.global_steps, rank, world)
-            telemetry.step(loss, engine.get_lr()[0], stats, time.perf_counter() - t0 + stats["train_s"],
-                           acc.trainable)
-            tracker.step(engine.global_steps, loss, engine.get_lr()[0], stats,
-                         time.perf_counter() - t0 + stats["train_s"])
-        n_losses = step.n_losses
-        if n_losses != micro_batches:
-            raise RuntimeError(f"epoch {epoch + 1}: the data stream gave {n_losses} micro-batches, "
-                               f"{micro_batches} were planned (the training split changed since the run was planned?)")
-        stats["train_s"] += time.perf_counter() - t0
-        metrics: dict[str, Any] = {
-            "epoch": epoch + 1,
-            "step": engine.global_steps,
-            "loss": _mean_across(step.loss_sum, n_losses, device),
-            "lr": engine.get_lr()[0],
-            "trainable": acc.trainable,
-            "total_params": acc.total,
-            "samples_per_s": stats["samples"] / max(stats["train_s"], 1e-9),
-            "tokens_per_s": stats["tokens"] / max(stats["train_s"], 1e-9),  # real (unpadded) tokens
-            "padded_tokens_per_s": stats["padded_tokens"] / max(stats["train_s"], 1e-9),
-            "padding_fraction": 1 - stats["tokens"] / max(stats["padded_tokens"], 1),
-            "peak_mem_mb": _peak_memory_mb(device),
-            "data_cached_mb": batches.kept_mb,
-            "zero_stage": engine.zero_optimization_stage(),
-            **zero_shot,
-        }
-        records: dict[str, list] = {}
-        if (epoch + 1) % cfg.train.eval_every == 0 or epoch + 1 == cfg.train.epochs:
-            evaluated, records = evaluator.run(prefix="eval")
-            metrics.update(evaluated)
-        log(f"epoch {epoch + 1}: step {metrics['step']}, loss {metrics['loss']:.4f}, "
+
+def train_epoch(run: Run, epoch: int, progress: Progress) -> dict[str, Any]:
+    """One epoch of optimizer steps. Losses and token counts stay on the device: the host reads them at
+    `train.log_every` steps and at the epoch's end, so nothing in the step waits for the device."""
+    engine, stats = run.engine, run.stats
+    for key in ("samples", "tokens", "padded_tokens", "train_s"):
+        stats.setdefault(key, 0)
+    engine.train()
+    loss_sum, n = torch.zeros((), dtype=torch.float64, device=run.device), 0
+    t0 = time.perf_counter()
+    for index, batch in enumerate(run.batches.epoch(epoch)):
+        if index == run.micro_batches:
+            raise RuntimeError(f"epoch {epoch + 1}: the data stream gave more than the {run.micro_batches} planned "
+                               "micro-batches (the training split changed since the run was planned?)")
+        loss_sum += train_step(run, batch, index, t0)
+        n += 1
+        if n == 1:
+            run.log(f"epoch {epoch + 1}: first step done")
+    if n != run.micro_batches:
+        raise RuntimeError(f"epoch {epoch + 1}: the data stream gave {n} micro-batches, {run.micro_batches} were "
+                           "planned (the training split changed since the run was planned?)")
+    stats["train_s"] += time.perf_counter() - t0
+    seconds = max(stats["train_s"], 1e-9)
+    return {
+        "epoch": epoch + 1, "step": engine.global_steps, "loss": _mean_across(loss_sum, n),
+        "lr": engine.get_lr()[0], "trainable": run.acc.trainable, "total_params": run.acc.total,
+        "samples_per_s": stats["samples"] / seconds,
+        "tokens_per_s": stats["tokens"] / seconds,  # real (unpadded) tokens
+        "padded_tokens_per_s": stats["padded_tokens"] / seconds,
+        "padding_fraction": 1 - stats["tokens"] / max(stats["padded_tokens"], 1),
+        "peak_mem_mb": _peak_memory_mb(run.device), "data_cached_mb": run.batches.kept_mb,
+        "zero_stage": engine.zero_optimization_stage(), **progress.zero_shot,
+    }
+
+
+def train_step(run: Run, batch: dict[str, Any], index: int, t0: float) -> torch.Tensor:
+    """One micro-batch (the optimizer steps at accumulation boundaries): its loss, left on the device. The batch is
+    cut to its longest sample (`data.pad_to_multiple_of`) and its tokens counted on the host, before the copy."""
+    cfg, engine, stats = run.cfg, run.engine, run.stats
+    batch = run.ref.family.cut_padding(run.processor, batch, train=True, multiple=cfg.data.pad_to_multiple_of)
+    real, padded = token_counts(batch)
+    batch = {k: v.to(run.device, non_blocking=True) for k, v in batch.items() if isinstance(v, torch.Tensor)}
+    if cfg.bf16:
+        batch["pixel_values"] = batch["pixel_values"].to(torch.bfloat16)
+    loss = train_micro_batch(engine, batch, index, run.micro_batches, cfg.train.grad_accum).detach()
+    stats["samples"] += batch["input_ids"].shape[0] * run.world
+    stats["tokens"] += real * run.world
+    stats["padded_tokens"] += padded * run.world
+    if engine.is_gradient_accumulation_boundary():
+        _maybe_inject_fault(cfg, run.plan, engine.global_steps, run.rank, run.world)
+        log_step(run, loss, time.perf_counter() - t0 + stats["train_s"])
+    return loss
+
+
+def log_step(run: Run, loss: torch.Tensor, train_s: float) -> None:
+    """At `train.log_every` optimizer steps only: read the step's loss and the token count from the device, print
+    and track them (run.report_to) and update the dashboard metrics."""
+    step, every = run.engine.global_steps, run.cfg.train.log_every
+    if every <= 0 or step % every:
+        return
+    lr, value = run.engine.get_lr()[0], float(loss)
+    run.telemetry.step(value, lr, run.stats, train_s, run.acc.trainable)
+    run.tracker.step(step, value, lr, run.stats, train_s)
+
+
+def evaluate(run: Run, epoch: int, metrics: dict[str, Any]) -> dict[str, list]:
+    """Every `train.eval_every` epochs and after the last: scores into `metrics`; rank 0 gets the predictions."""
+    records: dict[str, list] = {}
+    if (epoch + 1) % run.cfg.train.eval_every == 0 or epoch + 1 == run.cfg.train.epochs:
+        evaluated, records = run.evaluator.run(prefix="eval")
+        metrics.update(evaluated)
+    run.log(f"epoch {epoch + 1}: step {metrics['step']}, loss {metrics['loss']:.4f}, "
             f"{metrics['samples_per_s']:.1f} samples/s")
-        correct = answers(records, "eval")  # rank 0: which questions each eval set got right (for paired tests)
-        history.append({**{k: v for k, v in metrics.items() if not k.startswith("zeroshot/")}, "worker_nodes": nodes,
-                        **({"answers": correct} if correct else {})})
-        tracker.epoch(metrics)
-        wall_s += time.perf_counter() - t_mark
-        t_mark = time.perf_counter()
-        name = f"epoch-{epoch + 1:04d}"
-        with tempfile.TemporaryDirectory() as tmp:
-            last = epoch + 1 == cfg.train.epochs
-            state = {"epoch": epoch, "history": history, "zero_shot": zero_shot, "wall_s": wall_s,
-                     "schedule": schedule.segments, "worker_nodes": nodes}
-            save_checkpoint(engine, acc, cfg, Path(tmp), rank, state, full=cfg.run.save_full_model and last,
-                            portable=cfg.scaling.elastic)
-            if rank == 0:
-                write_evaluation(Path(tmp), cfg, acc, history, zero_shot, zero_shot_records, records, wall_s, name)
-            ray.train.report(metrics, checkpoint=ray.train.Checkpoint.from_directory(tmp), checkpoint_dir_name=name)
-    tracker.close()
+    return records
 
 
-class TrainStep:
-    """One micro-batch of the loop, without a host sync: the batch is cut to its longest sample and its tokens
-    counted on the host (before the copy to the device); the loss is summed on the device (`loss_sum`), read by the
-    caller at log intervals and epoch ends. `stats` are run totals (all workers: this rank's counts x world)."""
+def save_and_report(run: Run, progress: Progress, epoch: int, metrics: dict[str, Any], records: dict[str, list]) -> None:
+    """The epoch's checkpoint (engine state, trainable weights, RNG, schedule; on rank 0 the result row and the
+    predictions) handed to Ray Train with the epoch's metrics: one report per epoch."""
+    import ray.train
 
-    def __init__(self, engine: Any, family: Any, processor: Any, device: torch.device, *, bf16: bool, world: int,
-                 pad_to_multiple_of: int, grad_accum: int) -> None:
-        self.engine, self.family, self.processor, self.device = engine, family, processor, device
-        self.bf16, self.world, self.multiple, self.grad_accum = bf16, world, pad_to_multiple_of, grad_accum
-        self.stats = {"samples": 0, "tokens": 0, "padded_tokens": 0, "train_s": 0.0}
-        self.new_epoch()
+    from .checkpoint import save_checkpoint
 
-    def new_epoch(self) -> None:
-        self.loss_sum, self.n_losses = torch.zeros((), dtype=torch.float64, device=self.device), 0
-
-    def __call__(self, batch: dict[str, Any], index: int, micro_batches: int) -> torch.Tensor:
-        """Forward, backward (and the optimizer step at a boundary) of micro-batch `index`; its loss, on the device."""
-        batch = self.family.cut_padding(self.processor, batch, train=True, multiple=self.multiple)
-        real, padded = token_counts(batch)
-        batch = {k: v.to(self.device, non_blocking=True) for k, v in batch.items() if isinstance(v, torch.Tensor)}
-        if self.bf16:
-            batch["pixel_values"] = batch["pixel_values"].to(torch.bfloat16)
-        loss = train_micro_batch(self.engine, batch, index, micro_batches, self.grad_accum).detach()
-        self.loss_sum += loss.double()
-        self.n_losses += 1
-        self.stats["samples"] += batch["input_ids"].shape[0] * self.world
-        self.stats["tokens"] += real * self.world
-        self.stats["padded_tokens"] += padded * self.world
-        return loss
+    correct = answers(records, "eval")  # rank 0: which questions each eval set got right (for paired tests)
+    progress.history.append({**{k: v for k, v in metrics.items() if not k.startswith("zeroshot/")},
+                             "worker_nodes": run.nodes, **({"answers": correct} if correct else {})})
+    run.tracker.epoch(metrics)
+    now = time.perf_counter()
+    progress.wall_s += now - progress.t_mark
+    progress.t_mark = now
+    name = f"epoch-{epoch + 1:04d}"
+    cfg = run.cfg
+    with tempfile.TemporaryDirectory() as tmp:
+        last = epoch + 1 == cfg.train.epochs
+        state = {"epoch": epoch, "history": progress.history, "zero_shot": progress.zero_shot,
+                 "wall_s": progress.wall_s, "schedule": run.schedule.segments, "worker_nodes": run.nodes}
+        save_checkpoint(run.engine, run.acc, cfg, Path(tmp), run.rank, state, full=cfg.run.save_full_model and last,
+                        portable=cfg.scaling.elastic)
+        if run.rank == 0:
+            write_evaluation(Path(tmp), cfg, run.acc, progress.history, progress.zero_shot,
+                             progress.zero_shot_records, records, progress.wall_s, name)
+        ray.train.report(metrics, checkpoint=ray.train.Checkpoint.from_directory(tmp), checkpoint_dir_name=name)
 
 
 def train_micro_batch(engine: Any, batch: dict[str, torch.Tensor], index: int, micro_batches: int,
@@ -236,83 +304,6 @@ def train_micro_batch(engine: Any, batch: dict[str, torch.Tensor], index: int, m
     engine.backward(loss * (grad_accum / group) if group < grad_accum else loss)  # DeepSpeed divides by grad_accum
     engine.step()
     return loss
-
-
-class Evaluator:
-    """Generates answers on every eval set, whole batches handed out across ranks; rank 0 gathers and scores them."""
-
-    def __init__(self, cfg: Config, ref: Any, processor: Any, engine: Any, plan: dict, rank: int, world: int):
-        self.cfg, self.ref, self.processor, self.engine = cfg, ref, processor, engine
-        self.sets: dict[str, str] = plan["eval_sets"]  # name -> prepared data directory
-        self.rank, self.world = rank, world
-
-    def run(self, prefix: str) -> tuple[dict[str, float], dict[str, list[dict[str, Any]]]]:
-        """(`{prefix}/{set}/{metric}` -> value, set -> prediction records [rank 0 only; empty elsewhere])."""
-        out: dict[str, float] = {}
-        records: dict[str, list[dict[str, Any]]] = {}
-        for name, data_dir in self.sets.items():
-            metrics, records[name] = self.evaluate(data_dir, eval_split_of(self.cfg, name))
-            out.update({f"{prefix}/{name}/{k}": v for k, v in metrics.items()})
-        return out, records
-
-    @torch.no_grad()
-    def evaluate(self, data_dir: str, split: str) -> tuple[dict[str, float], list[dict[str, Any]]]:
-        from . import predict
-        from .data.rows import read_rows
-
-        cfg = self.cfg
-        self.engine.eval()
-        rows = read_rows(data_dir, split)[: cfg.data.max_eval_rows]
-        if not rows:
-            raise RuntimeError(f"{data_dir}: eval split {split!r} has no rows")
-        # The batches are cut from the rows in order and handed out whole (batch k to rank k mod world): every batch
-        # is the same whatever the number of workers, so a checkpoint answers as `raymed eval` answers with it.
-        bs = predict.eval_batch_size(self.ref.family, self.processor, cfg)
-        batches = [rows[i:i + bs] for i in range(0, len(rows), bs)]
-        mine = [row for batch in batches[self.rank :: self.world] for row in batch]
-        model = self.engine.module
-        kwargs = {"synced_gpus": True} if self.engine.zero_optimization_stage() == 3 and self.world > 1 else {}
-        predicted = predict.answer(model, self.ref.family, self.processor, cfg, mine, batch_size=bs,
-                                   n_batches=math.ceil(len(batches) / self.world),  # ZeRO-3: lock-step generate
-                                   bf16=self.engine.bfloat16_enabled(), filler=rows[0], **kwargs)
-        # Rank 0 gathers the answers and scores them (one METEOR / Java process, not one per rank); every rank gets
-        # the metrics (or rank 0's error) back, so all report the same.
-        gathered: list[dict[str, str]] | None = [{} for _ in range(self.world)] if self.rank == 0 else None
-        dist.gather_object({r["id"]: a for r, a in zip(mine, predicted)}, gathered, dst=0)
-        result: list[Any] = [None]
-        if self.rank == 0:
-            merged = {k: v for part in gathered for k, v in part.items()}
-            lost = [r["id"] for r in rows if r["id"] not in merged]
-            preds = [merged.get(r["id"], "") for r in rows]
-            result = [f"evaluation lost rows: {len(lost)} of {len(rows)} have no prediction ({lost[:3]})" if lost
-                      else predict.score(rows, preds)]
-        dist.broadcast_object_list(result, src=0)
-        if isinstance(result[0], str):
-            raise RuntimeError(result[0])
-        return result[0], (predict.records(rows, preds) if self.rank == 0 else [])
-
-
-def write_evaluation(ckpt: Path, cfg: Config, acc: Any, history: list[dict[str, Any]], zero_shot: dict[str, Any],
-                     zero_shot_records: dict[str, list], records: dict[str, list], wall_s: float, name: str) -> None:
-    """Rank 0: the run's result row and the epoch's predictions (and the zero-shot ones) into the checkpoint."""
-    from . import predict
-    from .results import ROW_FILE, result_row
-
-    row = result_row(cfg, acc.to_dict(), history, zero_shot=zero_shot, wall_s=wall_s, checkpoint=name,
-                     zero_shot_answers=answers(zero_shot_records, "zeroshot"))
-    (ckpt / ROW_FILE).write_text(json.dumps(row, indent=2))
-    for prefix, sets, metrics in (("zeroshot", zero_shot_records, zero_shot), ("eval", records, history[-1])):
-        for set_name, recs in sets.items():
-            scores = {k.rsplit("/", 1)[-1]: v for k, v in metrics.items() if k.startswith(f"{prefix}/{set_name}/")}
-            predict.write(ckpt / prefix / set_name, recs, scores)
-
-
-def read_zero_shot_records(ckpt: Path) -> dict[str, list[dict[str, Any]]]:
-    """The zero-shot predictions a checkpoint carries (so every later checkpoint carries them too)."""
-    from . import predict
-
-    root = ckpt / "zeroshot"
-    return {d.name: predict.read(d) for d in sorted(root.iterdir())} if root.is_dir() else {}
 
 
 def _maybe_inject_fault(cfg: Config, plan: dict, step: int, rank: int, world: int) -> None:
@@ -345,10 +336,11 @@ def _seed_everything(seed: int) -> None:
     torch.manual_seed(seed)
 
 
-def _mean_across(total: torch.Tensor, count: int, device: torch.device) -> float:
-    t = torch.stack([total.to(device, torch.float64), torch.tensor(float(count), dtype=torch.float64, device=device)])
+def _mean_across(total: torch.Tensor, n: int) -> float:
+    """The mean over all ranks of `n` values summing to `total` (a device tensor): one collective, one host read."""
+    t = torch.stack([total.to(torch.float64), torch.tensor(float(n), dtype=torch.float64, device=total.device)])
     dist.all_reduce(t)
-    return float(t[0] / max(t[1], 1))
+    return float(t[0] / max(float(t[1]), 1.0))
 
 
 def _peak_memory_mb(device: torch.device) -> float:

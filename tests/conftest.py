@@ -50,3 +50,19 @@ def tiny_batch(model_name: str, n: int = 2, train: bool = True, max_length: int 
     proc = load_processor(ref)
     enc = ref.family.encode(proc, make_rows(n), train=train, max_length=max_length)
     return {k: torch.from_numpy(v) for k, v in enc.items()}
+
+
+@pytest.fixture()
+def one_rank(monkeypatch):
+    """A one-rank gloo process group in this process, for tests that build DeepSpeed engines directly; the rank's
+    environment only while the test runs (Ray workers started later must not inherit it). The group is made once
+    per session and never destroyed: DeepSpeed caches its groups, and a re-created one is not the one it knows."""
+    import deepspeed
+    import torch.distributed as dist
+
+    for key, value in {"MASTER_ADDR": "127.0.0.1", "MASTER_PORT": "29533", "RANK": "0", "WORLD_SIZE": "1",
+                       "LOCAL_RANK": "0"}.items():
+        monkeypatch.setenv(key, value)
+    if not dist.is_initialized():
+        deepspeed.init_distributed(dist_backend="gloo")
+    yield

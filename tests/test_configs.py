@@ -7,7 +7,7 @@ from pathlib import Path
 
 import pytest
 
-from raymed.config import ConfigError, load_config
+from raymed.config import ConfigError, load_config, validate
 from raymed.tune import DEFAULT_SWEEP, load_sweep
 
 ROOT = Path(__file__).resolve().parents[1] / "configs"
@@ -193,12 +193,36 @@ def test_miss_sweeps_use_the_authors_baselines(name):
     sweep, base = load_sweep(ROOT / "sweeps" / f"{name}.yaml", [], check_paths=False)
     assert {"lora-qv", "ia3-kvo", "prefix", "p-tuning-v2"} <= set(sweep.search["method.name"])
     assert not {"lora", "ia3"} & set(sweep.search["method.name"])
-    assert METHODS["lora-qv"].defaults == {"r": 8, "lora_alpha": 32, "lora_dropout": 0.1,
+    assert METHODS["lora-qv"].defaults == {"r": 4, "lora_alpha": 32, "lora_dropout": 0.1,
                                            "target_names": ["query", "value"]}
     assert METHODS["ia3-kvo"].defaults["target_names"] == ["key", "value", "output.dense"]
     assert METHODS["prefix"].defaults["prefix_projection"] and not METHODS["p-tuning-v2"].defaults["prefix_projection"]
     assert base["train"]["batch_size"] == 20 and base["train"]["weight_decay"] == 0.05
     assert {1e-5, 2e-5} & set(sweep.search["train.lr"])
+
+
+@pytest.mark.parametrize("name,lr,epochs", [("miss-vqa-rad", 1e-5, 150), ("miss-slake", 2e-5, 130)])
+def test_miss_sweeps_hold_the_authors_recipe_of_docs_recipes(name, lr, epochs):
+    """docs/recipes.md, row by row: the MISS authors' batch, optimizer, decay policy, schedule, epochs, lr (in the
+    grid, and the trial default), drop-path; their peft baselines' settings."""
+    from raymed.methods import METHODS
+
+    sweep, base = load_sweep(ROOT / "sweeps" / f"{name}.yaml", [], check_paths=False)
+    cfg = validate(base, check_paths=False)
+    assert (cfg.train.batch_size, cfg.scaling.num_workers, cfg.train.weight_decay) == (20, 1, 0.05)
+    assert cfg.train.decay_norms_and_biases and cfg.train.schedule == "cosine-per-epoch"
+    assert (cfg.train.warmup_ratio, cfg.train.max_grad_norm, cfg.deepspeed.precision) == (0.0, 0.0, "fp32")
+    assert (cfg.train.epochs, cfg.train.lr) == (epochs, lr) and lr in sweep.search["train.lr"]
+    assert cfg.model.drop_path == 0.1 and cfg.train.eval_batch_size == 100
+    assert METHODS["lora-qv"].defaults["r"] == 4
+    assert METHODS["prefix"].defaults["num_virtual_tokens"] == METHODS["p-tuning-v2"].defaults["num_virtual_tokens"] == 10
+
+
+def test_llava_med_model_config_evaluates_as_the_authors():
+    """docs/recipes.md: LLaVA-Med's model_vqa.py generates up to 1,024 new tokens and pads (grayscale: grey 114)."""
+    cfg = load_config(ROOT / "models" / "llava-med-v1.5.yaml", check_paths=False)
+    assert cfg.train.max_new_tokens == 1024 and cfg.data.image_aspect == "pad"
+    assert cfg.model.template == "llava-med-v1.5"
 
 
 def test_elastic_worker_range():
@@ -268,3 +292,21 @@ def test_relative_paths_are_made_absolute_once_and_the_written_config_is_kept(tm
     assert runtime.hash() == cfg.hash() and runtime.run_name() == cfg.run_name()
     monkeypatch.chdir("/")  # elsewhere (a Ray worker's or Tune trial's folder) the absolute paths still hold
     assert Path(runtime.data.path).is_dir() and local_paths([runtime]) == {}
+
+
+def test_max_concurrent_is_held_to_what_the_cluster_fits():
+    """More trials at once than the CPUs hold starve their data tasks and the sweep hangs: the sweep runs what fits
+    (here 1.05 CPUs a trial: driver 0.05, worker 0.5, data 2 x 0.25) and says so; an autoscaling cluster gets what
+    was asked."""
+    from raymed.tune import trial_concurrency
+
+    sweep, base = load_sweep(DEFAULT_SWEEP, ["sweep.max_concurrent=5", "scaling.cpus_per_worker=0.5",
+                                             "data.preprocess_actors=0"], check_paths=False)
+    cfg = validate(base, check_paths=False)
+    n, note = trial_concurrency({"CPU": 4.0}, cfg, sweep)
+    assert n == 3 and "holds 3 trial(s)" in note and "sweep.max_concurrent=5" in note
+    assert trial_concurrency({"CPU": 4.0}, cfg, sweep, autoscaling=True) == (5, None)
+    assert trial_concurrency({"CPU": 16.0}, cfg, sweep) == (5, None)
+    unset, _ = load_sweep(DEFAULT_SWEEP, ["scaling.cpus_per_worker=0.5", "data.preprocess_actors=0"],
+                          check_paths=False)
+    assert trial_concurrency({"CPU": 4.0}, cfg, unset) == (3, None)

@@ -38,7 +38,8 @@ class TinyEncoder:
 
     def __call__(self, rows: dict[str, list[Any]]) -> dict[str, np.ndarray]:
         size = (self.image_size, self.image_size)
-        pixels = np.stack([np.asarray(im.resize(size), dtype=np.float32) / 255 for im in rows["image"]])
+        images = [im.convert("RGB").resize(size) for im in rows["image"]]  # grayscale arrives as `L`
+        pixels = np.stack([np.asarray(im, dtype=np.float32) / 255 for im in images])
         input_ids = self.tokens(rows["question"])
         return {"pixel_values": pixels.transpose(0, 3, 1, 2), "input_ids": input_ids,
                 "attention_mask": (input_ids > 0).astype(np.int64), "labels": self.tokens(rows["answer"])}

@@ -24,6 +24,7 @@ from raymed.cli import main as raymed_main
 from raymed.config import read_yaml
 from tests.cluster_fixtures import start_s3
 from tests.fixtures import datasets
+from tests.fixtures.data_sources import write_data_sources
 from tests.fixtures.miss_release import target_dir, write_miss_checkpoint
 from tests.fixtures.shipped import SWEEP_SIZE, shrink
 
@@ -98,6 +99,7 @@ def downloads(root: Path) -> None:
     datasets.slake(root / "Slake1.0")
     datasets.pathvqa(root / "pvqa")
     datasets.iu_xray(root / "iu_xray")
+    write_data_sources(root)  # docs/data-sources.md
 
 
 def substitute(command: list[str], root: Path, bucket: str) -> list[str]:
@@ -120,8 +122,19 @@ def substitute(command: list[str], root: Path, bucket: str) -> list[str]:
             from raymed.config import deep_merge
 
             base = deep_merge(read_yaml((root / config).parent / data["train_config"]), base)
-        args += shrink(base) + (["sweep.search.train.lr=[0.002]", *SWEEP_SIZE] if name == "tune" else [])
+        args += shrink(base) + (["sweep.search.train.lr=[0.002]", *one_point(root, config), *SWEEP_SIZE]
+                                if name == "tune" else [])
     return [name, *args]
+
+
+def one_point(root: Path, config: str | None) -> list[str]:
+    """A documented sweep runs one grid point here (`ln`, every tower): the shipped-config tier trains the methods
+    of every shipped grid (tests/test_shipped.py); this shows the command as written runs."""
+    from raymed.tune import DEFAULT_SWEEP, load_sweep
+
+    sweep, _ = load_sweep(root / config if config else DEFAULT_SWEEP, [], check_paths=False)
+    return ['sweep.search.method.name=["ln"]'] + \
+        (["sweep.search.method.towers=[null]"] if "method.towers" in sweep.search else [])
 
 
 def run_document(doc: Path, root: Path, bucket: str) -> int:

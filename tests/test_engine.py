@@ -2,8 +2,6 @@
 
 from __future__ import annotations
 
-import os
-
 import pytest
 import torch
 from torch import nn
@@ -12,18 +10,6 @@ from raymed.config import load_config
 from raymed.engine import build_engine, ds_config
 
 pytestmark = pytest.mark.integration
-
-
-@pytest.fixture()
-def one_rank(monkeypatch):
-    import deepspeed
-
-    for key, value in {"MASTER_ADDR": "127.0.0.1", "MASTER_PORT": "29533", "RANK": "0", "WORLD_SIZE": "1",
-                       "LOCAL_RANK": "0"}.items():
-        monkeypatch.setenv(key, value)
-    deepspeed.init_distributed(dist_backend="gloo")
-    yield
-    torch.distributed.destroy_process_group()
 
 
 class Block(nn.Module):
@@ -52,3 +38,11 @@ def test_zero3_decays_matrices_of_weights_partitioned_while_loading(one_rank):
     assert engine.zero_optimization_stage() == 3
     decays = sorted(group["weight_decay"] for group in engine.optimizer.param_groups)
     assert decays == [0.0, 0.05]  # matrices decay, norms and biases do not (all went undecayed before)
+
+    # the MISS authors' policy (`train.decay_norms_and_biases`): every parameter decays, norms and biases included
+    cfg = load_config(None, ["deepspeed.zero_stage=3", "deepspeed.shard_single_worker=true",
+                             "train.weight_decay=0.05", "train.decay_norms_and_biases=true"])
+    with deepspeed.zero.Init(config_dict_or_path=ds):
+        model = Block()
+    engine = build_engine(model, cfg, bf16=False, world=1, total_steps=4, ds_cfg=ds)
+    assert [g["weight_decay"] for g in engine.optimizer.param_groups] == [0.05]  # one group: all four decay

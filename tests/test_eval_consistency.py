@@ -51,7 +51,7 @@ def evaluate_in_workers(config: dict) -> None:
     from raymed.engine import build_engine
     from raymed.methods import apply_method
     from raymed.models import load_model, load_processor, resolve
-    from raymed.worker import Evaluator
+    from raymed.evaluator import Evaluator
 
     ctx = ray.train.get_context()
     rank, world = ctx.get_world_rank(), ctx.get_world_size()
@@ -78,6 +78,11 @@ def test_the_same_answers_with_1_2_and_4_workers_and_raymed_eval(setup, tmp_path
 
     from raymed.eval import evaluate
 
+    import sys
+
+    from ray import cloudpickle
+
+    cloudpickle.register_pickle_by_value(sys.modules[__name__])  # the workers cannot import this test module
     root = setup
     models = {"miss": {"model": {"name": str(root / "miss-hf")}, "train": {"max_new_tokens": 10}},
               "llava": {"model": {"name": "tiny-llava"}, "data": {"max_length": 64},

@@ -124,6 +124,30 @@ def test_pad_keeps_the_borders_of_wide_and_tall_images_and_crop_loses_them(wide)
     assert load_config(overrides=["data.image_aspect=pad"]).data.image_aspect == "pad"
 
 
+def test_grayscale_scans_are_padded_with_one_grey_before_they_become_rgb():
+    """LLaVA-Med's `process_images` (llava/mm_utils.py): an `L` image is padded with `int(255 * mean(image_mean))`
+    (114 for CLIP) before the processor turns it into RGB; a colour image with the per-channel mean colour. The
+    image goes through the data path's decode (PNG bytes -> `L` kept) as a row would."""
+    import io
+
+    from raymed.data.images import decode_image
+
+    ref = resolve("tiny-llava")
+    proc = load_processor(ref)
+    mean, std = np.array(proc.image_processor.image_mean), np.array(proc.image_processor.image_std)
+    buffer = io.BytesIO()
+    Image.new("L", (64, 16), 0).save(buffer, format="PNG")  # a wide black grayscale scan
+    gray = decode_image(buffer.getvalue(), mode="keep-gray")
+    assert gray.mode == "L" and decode_image(buffer.getvalue()).mode == "RGB"
+    pix = ref.family.pixel_values(proc, [gray], "pad")[0]
+    grey = int(255 * mean.sum() / 3)
+    assert grey == 114
+    np.testing.assert_allclose(pix[:, 1, 16] * std + mean, [grey / 255] * 3, atol=1e-3)  # the pad: one grey
+    np.testing.assert_allclose(pix[:, 16, 16] * std + mean, [0, 0, 0], atol=1e-3)  # the scan itself
+    colour = ref.family.pixel_values(proc, [gray.convert("RGB")], "pad")[0]  # converted first: tinted pad
+    np.testing.assert_allclose(colour[:, 1, 16] * std + mean, [int(x * 255) / 255 for x in mean], atol=1e-3)
+
+
 def test_hf_directory_without_patch_size_in_its_processor_uses_the_model_config(converted, tmp_path):
     out, _ = converted
     d = shutil.copytree(out, tmp_path / "community-hf")

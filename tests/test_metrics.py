@@ -113,10 +113,24 @@ def test_meteor_absent_when_process_fails(
     from pycocoevalcap.meteor import meteor as meteor_module
 
     monkeypatch.setattr(meteor_module, "METEOR_JAR", "missing-meteor.jar")
+    monkeypatch.setattr(metrics, "_METEOR", None)  # no JVM of an earlier test to reuse
     with caplog.at_level(logging.WARNING, logger="raymed.metrics"):
         out = report_metrics(["heart normal"], ["heart normal"])
     assert "meteor" not in out
     assert "the METEOR process failed" in caplog.text
+
+
+@pytest.mark.skipif(shutil.which("java") is None, reason="METEOR needs Java")
+def test_meteor_keeps_one_jvm_per_process_and_replaces_a_dead_one() -> None:
+    """Every evaluation of a report run scores METEOR: one JVM per process, not one per call (~10 s of CPU each)."""
+    first = report_metrics(["the heart is normal"], ["the heart is enlarged"])["meteor"]
+    pid = metrics._METEOR.meteor_p.pid
+    assert report_metrics(["the heart is normal"], ["the heart is enlarged"])["meteor"] == first
+    assert metrics._METEOR.meteor_p.pid == pid
+    metrics._METEOR.meteor_p.kill()
+    metrics._METEOR.meteor_p.wait()
+    assert report_metrics(["the heart is normal"], ["the heart is enlarged"])["meteor"] == first
+    assert metrics._METEOR.meteor_p.pid != pid
 
 
 @pytest.mark.skipif(shutil.which("java") is None, reason="METEOR needs Java")

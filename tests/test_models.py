@@ -185,3 +185,33 @@ def test_lr_schedule_never_rises_past_its_end():
     values = [schedule(step) for step in range(16)]
     assert values[2] == 1.0 and values[10] == 0.0
     assert all(a >= b for a, b in zip(values[2:], values[3:])) and values[-1] == 0.0
+
+
+@pytest.mark.parametrize("preset", ["tiny-miss", "tiny-llava"])
+def test_drop_path_drops_whole_vision_branches_per_sample_while_training_only(preset):
+    """`model.drop_path` (MISS fine-tunes its ViT with 0.1): layer i of n drops with probability rate * i / (n - 1),
+    whole samples at a time, rescaled; evaluation is untouched and parameter names do not change."""
+    from raymed.models import load_model
+    from raymed.models.base import enable_drop_path
+
+    model = load_model(resolve(preset))
+    names = [n for n, _ in model.named_parameters()]
+    vision = next(m for n, m in model.named_modules() if n.endswith(("vision_model", "vision_tower"))
+                  and hasattr(m, "encoder"))
+    size = vision.config.image_size
+    x = torch.randn(6, 3, size, size, generator=torch.Generator().manual_seed(0))
+    vision.eval()
+    with torch.no_grad():
+        before = vision(pixel_values=x).last_hidden_state
+    layers = enable_drop_path(model, 0.99)
+    assert layers == vision.config.num_hidden_layers and [n for n, _ in model.named_parameters()] == names
+    first = vision.encoder.layers[0]
+    assert not first.self_attn._forward_hooks and vision.encoder.layers[-1].self_attn._forward_hooks  # rate 0 at i=0
+    with torch.no_grad():
+        torch.testing.assert_close(vision(pixel_values=x).last_hidden_state, before)  # eval: no drop
+        vision.train()
+        torch.manual_seed(1)
+        dropped = vision(pixel_values=x).last_hidden_state
+    # per sample: some samples differ from the undropped output (at 0.99 the last layer drops nearly always)
+    changed = [(dropped[i] - before[i]).abs().max().item() > 1e-4 for i in range(6)]
+    assert any(changed)

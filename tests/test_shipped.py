@@ -6,7 +6,9 @@ Only hardware and size change, through the command-line overrides a user has (`H
 GPUs, one worker (its ZeRO stage kept with `deepspeed.shard_single_worker`), fp32 where bf16 needs a GPU, Ray Data
 tasks; one epoch, four evaluation questions, three new tokens, one learning rate of the grid. Every other shipped
 key keeps its value (gradient checkpointing, grad_accum, ZeRO stage, offload, template, image aspect, batch size,
-max_length, ...): each trial's stored config is compared with the file. Every method of every grid trains.
+max_length, ...): each trial's stored config is compared with the file. Every (model family, method) of every
+grid trains, `ln` with every tower choice, and every file trains (tests/fixtures/shipped.py `tier_plan`: one trial
+costs ~100 CPU-seconds of Ray start-up here, so not every point of every file).
 The models and data are tiny stand-ins written in the real releases' layouts and converted / prepared with the
 documented commands (tests/fixtures/).
 """
@@ -27,12 +29,14 @@ from raymed.models.llava_fixture import write_llava_med_v15
 from raymed.tune import DEFAULT_SWEEP, grid_points, load_sweep
 from tests.fixtures import datasets
 from tests.fixtures.miss_release import target_dir, write_miss_checkpoint
-from tests.fixtures.shipped import SWEEP_SIZE, assert_kept, assert_schedule, latest_checkpoint, shrink
+from tests.fixtures.shipped import (SWEEP_SIZE, _family, _units, assert_kept, assert_schedule, latest_checkpoint,
+                                    shrink, tier_plan)
 
 pytestmark = pytest.mark.integration
 ROOT = Path(__file__).resolve().parents[1]
 SWEEPS = sorted((ROOT / "configs" / "sweeps").glob("*.yaml")) + [DEFAULT_SWEEP]
 TRAIN = sorted((ROOT / "configs" / "train").glob("*.yaml"))
+PLAN = tier_plan(SWEEPS)
 
 # ---- the project folder -----------------------------------------------------------------------------------------
 @pytest.fixture(scope="module")
@@ -81,7 +85,7 @@ def test_shipped_sweep_runs_every_grid_point_as_shipped(project, ray_cluster, pa
     config = f"configs/sweeps/{path.name}" if path != DEFAULT_SWEEP else None
     sweep, base = load_sweep(path, [], check_paths=False)
     lr = max(sweep.search["train.lr"])
-    overrides = [*shrink(base), f"sweep.search.train.lr=[{lr}]", *SWEEP_SIZE]
+    overrides = [*shrink(base), f"sweep.search.train.lr=[{lr}]", *PLAN[path], *SWEEP_SIZE]
     args = [*(["--config", config] if config else []), "--out", "experiments", *overrides]
     assert tune_main(args) == 0, capsys.readouterr().err[-3000:]
 
@@ -89,7 +93,7 @@ def test_shipped_sweep_runs_every_grid_point_as_shipped(project, ray_cluster, pa
     trials = json.loads((exp / "results.json").read_text())["trials"]
     shrunk, _ = load_sweep(path, [o for o in overrides if o.startswith("sweep.")], check_paths=False)
     points = grid_points(shrunk, base)
-    assert len(trials) == len(points) and {t["method"] for t in trials} == set(sweep.search["method.name"])
+    assert len(trials) == len(points) and {t["method"] for t in trials} == set(shrunk.search["method.name"])
     for trial in trials:
         assert not trial.get("error") and trial["epochs"] == 1 and trial["steps"] > 0, trial["trial_id"]
         point: dict[str, Any] = {}  # the trial's grid point, from its stored config
@@ -101,6 +105,22 @@ def test_shipped_sweep_runs_every_grid_point_as_shipped(project, ray_cluster, pa
         assert point in points, point
         assert_kept(trial["config"], shipped, [o for o in overrides if not o.startswith("sweep.")])
         assert_schedule(latest_checkpoint(exp / "runs" / trial["trial_id"]))
+
+
+def test_the_tier_trains_every_method_of_every_shipped_grid():
+    """Across the sweep files, every (model family, method) of every grid trains once, `ln` with every tower choice,
+    and every file trains at least one point (tests/fixtures/shipped.py says why not every point of every file)."""
+    wanted, covered = set(), set()
+    for path in SWEEPS:
+        sweep, base = load_sweep(path, [], check_paths=False)
+        shrunk, _ = load_sweep(path, [o for o in PLAN[path]], check_paths=False)
+        family = _family(base)
+        wanted |= {(family, m, str(t)) for m, t in _units(sweep.search)}
+        points = grid_points(shrunk, base)
+        assert points, path.name
+        covered |= {(family, p["method.name"], str(p.get("method.towers"))) for p in points}
+        assert set(shrunk.search["method.name"]) <= set(sweep.search["method.name"])  # only shipped values
+    assert wanted <= covered, wanted - covered
 
 
 # ---- single runs ------------------------------------------------------------------------------------------------

@@ -29,6 +29,20 @@ def _columns(text: str) -> dict[str, str]:
     return pairs
 
 
+def _input(text: str) -> Path | str:
+    return text if text.startswith("hf://") else Path(text)
+
+
+def _window(text: str) -> tuple[float, float]:
+    try:
+        center, width = (float(v) for v in text.split(","))
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"{text!r}: expected CENTER,WIDTH, e.g. 40,400") from None
+    if width < 1:
+        raise argparse.ArgumentTypeError(f"{text!r}: the width must be at least 1")
+    return center, width
+
+
 def _parser() -> argparse.ArgumentParser:
     from raymed.data.prepare import VAL_FRACTION
     from raymed.data.synth import STYLES
@@ -39,7 +53,8 @@ def _parser() -> argparse.ArgumentParser:
 
     p = sub.add_parser("prepare", help="convert a published dataset into Parquet shards + manifest.json")
     p.add_argument("--format", required=True, choices=sorted(FORMATS), help="input format (see `formats`)")
-    p.add_argument("--input", required=True, type=Path, help="dataset folder or annotation file")
+    p.add_argument("--input", required=True, type=_input,
+                   help="dataset folder or annotation file; format hf: also hf://datasets/ORG/NAME[@revision]")
     p.add_argument("--out", required=True, help="output folder or URI (s3://, gs://) for shards and manifest.json")
     p.add_argument("--on-bad", choices=("error", "skip"), default="error",
                    help="error (default): stop before writing anything; skip: write the rest, record skips")
@@ -56,6 +71,8 @@ def _parser() -> argparse.ArgumentParser:
                    help="when the source has no validation split: share of the train images (with all their "
                         "questions) carved into one, never an image also in test (default %(default)s; 0: none)")
     p.add_argument("--val-seed", type=int, default=0, help="seed of the carved validation split (default 0)")
+    p.add_argument("--dicom-window", type=_window, metavar="CENTER,WIDTH",
+                   help="DICOM images: this window instead of each file's own (e.g. 40,400 for CT soft tissue)")
     g = p.add_argument_group("format-specific options")
     g.add_argument("--lang", choices=("en", "zh", "all"), help="slake: question language (default en)")
     g.add_argument("--views", choices=("first", "all"), help="r2gen: first view per study (default) or all")
@@ -63,8 +80,9 @@ def _parser() -> argparse.ArgumentParser:
                    help="vqa-rad: trainset/testset.json or the public release JSON (default auto)")
     g.add_argument("--columns", type=_columns, help="generic: field=column,... (fields: id, image, "
                    "question, answer, answer_type, split, task)")
-    g.add_argument("--split", choices=("train", "val", "test"), help="generic: split for rows without one")
-    g.add_argument("--task", choices=("vqa", "report"), help="generic: task for rows without one (default vqa)")
+    g.add_argument("--split", choices=("train", "val", "test"),
+                   help="generic, llava, messages: split for rows without one")
+    g.add_argument("--task", choices=("vqa", "report"), help="generic, hf: task for rows without one (default vqa; hf: report when there is no question column)")
 
     s = sub.add_parser("synth", help="generate the synthetic Med-VQA dataset (VQA-RAD or R2Gen layout)")
     s.add_argument("--out", required=True, type=Path)
@@ -94,7 +112,7 @@ def _prepare(args: argparse.Namespace, parser: argparse.ArgumentParser) -> int:
         parser.error("; ".join(f"{flag} applies to format {', '.join(users[flag])}, not {args.format}"
                                for flag in wrong))
     options = ReadOptions(dataset=args.dataset, image_root=args.image_root.resolve() if args.image_root else None,
-                          **given)
+                          dicom_window=args.dicom_window, **given)
     manifest = prepare(args.format, args.input, args.out, options=options, on_bad=args.on_bad, images=args.images,
                        rows_per_shard=args.rows_per_shard, check_images=args.check_images, workers=args.workers,
                        overwrite=args.overwrite, val_fraction=args.val_fraction, val_seed=args.val_seed)

@@ -15,6 +15,8 @@ from urllib.parse import unquote, urlparse
 
 from PIL import Image, UnidentifiedImageError
 
+from raymed.data.dicom import DicomError, dicom_image, is_dicom
+
 LOCAL_SCHEMES = ("", "file")
 
 
@@ -46,6 +48,12 @@ def image_problem(data: bytes) -> str | None:
     """Why ``data`` is not a usable image (unidentified, corrupt, truncated), or None when it decodes."""
     if not data:
         return "empty image: 0 bytes"
+    if is_dicom(data):
+        try:
+            dicom_image(data)
+        except DicomError as err:
+            return str(err)
+        return None
     try:
         with Image.open(io.BytesIO(data)) as image:
             image.load()  # full decode: the only check that catches truncated JPEG/PNG data
@@ -59,12 +67,19 @@ def image_problem(data: bytes) -> str | None:
 
 
 def decode_image(data: bytes, *, mode: str = "RGB", max_side: int | None = None) -> Image.Image:
-    """Decode compressed bytes into a PIL image in ``mode``.
+    """Decode compressed bytes into a PIL image in ``mode``; ``mode="keep-gray"``: 8-bit grayscale (``L``) stays
+    ``L`` (LLaVA-Med pads grayscale scans with a grey of its own before converting them; the model families
+    convert to RGB), every other mode becomes RGB.
 
     ``max_side`` bounds memory for large scans: JPEGs are decoded at a reduced DCT scale
     (``Image.draft``) and the result is shrunk to fit ``max_side`` keeping the aspect ratio.
     """
-    image = Image.open(io.BytesIO(data))
+    if is_dicom(data):  # 8-bit after rescale, window and MONOCHROME1 inversion (raymed.data.dicom)
+        image = dicom_image(data)
+    else:
+        image = Image.open(io.BytesIO(data))
+    if mode == "keep-gray":
+        mode = "L" if image.mode == "L" else "RGB"
     if max_side is not None:
         image.draft(mode, (max_side, max_side))
     image = image.convert(mode)

@@ -30,6 +30,8 @@ import pyarrow.parquet as pq
 from raymed.data.images import ImageChecker
 from raymed.data.readers import get_format
 from raymed.data.schema import SCHEMA, SCHEMA_VERSION, SPLITS
+from raymed.data.dicom import dicom_png, is_dicom
+from raymed.data.hf import is_hf_uri, local_folder
 from raymed.data.source import ReadContext, ReadOptions, SourceRow
 
 OnBad = Literal["error", "skip"]
@@ -196,6 +198,9 @@ class _Conversion:
         else:
             data, uri, image_key = None, image.uri, str(image.uri)
             self.image_stats["remote_unchecked"] += 1
+        if data is not None and is_dicom(data):  # embedded as the 8-bit PNG the model would see
+            data = dicom_png(data, self.ctx.options.dicom_window)
+            self.image_stats["dicom_converted"] += 1
         self.image_stats["embedded" if data is not None else "uri"] += 1
         self.add(row.split, image_key, {
             "id": row.id, "dataset": self.dataset, "split": row.split, "task": row.task, "image": data,
@@ -350,6 +355,7 @@ def prepare(
             storage.remove(out)  # --overwrite: no stale shards of the earlier dataset
         return manifest
     spec = get_format(fmt)
+    source = local_folder(source) if is_hf_uri(source) else source  # hf://datasets/...: its Hub-cache snapshot
     source, out = Path(source).resolve(), Path(out).resolve()
     if not source.exists():
         raise FileNotFoundError(f"--input {source} does not exist")

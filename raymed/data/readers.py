@@ -28,7 +28,9 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Callable, Iterator
 
+from raymed.data.conversations import read_llava, read_messages
 from raymed.data.generic import read_generic
+from raymed.data.hf import read_hf
 from raymed.data.schema import canonical_split
 from raymed.data.source import (
     IMAGE_SUFFIXES,
@@ -262,6 +264,12 @@ FORMATS: dict[str, Format] = {
         Format("pathvqa", read_pathvqa, "pathvqa", "PathVQA: {split}.jsonl|json + images/", frozenset({"image_root"})),
         Format("r2gen", read_r2gen, "r2gen", "IU-Xray / MIMIC-CXR report generation: R2Gen annotation.json",
                frozenset({"views", "image_root"})),
+        Format("llava", read_llava, "llava", "LLaVA / LLaVA-Med conversation JSON (id, image, conversations)",
+               frozenset({"split", "image_root"})),
+        Format("messages", read_messages, "messages", "LLaMA-Factory messages + images JSON/JSONL",
+               frozenset({"split", "image_root"})),
+        Format("hf", read_hf, "hf", "Hugging Face dataset: hf://datasets/ORG/NAME[@rev] or its local folder",
+               frozenset({"columns", "task", "image_root"})),
         Format("generic", read_generic, "generic", "JSONL/CSV/Parquet with configurable columns",
                frozenset({"columns", "split", "task", "image_root"})),
     )

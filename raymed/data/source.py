@@ -36,6 +36,8 @@ class ReadOptions:
     """Generic: split for rows without a split column (default: from the file name, else train)."""
     task: str = "vqa"
     """Generic: task for rows without a task column."""
+    dicom_window: tuple[float, float] | None = None
+    """DICOM images: (center, width) instead of each file's own window (see :mod:`raymed.data.dicom`)."""
 
 
 @dataclass

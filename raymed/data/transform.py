@@ -80,7 +80,8 @@ def _image_bytes(data: Any, uri: Any, row_id: Any) -> bytes:
 
 
 class DecodeAndEncode:
-    """``map_batches`` class: decode each row's image (late, RGB) and apply the encoder.
+    """``map_batches`` class: decode each row's image (late; RGB, grayscale kept as ``L`` for the family's
+    preprocessing) and apply the encoder.
 
     Built once per actor, so the encoder (processor, tokenizer) is loaded once. Columns in ``keep``
     (``id`` by default) pass through, so predictions can be matched to references.
@@ -98,7 +99,8 @@ class DecodeAndEncode:
         images = []
         for data, uri, row_id in zip(batch["image"], uris, ids):
             try:
-                images.append(decode_image(_image_bytes(data, uri, row_id), max_side=self.max_image_side))
+                images.append(decode_image(_image_bytes(data, uri, row_id), mode="keep-gray",
+                                           max_side=self.max_image_side))
             except UnidentifiedImageError as err:
                 raise ValueError(f"row {row_id!r}: cannot decode image (not a format PIL can identify); "
                                  "run `prepare`, which checks every image") from err

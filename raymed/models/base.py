@@ -9,6 +9,7 @@ in BERT/BLIP `attention` also matches `crossattention` and `attention.output.Lay
 from __future__ import annotations
 
 import json
+import re
 from collections.abc import Iterator, Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -236,6 +237,37 @@ def enable_activation_checkpointing(model: nn.Module) -> None:
             for layer in module.get_base_model().modules():
                 if isinstance(layer, GradientCheckpointingLayer):
                     layer._can_checkpoint_with_cache = True
+
+
+VISION_LAYER = re.compile(r"(^|\.)(vision_model|vision_tower)\.encoder\.layers\.(\d+)$")
+
+
+def enable_drop_path(model: nn.Module, rate: float) -> int:
+    """Stochastic depth in the vision tower (`model.drop_path`): layer i of n drops the output of its attention and of
+    its MLP, per sample, with probability `rate * i / (n - 1)` while training (rescaling kept samples by 1 / keep),
+    as BLIP's ViT (`drop_path_rate`, timm's `DropPath`). Forward hooks, so parameter names stay as they are; under
+    activation checkpointing the replay draws the same masks (the RNG state is restored). Returns the hooked layers."""
+    layers = [(int(m.group(3)), module) for name, module in model.named_modules() if (m := VISION_LAYER.search(name))]
+    if not layers:
+        raise ValueError("model.drop_path: no vision encoder layers (`vision_model.encoder.layers.N`) in this model")
+    n = max(i for i, _ in layers) + 1
+    for i, layer in layers:
+        p = rate * i / max(n - 1, 1)
+        if p > 0:
+            for branch in (layer.self_attn, layer.mlp):
+                branch.register_forward_hook(_drop_path_hook(p))
+    return len(layers)
+
+
+def _drop_path_hook(p: float) -> Any:
+    def hook(module: nn.Module, args: Any, output: Any) -> Any:
+        if not module.training:
+            return output
+        x = output[0] if isinstance(output, tuple) else output
+        keep = x.new_empty((x.shape[0],) + (1,) * (x.ndim - 1)).bernoulli_(1.0 - p).div_(1.0 - p)
+        return (x * keep, *output[1:]) if isinstance(output, tuple) else x * keep
+
+    return hook
 
 
 def prefix_cache(peft_model: nn.Module) -> None:

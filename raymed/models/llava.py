@@ -267,10 +267,13 @@ class LlavaFamily(Family):
 
     def pixel_values(self, processor: Any, images: list[Image.Image], image_aspect: str = "auto") -> np.ndarray:
         """CLIP pixels; `pad` first pads each image to a square with the image mean colour (LLaVA's
-        `expand2square`), so resize + centre crop keep the whole image; `crop` loses `1 - short/long` of it."""
+        `expand2square`), so resize + centre crop keep the whole image; `crop` loses `1 - short/long` of it.
+        As LLaVA-Med's `process_images`, a grayscale (`L`) image is padded with one grey, the mean of the mean
+        colour (114 for CLIP), before it becomes RGB; a colour image with the mean colour (122, 116, 104)."""
         ip = processor.image_processor
         if self.image_aspect(processor, image_aspect) == "pad":
-            images = [expand_to_square(im, tuple(int(x * 255) for x in ip.image_mean)) for im in images]
+            images = [expand_to_square(im, pad_colour(im.mode, ip.image_mean)) for im in images]
+        images = [im.convert("RGB") for im in images]
         kwargs = {"do_pad": False} if hasattr(ip, "do_pad") else {}
         return ip(images, return_tensors="np", **kwargs)["pixel_values"]
 
@@ -289,8 +292,16 @@ class LlavaFamily(Family):
         return [s.split("###")[0].strip() for s in tok.batch_decode(new, skip_special_tokens=True)]
 
 
-def expand_to_square(image: Image.Image, fill: tuple[int, ...]) -> Image.Image:
-    """`image` centred on a square canvas of its long side, filled with `fill` (LLaVA's `expand2square`)."""
+def pad_colour(mode: str, mean: Sequence[float]) -> int | tuple[int, ...]:
+    """LLaVA-Med's pad colour: `int(255 * mean(mean))` for grayscale, `int(255 * m)` per channel otherwise."""
+    if mode == "L":
+        return int(255 * sum(mean) / len(mean))
+    return tuple(int(x * 255) for x in mean)
+
+
+def expand_to_square(image: Image.Image, fill: int | tuple[int, ...]) -> Image.Image:
+    """`image` centred on a square canvas of its long side, filled with `fill` (LLaVA's `expand2square`;
+    LLaVA-Med's draws the offset from {centre, centre + 1} at random, raymed takes the centre: deterministic)."""
     w, h = image.size
     if w == h:
         return image

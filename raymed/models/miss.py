@@ -221,7 +221,8 @@ class MissFamily(Family):
         # MISS has no conversation template and resizes to a square as its authors did: `template` and
         # `image_aspect` apply to LLaVA only (the config refuses other values for MISS).
         tok, recipe = processor.tokenizer, recipe_of(processor)
-        pixel_values = processor.image_processor(list(rows["image"]), return_tensors="np")["pixel_values"]
+        images = [image.convert("RGB") for image in rows["image"]]  # MISS: `Image.open(...).convert('RGB')`
+        pixel_values = processor.image_processor(images, return_tensors="np")["pixel_values"]
         questions = [str(q) or "describe the findings." for q in rows["question"]]
         q_len = recipe.get("question_max_length") or max_length
         q = tok(questions, padding="max_length", truncation=True, max_length=q_len, return_tensors="np")
