@@ -237,6 +237,29 @@ def _tokenizer(tokenizer_from: str) -> Any:
     return tok
 
 
+def _check_vocabulary(sd: dict[str, torch.Tensor], cfg: Any, tok: Any, src: Path, config_from: str) -> None:
+    """The tokenizer, the target config's special ids and the checkpoint's embeddings agree (and tied weights are
+    equal), or a ModelLoadError says which does not."""
+    vocab = cfg.text_config.vocab_size
+    if len(tok) != vocab:
+        raise ModelLoadError(f"the tokenizer has {len(tok)} tokens but the target config's vocab_size is {vocab} "
+                             f"(MISS: bert-base-uncased + [DEC] + [ENC] = {MISS_VOCAB}); pass --tokenizer-from with a "
+                             "local bert-base-uncased directory")
+    specials = {"bos_token_id": "[DEC]", "pad_token_id": tok.pad_token, "sep_token_id": tok.sep_token}
+    wrong = [f"{k}={getattr(cfg.text_config, k)} but {t} is {tok.convert_tokens_to_ids(t)}"
+             for k, t in specials.items() if getattr(cfg.text_config, k) != tok.convert_tokens_to_ids(t)]
+    if wrong or "[ENC]" not in tok.get_vocab():
+        raise ModelLoadError(f"--config-from {config_from}: text_config does not match the tokenizer: "
+                             f"{'; '.join(wrong) or '[ENC] missing'}")
+    for key in WORD_EMBEDDINGS:
+        if key in sd and sd[key].shape[0] != vocab:
+            raise ModelLoadError(f"{src}: key {key!r} has {sd[key].shape[0]} rows but the vocabulary has {vocab} "
+                                 f"tokens (MISS: bert-base-uncased + [DEC] + [ENC] = {MISS_VOCAB})")
+    for tied, owner in TIED.items():
+        if tied in sd and owner in sd and not torch.equal(sd[tied], sd[owner]):
+            raise ModelLoadError(f"{src}: key {tied!r} differs from {owner!r}; transformers ties them")
+
+
 def convert_miss(src: Path | str, config_from: str, out: Path | str, tokenizer_from: str | None = None,
                  log: Any = print) -> ConversionReport:
     """Convert an original MISS/BLIP checkpoint into an HF directory at `out` (written whole or not at all).
@@ -272,23 +295,7 @@ def convert_miss(src: Path | str, config_from: str, out: Path | str, tokenizer_f
         pos_note = f"visual_encoder.pos_embed interpolated (bicubic) from {old} to {grid * grid + 1} positions"
 
     vocab = cfg.text_config.vocab_size
-    if len(tok) != vocab:
-        raise ModelLoadError(f"the tokenizer has {len(tok)} tokens but the target config's vocab_size is {vocab} "
-                             f"(MISS: bert-base-uncased + [DEC] + [ENC] = {MISS_VOCAB}); pass --tokenizer-from with a "
-                             "local bert-base-uncased directory")
-    specials = {"bos_token_id": "[DEC]", "pad_token_id": tok.pad_token, "sep_token_id": tok.sep_token}
-    wrong = [f"{k}={getattr(cfg.text_config, k)} but {t} is {tok.convert_tokens_to_ids(t)}"
-             for k, t in specials.items() if getattr(cfg.text_config, k) != tok.convert_tokens_to_ids(t)]
-    if wrong or "[ENC]" not in tok.get_vocab():
-        raise ModelLoadError(f"--config-from {config_from}: text_config does not match the tokenizer: "
-                             f"{'; '.join(wrong) or '[ENC] missing'}")
-    for key in WORD_EMBEDDINGS:
-        if key in sd and sd[key].shape[0] != vocab:
-            raise ModelLoadError(f"{src}: key {key!r} has {sd[key].shape[0]} rows but the vocabulary has {vocab} "
-                                 f"tokens (MISS: bert-base-uncased + [DEC] + [ENC] = {MISS_VOCAB})")
-    for tied, owner in TIED.items():
-        if tied in sd and owner in sd and not torch.equal(sd[tied], sd[owner]):
-            raise ModelLoadError(f"{src}: key {tied!r} differs from {owner!r}; transformers ties them")
+    _check_vocabulary(sd, cfg, tok, src, config_from)
 
     model = BlipForQuestionAnswering(cfg)
     try:
