@@ -226,7 +226,7 @@ class RayCluster:
         self.nodes.clear()
 
 
-def run_job_command(cmd: list[str], deadline_s: float = 180, **kwargs: Any) -> subprocess.CompletedProcess:
+def run_job_command(cmd: list[str], deadline_s: float = 600, **kwargs: Any) -> subprocess.CompletedProcess:
     """Run a `ray job ...` command, again while the head answers "No available agent to submit job, please try
     again later": its job agent registers some seconds after the dashboard answers (longer on a loaded machine)."""
     end = time.time() + deadline_s
@@ -241,7 +241,7 @@ def cluster_env(s3: S3Server) -> dict[str, str]:
     """Environment of the cluster's processes and of the clients: object storage, token auth, quiet logs,
     this checkout importable on every node."""
     return {**s3.env, "RAY_AUTH_MODE": "token", "PYTHONPATH": str(REPO),
-            "PATH": f"{Path(PYTHON).parent}{os.pathsep}{os.environ.get('PATH', '')}",  # `python` of jobs: this env "DS_ACCELERATOR": "cpu",
+            "PATH": f"{Path(PYTHON).parent}{os.pathsep}{os.environ.get('PATH', '')}",  # `python` of jobs: this env
             "TRANSFORMERS_VERBOSITY": "error", "RAY_DATA_DISABLE_PROGRESS_BARS": "1",
             "RAY_TRAIN_ENABLE_V2_MIGRATION_WARNINGS": "0", "RAY_DEDUP_LOGS": "0"}
 

@@ -131,8 +131,9 @@ def test_summarize_reads_only_the_result_row(s3, cluster, reference, monkeypatch
     read_after, read_before = sum(sizes[k] for k in after), sum(sizes[k] for k in set(before))
     print(f"summarize read {read_after} B from S3 ({len(after)} objects); as_directory() read {read_before} B "
           f"({len(set(before))} objects)")
-    assert sorted(k.rsplit("/", 1)[-1] for k in after) == ["row.json"]
-    assert summary["steps"] == reference["steps"] and read_after * 20 < read_before
+    assert sorted(k.rsplit("/", 1)[-1] for k in after) == ["row.json"]  # one object: the row, nothing else
+    # the row (config, machine, per-epoch metrics and per-question correctness) is a fraction of the checkpoint
+    assert summary["steps"] == reference["steps"] and read_after * 3 < read_before
 
 
 def test_node_loss_resumes_from_s3_and_matches_the_uninterrupted_run(s3, cluster, reference):
