@@ -298,6 +298,7 @@ def local_paths(cfgs: Iterable[Config], cwd: str | Path | None = None) -> dict[s
     path from `cwd` (default: here). Resolved once, on the driver: Ray workers and Tune trials run in other
     directories, and must not re-read the user's relative paths there."""
     from .models import PRESETS
+    from .models.sources import is_hub_id
 
     cwd = Path(cwd or Path.cwd())
     out: dict[str, str] = {}
@@ -311,7 +312,20 @@ def local_paths(cfgs: Iterable[Config], cwd: str | Path | None = None) -> dict[s
                 continue
             if (cwd / local).exists():
                 out[value] = str((cwd / local).resolve())
+        if cfg.model.name not in out and cfg.model.name not in PRESETS and is_hub_id(cfg.model.name):
+            out[cfg.model.name] = _pinned(cfg.model.name)  # every node loads the revision resolved here
     return out
+
+
+def _pinned(name: str) -> str:
+    """A Hub model id with its commit (`raymed.models.sources.pin`); resolving errors are config errors."""
+    from .models import ModelLoadError
+    from .models.sources import pin
+
+    try:
+        return pin(name)
+    except ModelLoadError as err:
+        raise ConfigError([f"model.name: {err}"]) from None
 
 
 def _hf_dataset(uri: str) -> str:

@@ -31,7 +31,7 @@ def list_all() -> str:
 
 def main(argv: list[str] | None = None) -> int:
     ap = argparse.ArgumentParser(prog="python -m raymed.params", description=__doc__)
-    ap.add_argument("--model", help="preset name or local HF model directory")
+    ap.add_argument("--model", help="preset, local HF model directory, Hub id (ORG/NAME[@revision]) or s3:// folder")
     ap.add_argument("--method", default="ln", help="method name (see --list)")
     ap.add_argument("--towers", default=None, help="comma-separated towers (default: all)")
     ap.add_argument("--json", action="store_true", help="print one JSON object")

@@ -127,6 +127,8 @@ class RayCluster:
     port: int = 0
     dashboard_port: int = 0
     nodes: list[Node] = field(default_factory=list)
+    caches: Path | None = None
+    """When set, every node has its own Hugging Face cache `caches/<node name>` (HF_HOME): no shared folder."""
 
     @property
     def address(self) -> str:
@@ -148,7 +150,7 @@ class RayCluster:
                "--include-dashboard=true", "--dashboard-host=127.0.0.1", f"--dashboard-port={self.dashboard_port}",
                f"--ray-client-server-port={free_port()}", "--disable-usage-stats",
                f"--resources={json.dumps({'node_head': 1, **(resources or {})})}", *self._ports()]
-        self._run(cmd)
+        self._run(cmd, node)
         self.nodes.append(node)
         node.node_id = self._node_id("node_head")
         return node
@@ -159,12 +161,13 @@ class RayCluster:
         cmd = [RAY, "start", f"--address={self.address}", f"--num-cpus={cpus:g}", f"--temp-dir={node.temp_dir}",
                "--disable-usage-stats", f"--resources={json.dumps({f'node_{name}': 1})}", *self._ports()]
         self.nodes.append(node)
-        self._run(cmd)
+        self._run(cmd, node)
         node.node_id = self._node_id(f"node_{name}")
         return node
 
-    def _run(self, cmd: list[str]) -> None:
-        done = subprocess.run(cmd, env={**os.environ, **self.env}, capture_output=True, text=True, timeout=180)
+    def _run(self, cmd: list[str], node: Node) -> None:
+        env = {**os.environ, **self.env, **({"HF_HOME": str(self.caches / node.name)} if self.caches else {})}
+        done = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=180)
         if done.returncode != 0:
             raise RuntimeError(f"{' '.join(cmd)} failed:\n{done.stdout[-3000:]}\n{done.stderr[-3000:]}")
 

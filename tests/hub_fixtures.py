@@ -48,20 +48,34 @@ def vqa_table(split: str, n: int, *, start: int = 0) -> pa.Table:
     })
 
 
-def hub_dataset_cache(cache: Path, repo: str, splits: dict[str, pa.Table], commit: str = COMMIT) -> Path:
-    """Write ``splits`` into ``cache`` (an ``HF_HUB_CACHE``) as the snapshot ``commit`` of dataset ``repo``."""
-    base = cache / f"datasets--{repo.replace('/', '--')}"
+def hub_repo_cache(cache: Path, repo_type: str, repo: str, files: dict[str, bytes], commit: str = COMMIT) -> Path:
+    """``files`` (path in the repo -> bytes) written into ``cache`` (an ``HF_HUB_CACHE``) as snapshot ``commit``
+    of ``repo``: ``{repo_type}s--ORG--NAME/{refs/main, blobs/<sha256>, snapshots/<commit>/<path>}``."""
+    base = cache / f"{repo_type}s--{repo.replace('/', '--')}"
     (base / "refs").mkdir(parents=True, exist_ok=True)
     (base / "refs" / "main").write_text(commit)
     (base / "blobs").mkdir(exist_ok=True)
-    snap = base / "snapshots" / commit / "data"
-    snap.mkdir(parents=True, exist_ok=True)
+    snap = base / "snapshots" / commit
+    for name, data in files.items():
+        blob = base / "blobs" / hashlib.sha256(data).hexdigest()
+        blob.write_bytes(data)
+        link = snap / name
+        link.parent.mkdir(parents=True, exist_ok=True)
+        link.symlink_to(os.path.relpath(blob, link.parent))
+    return snap
+
+
+def hub_dataset_cache(cache: Path, repo: str, splits: dict[str, pa.Table], commit: str = COMMIT) -> Path:
+    """Write ``splits`` into ``cache`` as the snapshot ``commit`` of dataset ``repo`` (Parquet, one file a split)."""
+    files = {}
     for split, table in splits.items():
         buf = io.BytesIO()
         pq.write_table(table, buf)
-        data = buf.getvalue()
-        blob = base / "blobs" / hashlib.sha256(data).hexdigest()
-        blob.write_bytes(data)
-        link = snap / f"{split}-00000-of-00001.parquet"
-        link.symlink_to(os.path.relpath(blob, link.parent))
-    return base / "snapshots" / commit
+        files[f"data/{split}-00000-of-00001.parquet"] = buf.getvalue()
+    return hub_repo_cache(cache, "dataset", repo, files, commit)
+
+
+def hub_model_cache(cache: Path, repo: str, folder: Path, commit: str = COMMIT) -> Path:
+    """The files of the model ``folder`` written into ``cache`` as the snapshot ``commit`` of model ``repo``."""
+    files = {p.relative_to(folder).as_posix(): p.read_bytes() for p in sorted(folder.rglob("*")) if p.is_file()}
+    return hub_repo_cache(cache, "model", repo, files, commit)

@@ -26,7 +26,9 @@ from tests.cluster_fixtures import (PYTHON, REPO, RayCluster, S3Server, cluster_
 
 pytestmark = pytest.mark.integration
 
-TRAIN = ["model.name=tiny-llava", "method.name=ln", "train.batch_size=4", "train.lr=5e-3", "train.zero_shot=false",
+# The model is a transformers folder on S3 (`model` fixture): every node fetches it into its own cache.
+MODEL = "s3://raymed-test/models/tiny-llava"
+TRAIN = [f"model.name={MODEL}", "model.family=llava", "method.name=ln", "train.batch_size=4", "train.lr=5e-3", "train.zero_shot=false",
          "data.max_eval_rows=4", "data.preprocess_actors=0", "scaling.cpus_per_worker=0.5",
          "run.metrics_export=false"]
 
@@ -39,9 +41,15 @@ def s3(tmp_path_factory) -> S3Server:
 
 
 @pytest.fixture(scope="module")
-def cluster(s3) -> RayCluster:
+def caches(tmp_path_factory) -> Path:
+    """Each node's Hugging Face cache (`caches/head`, `caches/b`) and the driver's (`caches/driver`)."""
+    return tmp_path_factory.mktemp("hf-caches")
+
+
+@pytest.fixture(scope="module")
+def cluster(s3, caches) -> RayCluster:
     """Head (drivers, data tasks) + worker node `b`: a 2-worker run with STRICT_SPREAD uses both."""
-    ray_cluster = RayCluster(root=Path("/tmp"), env=cluster_env(s3))
+    ray_cluster = RayCluster(root=Path("/tmp"), env=cluster_env(s3), caches=caches)
     try:
         ray_cluster.start_head(cpus=3)
         ray_cluster.add_node("b", cpus=1)
@@ -58,12 +66,26 @@ def dataset(s3, cluster, tmp_path_factory) -> str:
     run_cli("raymed.data", ["synth", "--out", str(raw), "--n", "40", "--seed", "0"], env)
     uri = s3.uri("data", "synth")
     run_cli("raymed.data", ["prepare", "--format", "vqa-rad", "--input", str(raw), "--out", uri], env)
-    assert f"data/synth/manifest.json" in s3.keys("data/")
+    assert "data/synth/manifest.json" in s3.keys("data/")
     return uri
 
 
+@pytest.fixture(scope="module")
+def model(s3, tmp_path_factory) -> str:
+    """tiny-llava saved as a transformers folder and uploaded to `MODEL`."""
+    from raymed.models import load_model, load_processor
+
+    local = tmp_path_factory.mktemp("tiny-llava")
+    load_model("tiny-llava").save_pretrained(local, safe_serialization=True)
+    load_processor("tiny-llava").save_pretrained(local)
+    assert s3.uri("models", "tiny-llava") == MODEL
+    for f in sorted(p for p in local.rglob("*") if p.is_file()):
+        s3.client().upload_file(str(f), s3.bucket, f"models/tiny-llava/{f.relative_to(local).as_posix()}")
+    return MODEL
+
+
 def client_env(s3: S3Server, cluster: RayCluster) -> dict[str, str]:
-    return {**cluster_env(s3), "RAY_ADDRESS": cluster.address}
+    return {**cluster_env(s3), "RAY_ADDRESS": cluster.address, "HF_HOME": str(cluster.caches / "driver")}
 
 
 def s3_json(s3: S3Server, key: str) -> dict:
@@ -81,7 +103,7 @@ RUN = ["train.epochs=3", "deepspeed.zero_stage=3", "scaling.num_workers=2"]
 
 
 @pytest.fixture(scope="module")
-def reference(s3, cluster, dataset) -> dict:
+def reference(s3, cluster, dataset, model) -> dict:
     """The uninterrupted run: one worker on each node (STRICT_SPREAD)."""
     run_cli("raymed.train", [*TRAIN, *RUN, f"data.path={dataset}", f"run.storage={s3.uri('runs')}", "run.name=z3",
                              "scaling.placement_strategy=STRICT_SPREAD"], client_env(s3, cluster))
@@ -105,11 +127,16 @@ def test_zero3_workers_on_two_nodes_with_s3_storage(s3, cluster, reference):
     assert f"{ckpt}/model/trainable.safetensors" in keys and f"{ckpt}/resume/latest" in keys
     assert "eval/test/overall_acc" in result["metrics"]
     assert not (REPO / "s3:").exists()  # nothing written to a local path named after the URI
+    # The model came from S3, fetched once into each node's own cache (no shared folder): one complete copy each.
+    for node in ("head", "b"):
+        fetched = cluster.caches / node / "raymed-models" / "fetched"
+        copies = [p for p in fetched.iterdir() if p.is_dir()]
+        assert len(copies) == 1 and (copies[0] / "config.json").is_file(), (node, list(fetched.iterdir()))
+        assert not [p for p in fetched.iterdir() if p.name.startswith(".")]  # no half-fetched folder left
 
 
 def test_summarize_reads_only_the_result_row(s3, cluster, reference, monkeypatch):
     from raymed import storage
-    from raymed.config import load_config
     from raymed.train import summarize
     from ray.train import Result
 
@@ -117,7 +144,6 @@ def test_summarize_reads_only_the_result_row(s3, cluster, reference, monkeypatch
         monkeypatch.setenv(key, value)
     fs, path = storage.filesystem(s3.uri("runs", "z3"))
     result = Result.from_path(path, storage_filesystem=fs)
-    cfg = load_config(None, [*TRAIN, *RUN, "run.name=z3"], check_paths=False)
     sizes = s3.keys("runs/z3/")
     mark = s3.log_mark()
     summary = summarize(result)

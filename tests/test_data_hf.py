@@ -92,22 +92,5 @@ def test_hf_data_path_resolves_offline_to_a_prepared_copy_keyed_by_commit(tmp_pa
     assert "data.path hf://datasets/med-org/nothing: " in error and "not in the Hub cache" in error
 
 
-@pytest.mark.integration
-def test_train_reads_hf_data_path_offline_without_prepare(tmp_path: Path) -> None:
-    """`data.path: hf://datasets/...` trains a tiny model offline; the prepared copy is keyed by commit."""
-    hub_dataset_cache(tmp_path / "hub", "med-org/tiny-vqa", {
-        "train": vqa_table("train", 8), "test": vqa_table("test", 2, start=8)})
-    code = NO_NETWORK + "import sys\nfrom raymed.train import main\nsys.exit(main(sys.argv[1:]))\n"
-    overrides = ["model.name=tiny-llava", "data.path=hf://datasets/med-org/tiny-vqa", "data.max_eval_rows=2",
-                 "data.preprocess_actors=0", "train.epochs=1", "train.batch_size=4", "train.zero_shot=false",
-                 "scaling.num_workers=1", "scaling.cpus_per_worker=0.5", "run.metrics_export=false",
-                 f"run.storage={tmp_path / 'runs'}", "run.name=hf-data"]
-    result = subprocess.run(["flock", "/tmp/raymed-ray.lock", sys.executable, "-c", code, *overrides],
-                            capture_output=True, text=True, env=_offline_env(tmp_path), timeout=1500)
-    assert result.returncode == 0, result.stderr[-3000:]
-    prepared = list((tmp_path / "hf-home" / "raymed-prepared").iterdir())
-    assert [p.name for p in prepared] == ["med-org--tiny-vqa--0123456789abcdef0123456789abcdef01234567"]
-    manifest = json.loads((prepared[0] / "manifest.json").read_text())
-    assert manifest["splits"]["train"]["rows"] + manifest["splits"]["val"]["rows"] == 8
-    summary = json.loads((tmp_path / "runs" / "hf-data" / "raymed-result.json").read_text())
-    assert summary["steps"] >= 1
+# Training from `data.path: hf://datasets/...` without a prepare step, offline: tests/test_model_sources.py (one
+# run reads both a Hub-id model and a Hub dataset).

@@ -23,11 +23,13 @@ from typing import Any, Iterator
 from raymed.data.generic import GENERIC_FIELDS, _image, field_names
 from raymed.data.schema import canonical_split, lookup
 from raymed.data.source import ReadContext, SourceRow, build_row
+from raymed.hub import HubError, raymed_cache
+from raymed.hub import snapshot as hub_snapshot
 
 HF_PREFIX = "hf://datasets/"
 
 
-class HubDatasetError(ValueError):
+class HubDatasetError(HubError):
     """An ``hf://datasets/...`` reference that cannot be resolved (bad form, not found, offline + not cached)."""
 
 
@@ -46,28 +48,11 @@ def parse_hf_uri(uri: str) -> tuple[str, str | None]:
 
 def snapshot(uri: str) -> Path:
     """The local snapshot folder of ``uri`` (downloaded into the Hub cache unless offline and cached)."""
-    from huggingface_hub import snapshot_download
-    from huggingface_hub.errors import (
-        GatedRepoError,
-        LocalEntryNotFoundError,
-        RepositoryNotFoundError,
-        RevisionNotFoundError,
-    )
-
     repo, revision = parse_hf_uri(uri)
     try:
-        return Path(snapshot_download(repo, repo_type="dataset", revision=revision))
-    except GatedRepoError:
-        raise HubDatasetError(f"{uri}: the dataset is gated; accept its terms on the Hub and log in") from None
-    except RevisionNotFoundError:
-        raise HubDatasetError(f"{uri}: revision {revision!r} does not exist") from None
-    except RepositoryNotFoundError:
-        raise HubDatasetError(f"{uri}: no such dataset on the Hub (or it is private)") from None
-    except LocalEntryNotFoundError:
-        raise HubDatasetError(
-            f"{uri}: not in the Hub cache and the Hub cannot be reached (offline: HF_HUB_OFFLINE=1 or no network); "
-            "download it once with network access"
-        ) from None
+        return hub_snapshot(repo, revision, repo_type="dataset", what=uri)
+    except HubError as err:
+        raise HubDatasetError(str(err)) from None
 
 
 def local_folder(source: Path | str) -> Path:
@@ -81,13 +66,11 @@ def prepared_folder(uri: str) -> Path:
     The folder is keyed by the snapshot's commit, so a new revision of the dataset is prepared again and a
     run resumed later reads the same rows. Bad rows are an error, as in ``prepare``'s default.
     """
-    from huggingface_hub import constants
-
     from raymed.data.prepare import MANIFEST, prepare
 
     folder = snapshot(uri)
     repo, _ = parse_hf_uri(uri)
-    out = Path(constants.HF_HOME) / "raymed-prepared" / f"{repo.replace('/', '--')}--{folder.name}"
+    out = raymed_cache("prepared") / f"{repo.replace('/', '--')}--{folder.name}"
     if not (out / MANIFEST).is_file():
         prepare("hf", folder, out, overwrite=True)
     return out

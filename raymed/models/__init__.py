@@ -12,6 +12,7 @@ from torch import nn
 from .base import GROUPS, Family, ModelLoadError, ParamInfo, Preset, read_model_type
 from .llava import LlavaFamily
 from .miss import MissFamily
+from .sources import local_folder
 
 FAMILIES: dict[str, Family] = {f.name: f for f in (LlavaFamily(), MissFamily())}
 PRESETS: dict[str, Preset] = {name: p for f in FAMILIES.values() for name, p in f.presets.items()}
@@ -24,7 +25,7 @@ __all__ = [
 
 @dataclass(frozen=True)
 class ModelRef:
-    """A resolved `--model` value: a preset or a local directory, and its family."""
+    """A resolved `--model` value: a preset or a local directory (a Hub id or URI made local), and its family."""
 
     family: Family
     preset: Preset | None = None
@@ -43,15 +44,16 @@ def get_family(name: str) -> Family:
 
 
 def resolve(model: str) -> ModelRef:
-    """Resolve a preset name or a local HF model directory. Never downloads."""
+    """Resolve a preset name, a local HF model directory, a Hub id (``ORG/NAME[@revision]``) or an ``s3://`` /
+    ``gs://`` model folder; an original LLaVA-Med release is converted once (:mod:`raymed.models.sources`)."""
     if model in PRESETS:
         preset = PRESETS[model]
         return ModelRef(FAMILIES[preset.family], preset=preset)
-    path = Path(model).expanduser()
-    if not path.exists() and "/" not in model and "\\" not in model:
+    if not Path(model).expanduser().exists() and "/" not in model and "\\" not in model:
         raise ModelLoadError(
-            f"unknown model {model!r}: not a preset ({', '.join(PRESETS)}) and no such directory"
+            f"unknown model {model!r}: not a preset ({', '.join(PRESETS)}), no such directory, not a Hub id (ORG/NAME)"
         )
+    path = local_folder(model)
     model_type = read_model_type(path)
     for family in FAMILIES.values():
         if model_type in family.model_types:
@@ -59,7 +61,6 @@ def resolve(model: str) -> ModelRef:
     raise ModelLoadError(
         f"{path}: model_type {model_type!r} is not supported; families: "
         + ", ".join(f"{f.name} ({'/'.join(f.model_types)})" for f in FAMILIES.values())
-        + ". LLaVA-Med's original `llava_mistral` checkpoints must be converted first (python -m raymed.convert)."
     )
 
 
