@@ -49,7 +49,13 @@ def tiny_batch(model_name: str, n: int = 2, train: bool = True, max_length: int 
     ref = resolve(model_name)
     proc = load_processor(ref)
     enc = ref.family.encode(proc, make_rows(n), train=train, max_length=max_length)
-    return {k: torch.from_numpy(v) for k, v in enc.items()}
+    return model_inputs(enc)
+
+
+def model_inputs(enc: dict) -> dict[str, torch.Tensor]:
+    """An encoded batch whose rows all have their image as the model's inputs (LLaVA's `has_image` column is for
+    `cut_padding`, not the model)."""
+    return {k: torch.from_numpy(v) for k, v in enc.items() if k != "has_image"}
 
 
 @pytest.fixture()

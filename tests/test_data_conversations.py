@@ -1,4 +1,5 @@
-"""Conversation files (LLaVA JSON, LLaMA-Factory messages): single-turn rows prepare; the rest are named bad rows."""
+"""Conversation files (LLaVA JSON, LLaMA-Factory messages): single-turn, multi-turn and text-only rows prepare, and
+encode turn by turn with the loss on every assistant turn; malformed ones are named bad rows."""
 
 from __future__ import annotations
 
@@ -48,30 +49,117 @@ def test_conversation_bad_rows_are_named(tmp_path: Path) -> None:
     _images(tmp_path, 1)
     rows = [
         _llava(0, "ok?", "yes"),
-        {"id": "multi", "image": "imgs/0.png", "conversations": [
-            {"from": "human", "value": "<image>\nq1"}, {"from": "gpt", "value": "a1"},
-            {"from": "human", "value": "q2"}, {"from": "gpt", "value": "a2"}]},
-        {"id": "text", "conversations": [{"from": "human", "value": "q"}, {"from": "gpt", "value": "a"}]},
+        {"id": "two", "image": ["imgs/0.png", "imgs/0.png"], "conversations": [
+            {"from": "human", "value": "<image>\nq"}, {"from": "gpt", "value": "a"}]},
         {"id": "gone", "image": "imgs/missing.png", "conversations": [
             {"from": "human", "value": "<image>\nq"}, {"from": "gpt", "value": "a"}]},
         {"id": "order", "image": "imgs/0.png", "conversations": [{"from": "gpt", "value": "a"}]},
         {"id": "nolist", "image": "imgs/0.png", "conversations": "hello"},
+        {"id": "late", "image": "imgs/0.png", "conversations": [
+            {"from": "human", "value": "q1"}, {"from": "gpt", "value": "a1"},
+            {"from": "human", "value": "<image>\nq2"}, {"from": "gpt", "value": "a2"}]},
+        {"id": "noimg", "conversations": [{"from": "human", "value": "<image>\nq"}, {"from": "gpt", "value": "a"}]},
     ]
     rows[0]["image"] = "imgs/0.png"
     (tmp_path / "conv.json").write_text(json.dumps(rows))
     with pytest.raises(BadRowsError) as err:
         prepare("llava", tmp_path / "conv.json", tmp_path / "out")
     message = str(err.value)
-    assert message.startswith("5 bad row(s)")
-    assert "conv.json row 1 (id 'multi'): multi-turn conversation (2 assistant turns)" in message
-    assert "row 2 (id 'text'): text-only sample (no image)" in message
-    assert "row 3 (id 'gone'): missing image: imgs/missing.png" in message
-    assert "row 4 (id 'order'): malformed conversation: roles assistant" in message
-    assert "row 5 (id 'nolist'): malformed conversation: 'conversations' is missing" in message
+    assert message.startswith("6 bad row(s)")
+    assert "conv.json row 1 (id 'two'): 2 images in one sample" in message
+    assert "row 2 (id 'gone'): missing image: imgs/missing.png" in message
+    assert "row 3 (id 'order'): malformed conversation: roles assistant" in message
+    assert "row 4 (id 'nolist'): malformed conversation: 'conversations' is missing" in message
+    assert "row 5 (id 'late'): malformed conversation: <image> outside the first user turn" in message
+    assert "row 6 (id 'noimg'): malformed conversation: 1 <image> token(s) but no image" in message
     manifest = prepare("llava", tmp_path / "conv.json", tmp_path / "out", on_bad="skip", val_fraction=0)
-    assert manifest["rows"] == 1 and manifest["rows_read"] == 6
+    assert manifest["rows"] == 1 and manifest["rows_read"] == 7
     bad_messages = [{"messages": [{"role": "user", "content": "<image><image>q"},
                                   {"role": "assistant", "content": "a"}], "images": ["imgs/0.png"]}]
     (tmp_path / "m.jsonl").write_text(json.dumps(bad_messages[0]) + "\n")
     with pytest.raises(BadRowsError, match=r"m.jsonl row 0 \(id 'm-0'\): malformed conversation: 2 <image>"):
         prepare("messages", tmp_path / "m.jsonl", tmp_path / "out3")
+
+
+def _conversations(tmp_path: Path) -> list[dict]:
+    """A multi-turn LLaVA conversation and a text-only one, prepared; the rows as the stream reads them."""
+    _images(tmp_path, 1)
+    rows = [{"id": "multi", "image": "imgs/0.png", "conversations": [
+                {"from": "human", "value": "<image>\nIs this a chest film?"}, {"from": "gpt", "value": "yes"},
+                {"from": "human", "value": "Which side is abnormal?"}, {"from": "gpt", "value": "the left side"}]},
+            {"id": "text", "conversations": [{"from": "human", "value": "What is a pneumothorax?"},
+                                             {"from": "gpt", "value": "air in the pleural space"}]}]
+    (tmp_path / "train.json").write_text(json.dumps(rows))
+    manifest = prepare("llava", tmp_path / "train.json", tmp_path / "out", val_fraction=0)
+    assert manifest["rows"] == 2 and manifest["images"]["text_only"] == 1 and manifest["images"]["unique"] == 1
+    return pq.read_table(tmp_path / "out" / "train").to_pylist()
+
+
+def test_multi_turn_and_text_only_rows_prepare_and_encode_turn_by_turn(tmp_path: Path) -> None:
+    from raymed.data.transform import DecodeAndEncode
+    from raymed.models import load_processor, resolve
+
+    multi, text = _conversations(tmp_path)
+    assert (multi["question"], multi["answer"]) == ("Which side is abnormal?", "the left side")  # the scored turn
+    assert json.loads(multi["extra"])["history"] == [["Is this a chest film?", "yes"]]
+    assert text["image"] is None and text["image_uri"] is None and text["answer"] == "air in the pleural space"
+
+    ref = resolve("tiny-llava")
+    proc = load_processor(ref)
+    tok = proc.tokenizer
+    image_id = tok.convert_tokens_to_ids(proc.image_token)
+    rows = {k: [multi[k], text[k]] for k in multi}
+
+    def encoded(train: bool) -> dict:
+        return DecodeAndEncode(lambda: lambda r: ref.family.encode(proc, r, train=train, max_length=160))(rows)
+
+    train, gen = encoded(True), encoded(False)
+    assert list(train["has_image"]) == [1, 0]
+    assert (train["input_ids"][0] == image_id).sum() == ref.family.num_image_tokens(proc)
+    assert (train["input_ids"][1] == image_id).sum() == 0  # text-only: no image tokens
+    # The loss is on every assistant turn (both answers of the conversation) and on nothing else.
+    labelled = [tok.decode([t for t in row if t != -100], skip_special_tokens=True).split() for row in train["labels"]]
+    assert labelled == [["yes", "the", "left", "side"], ["air", "in", "the", "pleural", "space"]]
+    # Generation sees the earlier turn (question and answer) and then the last question, with nothing after it.
+    prompt = tok.decode([t for t, m in zip(gen["input_ids"][0], gen["attention_mask"][0]) if m and t != image_id])
+    assert prompt.index("chest film?") < prompt.index("yes") < prompt.index("abnormal?")
+    assert prompt.replace(" ", "").lower().endswith("abnormal?assistant:")  # the tiny tokenizer lowercases
+
+
+def test_text_only_batches_keep_every_rank_in_the_vision_tower(tmp_path: Path) -> None:
+    """A mixed batch keeps only its real images; a batch with none gets one blank image whose tokens nothing reads,
+    so ZeRO-3 ranks all run the vision tower, and the loss equals the text-only forward's without any image."""
+    import torch
+
+    from raymed.data.transform import DecodeAndEncode
+    from raymed.models import load_model, load_processor, resolve
+
+    multi, text = _conversations(tmp_path)
+    ref = resolve("tiny-llava")
+    proc, model = load_processor(ref), load_model(ref).eval()
+    encode = DecodeAndEncode(lambda: lambda r: ref.family.encode(proc, r, train=True, max_length=160))
+    mixed = ref.family.cut_padding(proc, encode({k: [multi[k], text[k]] for k in multi}), train=True)
+    assert "has_image" not in mixed and mixed["pixel_values"].shape[0] == 1
+    only_text = encode({k: [text[k], text[k]] for k in text})
+    cut = ref.family.cut_padding(proc, only_text, train=True)
+    assert cut["pixel_values"].shape[0] == 1 and cut["input_ids"].shape[1] > only_text["attention_mask"].sum(1).max()
+
+    def loss(batch: dict, images: bool) -> torch.Tensor:
+        inputs = {k: torch.from_numpy(v) for k, v in batch.items() if k not in ("id", "has_image")}
+        if not images:
+            inputs.pop("pixel_values")
+        with torch.no_grad():
+            return model(**inputs).loss
+
+    torch.testing.assert_close(loss(cut, images=True), loss(only_text, images=False))
+    for train in (True, False):  # a rank whose batch is text-only still runs the tower on the placeholder
+        calls = []
+        hook = model.model.vision_tower.register_forward_hook(lambda *a: calls.append(1))
+        batch = ref.family.cut_padding(
+            proc, DecodeAndEncode(lambda: lambda r: ref.family.encode(proc, r, train=train, max_length=160))(
+                {k: [text[k]] for k in text}), train=train)
+        inputs = {k: torch.from_numpy(v) for k, v in batch.items() if k != "id"}
+        with torch.no_grad():
+            model(**inputs) if train else ref.family.generate(model, proc, inputs, max_new_tokens=2)
+        hook.remove()
+        assert calls, f"vision tower not run (train={train})"

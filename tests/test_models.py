@@ -11,7 +11,7 @@ from raymed.convert import main as convert_main
 from raymed.methods import METHODS, apply_method
 from raymed.models import load_model, load_processor, resolve
 from raymed.models.base import enable_activation_checkpointing
-from tests.conftest import make_rows, tiny_batch
+from tests.conftest import make_rows, model_inputs, tiny_batch
 
 TINY = ("tiny-llava", "tiny-miss")
 
@@ -57,7 +57,7 @@ def test_save_and_load_round_trip(model_name, tmp_path):
     enc2 = ref.family.encode(proc2, make_rows(2), train=True, max_length=48)
     for k in enc1:
         assert (enc1[k] == enc2[k]).all(), k
-    batch = {k: torch.from_numpy(v) for k, v in enc1.items()}
+    batch = model_inputs(enc1)
     assert torch.equal(_outputs(model.eval(), batch), _outputs(loaded, batch))
 
 

@@ -9,7 +9,7 @@ import torch
 
 from raymed.data.padding import cut_columns, token_counts, used_span
 from raymed.models import load_model, load_processor, resolve
-from tests.conftest import make_rows
+from tests.conftest import make_rows, model_inputs
 
 
 def test_used_span_right_and_left_padding():
@@ -37,7 +37,7 @@ def test_cut_batch_trains_as_the_full_width(model_name):
     assert all(cut[k].shape[1] % 8 == 0 for k in narrower)
     model = load_model(ref).eval()
     with torch.no_grad():
-        full = model(**{k: torch.from_numpy(v) for k, v in enc.items()}).loss
+        full = model(**model_inputs(enc)).loss
         short = model(**{k: torch.from_numpy(np.ascontiguousarray(v)) for k, v in cut.items()}).loss
     torch.testing.assert_close(short, full, rtol=1e-5, atol=1e-5)
 

@@ -11,14 +11,18 @@ Image paths are relative to ``--image-root`` (default: the file's folder). The s
 else the file name (``train.json``, ``test.jsonl``), else ``train``. The answer type is derived: closed when
 the answer is yes or no, open otherwise.
 
-Rows this version cannot train are bad rows naming the reason (``--on-bad skip`` writes the others and counts
-them): a multi-turn conversation (more than one assistant turn), a sample with no image (text-only), a sample
-with several images. A malformed conversation (not a list, roles out of order, an empty turn, an ``<image>``
-count that does not match ``images``) is a bad row too.
+A multi-turn conversation is one row: its last user turn is the ``question`` and its last assistant turn the
+``answer`` (what evaluation scores), the turns before them go to ``extra`` as ``history`` ([[user, assistant],
+...]); training puts the loss on every assistant turn (the family's template applied turn by turn, see
+:func:`conversation_turns`). A sample with no image is a text-only row (no image bytes, no URI). A sample with
+several images is a bad row naming the reason (``--on-bad skip`` writes the others and counts them), as is a
+malformed conversation (not a list, roles out of order, an empty turn, an ``<image>`` count that does not match
+``images``, an ``<image>`` outside the first user turn).
 """
 
 from __future__ import annotations
 
+import json
 import re
 from pathlib import Path
 from typing import Any, Iterator
@@ -74,24 +78,31 @@ def _row(ctx: ReadContext, fmt: str, record: dict[str, Any], path: Path, index: 
     turns, problems = _turns(record, fmt)
     images = _image_refs(record, fmt)
     tokens = sum(text.count(IMAGE_TOKEN) for _, text in turns)
-    if turns and len(turns) > 2:
-        problems.append(f"multi-turn conversation ({len(turns) // 2} assistant turns): not supported yet")
-    if turns and not images:
-        problems.append("text-only sample (no image): not supported yet")
-    elif len(images) > 1:
+    if len(images) > 1:
         problems.append(f"{len(images)} images in one sample: one image per sample is supported")
     if turns and images and tokens != len(images) and (fmt == "messages" or tokens > 1):
         problems.append(f"malformed conversation: {tokens} {IMAGE_TOKEN} token(s) for {len(images)} image(s)")
-    question = turns[0][1].replace(IMAGE_TOKEN, "").strip() if turns else None
-    answer = turns[1][1].strip() if len(turns) > 1 else None
+    if turns and not images and tokens:
+        problems.append(f"malformed conversation: {tokens} {IMAGE_TOKEN} token(s) but no image")
+    if any(IMAGE_TOKEN in text for _, text in turns[1:]):
+        problems.append(f"malformed conversation: {IMAGE_TOKEN} outside the first user turn")
+    pairs = [(turns[k][1].replace(IMAGE_TOKEN, "").strip(), turns[k + 1][1].strip())
+             for k in range(0, len(turns) - 1, 2)]
+    question, answer = pairs[-1] if pairs else (None, None)
+    if len(pairs) > 1:
+        ctx.norm.counts["conversation: multi-turn -> last turn scored, earlier turns in history"] += 1
+    if turns and not images:
+        ctx.norm.counts["conversation: text-only sample (no image)"] += 1
     fields = {k: v for k, v in record.items() if k not in ("conversations", "messages", "images", "image", "id")}
     fields.update(id=record.get("id"), question=question, answer=answer, image=images[0] if images else None)
+    if len(pairs) > 1:
+        fields["history"] = [list(p) for p in pairs[:-1]]
     if fmt == "messages" and images:
         ctx.norm.counts["messages: image list -> its one entry"] += 1
     row = build_row(ctx, fields, file=ctx.rel(path), index=index, split=split,
                     fields={"id": ("id",), "question": ("question",), "answer": ("answer",),
                             "image": ("image",)},
-                    image=lambda ref: find_image(ref, dirs) if ref is not None else ImageRef(),
+                    image=lambda ref: find_image(ref, dirs) if ref is not None else ImageRef(text_only=True),
                     default_id=f"{path.stem}-{index}", split_note="expected train, val or test")
     if problems:  # the conversation's own problems first; a malformed one has no question/answer to miss
         derived = ("missing question", "missing answer")
@@ -112,6 +123,15 @@ def _read(ctx: ReadContext, fmt: str) -> Iterator[SourceRow]:
                 yield SourceRow.invalid(ctx.rel(path), index, split, "vqa", "invalid record: not a JSON object")
                 continue
             yield _row(ctx, fmt, record, path, index, split, dirs)
+
+
+def conversation_turns(question: str, answer: str, extra: str | None) -> list[tuple[str, str]]:
+    """A row's (user, assistant) turns in order: its ``extra`` ``history`` then its question and answer."""
+    try:
+        history = json.loads(extra or "{}").get("history") or []
+    except (ValueError, AttributeError):
+        history = []
+    return [(str(q), str(a)) for q, a in history] + [(question, answer)]
 
 
 def read_llava(ctx: ReadContext) -> Iterator[SourceRow]:

@@ -195,13 +195,15 @@ class _Conversion:
         elif image.path is not None:
             data = image.path.read_bytes() if self.embed else None
             uri, image_key = (None if self.embed else str(image.path)), str(image.path)
+        elif image.text_only:  # no image on purpose: no bytes, no URI; its own group for the val carve-out
+            data, uri, image_key = None, None, f"text-only:{row.id}"
         else:
             data, uri, image_key = None, image.uri, str(image.uri)
             self.image_stats["remote_unchecked"] += 1
         if data is not None and is_dicom(data):  # embedded as the 8-bit PNG the model would see
             data = dicom_png(data, self.ctx.options.dicom_window)
             self.image_stats["dicom_converted"] += 1
-        self.image_stats["embedded" if data is not None else "uri"] += 1
+        self.image_stats["text_only" if image.text_only else "embedded" if data is not None else "uri"] += 1
         self.add(row.split, image_key, {
             "id": row.id, "dataset": self.dataset, "split": row.split, "task": row.task, "image": data,
             "image_uri": uri, "question": row.question, "answer": row.answer, "answer_type": row.answer_type,
@@ -280,10 +282,10 @@ class _Conversion:
             "val_split": self.val_split,
             "image_overlap": image_overlap(self.split_images),
             "images": {
-                "unique": len(set().union(*self.split_images.values())),
+                "unique": len({k for k in set().union(*self.split_images.values()) if not k.startswith("text-only:")}),
                 "files_checked": self.checker.files_checked,
                 "decoded_check": self.checker.check,
-                **{k: self.image_stats[k] for k in ("embedded", "uri", "remote_unchecked")},
+                **{k: self.image_stats[k] for k in ("embedded", "uri", "remote_unchecked", "text_only")},
             },
             "normalised": dict(sorted(self.ctx.norm.counts.items())),
             "filtered": dict(sorted(self.ctx.filtered.items())),

@@ -50,6 +50,8 @@ class ImageRef:
     data: bytes | None = None
     uri: str | None = None
     problem: str | None = None
+    text_only: bool = False
+    """A sample that has no image on purpose (a text-only conversation turn), not a missing one."""
 
 
 @dataclass

@@ -19,8 +19,9 @@ from PIL import UnidentifiedImageError
 from raymed.data.images import decode_image, read_uri_bytes
 from raymed.data.prepare import read_manifest
 
-ROW_KEYS = ("image", "question", "answer", "task", "answer_type", "id")
-"""Keys of the ``rows`` dict an encoder receives (``image`` is a list of RGB ``PIL.Image``)."""
+ROW_KEYS = ("image", "question", "answer", "task", "answer_type", "id", "extra")
+"""Keys of the ``rows`` dict an encoder receives (``image``: a list of ``PIL.Image``, None for a text-only row;
+``extra``: the row's JSON side channel, e.g. a conversation's ``history``)."""
 
 
 class Encoder(Protocol):
@@ -98,6 +99,9 @@ class DecodeAndEncode:
         uris = batch["image_uri"] if "image_uri" in batch else [None] * len(ids)
         images = []
         for data, uri, row_id in zip(batch["image"], uris, ids):
+            if data is None and uri is None:  # a text-only row (prepare writes neither for one)
+                images.append(None)
+                continue
             try:
                 images.append(decode_image(_image_bytes(data, uri, row_id), mode="keep-gray",
                                            max_side=self.max_image_side))

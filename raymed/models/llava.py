@@ -26,6 +26,7 @@ from transformers import (
     MistralConfig,
 )
 
+from ..data.conversations import conversation_turns
 from ..pretrained import shipped_path
 from .base import Family, Preset
 from .templates import IMAGE, PLAIN_CHAT_TEMPLATE, resolve_template
@@ -211,50 +212,65 @@ class LlavaFamily(Family):
         template: str = "auto", image_aspect: str = "auto",
     ) -> dict[str, np.ndarray]:
         """See `Family.encode`. `template` / `image_aspect`: `model.template` / `data.image_aspect` (auto: the
-        processor's chat template / its `do_pad`, LLaVA's pad-to-square unless the processor says otherwise)."""
+        processor's chat template / its `do_pad`, LLaVA's pad-to-square unless the processor says otherwise).
+
+        A conversation (a row whose `extra` holds a `history`) is rendered turn by turn with the template, its
+        image in the first user turn; training puts the loss on every assistant turn, generation answers the last.
+        A text-only row (image None) has no image tokens; its `pixel_values` row is a blank placeholder that
+        `cut_padding` drops (`has_image` 0)."""
         tok = processor.tokenizer
         tpl = resolve_template(template, processor)
-        image_id = tok.convert_tokens_to_ids(processor.image_token)
-        n_img = self.num_image_tokens(processor)
-        pixel_values = self.pixel_values(processor, list(rows["image"]), image_aspect)
+        image_block = [tok.convert_tokens_to_ids(processor.image_token)] * self.num_image_tokens(processor)
+        images = list(rows["image"])
+        has_image = np.asarray([im is not None for im in images], dtype=np.int64)
+        blank = _blank_image(processor)
+        pixel_values = self.pixel_values(processor, [im if im is not None else blank for im in images], image_aspect)
         batch = len(rows["question"])
+        extras = list(rows["extra"]) if "extra" in rows else [None] * batch
         ids = np.full((batch, max_length), tok.pad_token_id, dtype=np.int64)
         mask = np.zeros((batch, max_length), dtype=np.int64)
         labels = np.full((batch, max_length), -100, dtype=np.int64)
         for i in range(batch):
-            question = str(rows["question"][i]) or REPORT_INSTRUCTION
-            prompt_text, answer_text = tpl.render(question, str(rows["answer"][i]))
-            before, after = prompt_text.split(IMAGE)
-            after_ids = tok(after, add_special_tokens=False)["input_ids"]
-            prompt = (
-                ([tok.bos_token_id] if tpl.bos else [])
-                + tok(before, add_special_tokens=False)["input_ids"]
-                + [image_id] * n_img
-                + after_ids
-            )
-            # The answer as the prompt's end and the answer tokenize together (as in the original training).
-            joint = tok(after + answer_text, add_special_tokens=False)["input_ids"] if train else []
-            answer = (joint[len(after_ids):] if joint[: len(after_ids)] == after_ids
-                      else tok(answer_text, add_special_tokens=False)["input_ids"])
-            answer += [tok.eos_token_id] if tpl.eos else []
-            if len(prompt) >= max_length:
+            turns = conversation_turns(str(rows["question"][i]) or REPORT_INSTRUCTION, str(rows["answer"][i]),
+                                       extras[i])
+            seq, target, prompt_len = _encode_turns(tok, tpl, turns, image_block if has_image[i] else [], train)
+            if prompt_len >= max_length:
                 raise ValueError(
-                    f"max_length={max_length} is too short for the prompt ({len(prompt)} tokens incl. "
-                    f"{n_img} image tokens); raise data.max_length"
+                    f"max_length={max_length} is too short for the prompt ({prompt_len} tokens incl. "
+                    f"{len(image_block) if has_image[i] else 0} image tokens); raise data.max_length"
                 )
-            seq = prompt + answer if train else prompt
-            seq = seq[:max_length]
+            seq, target = seq[:max_length], target[:max_length]
             if train:
                 ids[i, : len(seq)] = seq
                 mask[i, : len(seq)] = 1
-                labels[i, len(prompt) : len(seq)] = seq[len(prompt) :]
+                labels[i, : len(seq)] = target
             else:  # left-pad prompts for batched generation
                 ids[i, max_length - len(seq) :] = seq
                 mask[i, max_length - len(seq) :] = 1
-        out = {"input_ids": ids, "attention_mask": mask, "pixel_values": pixel_values.astype(np.float32)}
+        out = {"input_ids": ids, "attention_mask": mask, "pixel_values": pixel_values.astype(np.float32),
+               "has_image": has_image}
         if train:
             out["labels"] = labels
         return out
+
+    def cut_padding(self, processor: Any, batch: Mapping[str, Any], *, train: bool, multiple: int = 8) -> dict[str, Any]:
+        """As `Family.cut_padding`, and the images of the batch's text-only rows dropped (`has_image`).
+
+        A batch with no image at all gets one blank image whose tokens sit where nothing reads them (appended after
+        row 0's end for training: causal attention, no label; prepended as masked left padding for generation): every
+        rank then runs the vision tower on every step, as ZeRO-3's parameter gathering needs (a rank that skips it
+        while another runs it waits forever), and the answers and loss are those of the text alone."""
+        from ..data.padding import cut_columns
+
+        out = cut_columns(batch, "attention_mask", ("input_ids", "labels"), multiple)
+        if "has_image" not in out:
+            return out
+        keep = np.asarray(out.pop("has_image")).astype(bool)
+        if keep.any():
+            pixels = out["pixel_values"]
+            out["pixel_values"] = pixels[torch.from_numpy(keep)] if isinstance(pixels, torch.Tensor) else pixels[keep]
+            return out
+        return _with_placeholder_image(out, processor, self.num_image_tokens(processor), train)
 
     @staticmethod
     def image_aspect(processor: Any, image_aspect: str = "auto") -> str:
@@ -290,6 +306,58 @@ class LlavaFamily(Family):
         new = out[:, batch["input_ids"].shape[1] :]
         # `###` ends an answer in LLaVA-Med v1.0's template; no answer of the other templates contains it.
         return [s.split("###")[0].strip() for s in tok.batch_decode(new, skip_special_tokens=True)]
+
+
+def _encode_turns(tok: Any, tpl: Any, turns: list[tuple[str, str]], image_block: list[int],
+                  train: bool) -> tuple[list[int], list[int], int]:
+    """(token ids, labels, length of the last turn's prompt) of a conversation, the template applied turn by turn:
+    training: every turn's prompt and answer, labels on the answers; generation: earlier turns, then the last
+    prompt. `image_block` (the image tokens, or none for a text-only row) goes where the first turn says `<image>`."""
+    seq = [tok.bos_token_id] if tpl.bos else []
+    target = [-100] * len(seq)
+    for k, (question, answer) in enumerate(turns):
+        prompt_text, answer_text = tpl.render(question, answer, first=k == 0, image=bool(image_block))
+        before, after = prompt_text.split(IMAGE) if IMAGE in prompt_text else ("", prompt_text)
+        after_ids = tok(after, add_special_tokens=False)["input_ids"]
+        prompt = (tok(before, add_special_tokens=False)["input_ids"] + image_block if IMAGE in prompt_text else []) \
+            + after_ids
+        if k == len(turns) - 1 and not train:
+            return seq + prompt, target + [-100] * len(prompt), len(seq) + len(prompt)
+        # The answer as the prompt's end and the answer tokenize together (as in the original training).
+        joint = tok(after + answer_text, add_special_tokens=False)["input_ids"]
+        reply = (joint[len(after_ids):] if joint[: len(after_ids)] == after_ids
+                 else tok(answer_text, add_special_tokens=False)["input_ids"])
+        reply += [tok.eos_token_id] if tpl.eos else []
+        prompt_len = len(seq) + len(prompt)
+        seq += prompt + reply
+        target += [-100] * len(prompt) + reply
+    return seq, target, prompt_len
+
+
+def _blank_image(processor: Any) -> Image.Image:
+    """The placeholder image of a text-only row (never seen by the model: `cut_padding` drops it)."""
+    crop = processor.image_processor.crop_size
+    return Image.new("RGB", (crop["width"], crop["height"]))
+
+
+def _with_placeholder_image(batch: dict[str, Any], processor: Any, n_img: int, train: bool) -> dict[str, Any]:
+    """A text-only batch with one blank image whose `n_img` tokens nothing reads (see `LlavaFamily.cut_padding`).
+    Host arrays: numpy or torch, as the batch holds them."""
+    tok = processor.tokenizer
+    ids = batch["input_ids"]
+    lib = torch if isinstance(ids, torch.Tensor) else np
+    cat = (lambda a, b: torch.cat([a, b], dim=1)) if lib is torch else (lambda a, b: np.concatenate([a, b], axis=1))
+    block = lib.full((ids.shape[0], n_img), tok.pad_token_id, dtype=lib.int64)
+    block[0] = tok.convert_tokens_to_ids(processor.image_token)
+    zeros, no_label = lib.zeros_like(block), lib.full_like(block, -100)
+    out = dict(batch)
+    out["pixel_values"] = batch["pixel_values"][:1]
+    if train:  # after every row's end: causal attention, so no earlier token attends to it; no label
+        out.update(input_ids=cat(ids, block), attention_mask=cat(batch["attention_mask"], zeros),
+                   labels=cat(batch["labels"], no_label))
+    else:  # masked left padding: generation's positions follow the mask
+        out.update(input_ids=cat(block, ids), attention_mask=cat(zeros, batch["attention_mask"]))
+    return out
 
 
 def pad_colour(mode: str, mean: Sequence[float]) -> int | tuple[int, ...]:

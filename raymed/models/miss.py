@@ -31,6 +31,7 @@ from torch import nn
 from transformers import BlipConfig, BlipForQuestionAnswering, BlipImageProcessorPil, BlipProcessor
 from transformers.image_utils import PILImageResampling
 
+from ..data.conversations import conversation_turns
 from ..pretrained import shipped_path
 from .base import Family, Preset
 from .vocab import build_bert_tokenizer
@@ -221,6 +222,7 @@ class MissFamily(Family):
         # MISS has no conversation template and resizes to a square as its authors did: `template` and
         # `image_aspect` apply to LLaVA only (the config refuses other values for MISS).
         tok, recipe = processor.tokenizer, recipe_of(processor)
+        _refuse_conversations(rows)
         images = [image.convert("RGB") for image in rows["image"]]  # MISS: `Image.open(...).convert('RGB')`
         pixel_values = processor.image_processor(images, return_tensors="np")["pixel_values"]
         questions = [str(q) or "describe the findings." for q in rows["question"]]
@@ -274,3 +276,16 @@ class MissFamily(Family):
             input_ids=q["input_ids"], attention_mask=q["attention_mask"], pixel_values=batch["pixel_values"],
         )
         return [s.strip() for s in processor.tokenizer.batch_decode(out, skip_special_tokens=True)]
+
+
+def _refuse_conversations(rows: Mapping[str, Sequence[Any]]) -> None:
+    """MISS (BLIP-VQA) answers one question about one image: a text-only or multi-turn row is an error naming it."""
+    ids = list(rows["id"]) if "id" in rows else ["?"] * len(rows["image"])
+    extras = list(rows["extra"]) if "extra" in rows else [None] * len(ids)
+    for row_id, image, extra in zip(ids, rows["image"], extras):
+        if image is None:
+            raise ValueError(f"row {row_id!r} is text-only: MISS (BLIP-VQA) answers questions about an image; "
+                             "train a LLaVA model on conversation data with text-only samples")
+        if len(conversation_turns("", "", extra)) > 1:
+            raise ValueError(f"row {row_id!r} is a multi-turn conversation: MISS (BLIP-VQA) takes one question per "
+                             "image; train a LLaVA model on multi-turn data")

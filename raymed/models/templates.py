@@ -8,6 +8,9 @@ labels cover the answer and its end token only; evaluation and inference use the
   prompt): `<s>[INST] <image>\\n{q} [/INST]` + ` {a}</s>`.
 - `llava-med-v1.0`: LLaVA-Med v1.0's `simple` conversation (system prompt, one greeting exchange, `###` separators):
   `...###Human: <image>\\n{q}###Assistant:` + ` {a}###` (no `</s>`: v1.0 stops on `###`).
+- A conversation's later turns repeat the prompt without its image (`plain`: `USER: {q} ASSISTANT:`, v1.5:
+  `[INST] {q} [/INST]`), v1.0's without its system prompt and greeting (`Human: {q}###Assistant:`), each after the
+  previous answer and its end token, as the templates' own multi-turn conversations do.
 - `auto`: the model directory's chat template when it has one (the converter writes LLaVA-Med v1.5's), else `plain`.
 """
 
@@ -27,10 +30,16 @@ class Template:
     bos: bool = True
     eos: bool = True
     stop: str | None = None  # text that ends an answer in generation (besides the end token)
+    turn: str | None = None  # a later turn's prompt (`{question}`, no image); default: `prompt` without its image
 
-    def render(self, question: str, answer: str | None = None) -> tuple[str, str]:
-        """(prompt text, answer text); `str.replace`, so braces in questions are safe."""
-        prompt = self.prompt.replace("{question}", question)
+    def render(self, question: str, answer: str | None = None, *, first: bool = True,
+               image: bool = True) -> tuple[str, str]:
+        """(prompt text, answer text); `str.replace`, so braces in questions are safe. A conversation's later turns
+        (`first=False`) use `turn`; a turn without an image drops the `<image>` line."""
+        prompt = self.prompt if first else (self.turn if self.turn is not None else self.prompt)
+        if not (first and image):
+            prompt = prompt.replace(IMAGE + "\n", "").replace(IMAGE, "")
+        prompt = prompt.replace("{question}", question)
         return prompt, (self.answer.replace("{answer}", answer) if answer is not None else "")
 
 
@@ -47,7 +56,7 @@ TEMPLATES: dict[str, Template] = {
         "llava-med-v1.0",
         V10_SYSTEM + "###Human: Hi!###Assistant: Hi there!  How can I help you today?\n###Human: <image>\n{question}"
         "###Assistant:",
-        answer=" {answer}###", eos=False, stop="###"),
+        answer=" {answer}###", eos=False, stop="###", turn="Human: {question}###Assistant:"),
 }
 TEMPLATE_NAMES = ("auto", *TEMPLATES)
 
