@@ -6,6 +6,8 @@ from __future__ import annotations
 import hashlib
 import json
 import re
+import subprocess
+import sys
 from pathlib import Path
 
 import pytest
@@ -91,6 +93,15 @@ def test_zero_shot_above_chance_on_fresh_pretraining_questions(name, fresh_pretr
     # answers 0.84). The shipped MISS base is near chance on them (0.57 here, 0.69 on its own test split; README
     # says so): its floor only guards against a broken model that answers no closed question at all.
     assert m["closed_acc"] >= CLOSED_FLOOR[name], m
+
+
+def test_tool_runs_as_a_script_from_anywhere(tmp_path):
+    """`python tools/pretrain.py` (not in the wheel) runs from any directory against the installed raymed."""
+    tool = Path(__file__).resolve().parents[1] / "tools" / "pretrain.py"
+    done = subprocess.run([sys.executable, str(tool), "--help"], cwd=tmp_path, capture_output=True, text=True,
+                          timeout=120)
+    assert done.returncode == 0, done.stderr
+    assert "--family {llava,miss}" in done.stdout
 
 
 def test_budget_plan_is_deterministic():
