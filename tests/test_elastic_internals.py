@@ -9,6 +9,8 @@ the wrong state. An upgrade that removes any of them fails here, naming the attr
 from __future__ import annotations
 
 import inspect
+from argparse import Namespace
+from pathlib import Path
 
 import pytest
 import torch
@@ -16,7 +18,7 @@ from torch import nn
 
 from raymed.config import load_config
 from raymed.elastic import base_optimizer
-from raymed.engine import build_engine
+from raymed.engine import build_engine, ds_config
 
 pytestmark = pytest.mark.integration
 
@@ -35,12 +37,17 @@ class Frozen(nn.Module):
         return self.head(self.norm(self.proj(x)))
 
 
-def _engine_after_a_step(stage: int):
+def _engine_after_a_step(stage: int, load_universal: bool = False):
     torch.manual_seed(0)
     cfg = load_config(None, [f"deepspeed.zero_stage={stage}", "deepspeed.shard_single_worker=true",
                              "train.batch_size=2"])
-    engine = build_engine(Frozen(), cfg, bf16=False, world=1, total_steps=4)
+    ds = {**ds_config(cfg, world=1, bf16=False), "checkpoint": {"load_universal": load_universal}}
+    engine = build_engine(Frozen(), cfg, bf16=False, world=1, total_steps=4, ds_cfg=ds)
     assert engine.zero_optimization_stage() == stage
+    return _step(engine)
+
+
+def _step(engine):
     loss = engine(torch.randn(2, 512)).pow(2).mean()
     engine.backward(loss)
     engine.step()
@@ -98,3 +105,39 @@ def test_every_private_attribute_elastic_uses_exists(one_rank, stage):
         _has(sched, name, "sync_lr")
     sched._last_lr = [0.125] * len(sched.base_lrs)
     assert sched.get_last_lr() == sched._last_lr, "sync_lr: get_last_lr no longer reads _last_lr"
+
+
+def _to_universal(src: Path, dst: Path) -> None:
+    """`python -m deepspeed.checkpoint.ds_to_universal --inject_missing_state`, in this process."""
+    from deepspeed.checkpoint.ds_to_universal import main
+
+    main(Namespace(input_folder=str(src), output_folder=str(dst), num_extract_workers=1, num_merge_workers=1,
+                   keep_temp_folder=False, strict=True, inject_missing_state=True))
+    (dst.parent / "latest_universal").write_text(dst.name)
+
+
+def test_universal_checkpointing_does_not_cover_the_lone_workers_zero0(one_rank, tmp_path):
+    """Why raymed.elastic re-shards by itself (docs/DESIGN.md §6.3): DeepSpeed's Universal Checkpointing restores
+    ZeRO-2 state, but a lone fp32 worker runs stage 0, and stage 0 neither converts nor loads. When this fails,
+    the installed DeepSpeed covers stage 0: consider universal checkpoints for elastic runs."""
+    from deepspeed.utils import safe_get_full_fp32_param
+
+    zero0 = _engine_after_a_step(0)
+    zero0.save_checkpoint(str(tmp_path / "z0"), tag="t", exclude_frozen_parameters=True)
+    with pytest.raises(FileNotFoundError, match="_optim_states.pt"):  # stage 0 writes no ZeRO optimizer files
+        _to_universal(tmp_path / "z0" / "t", tmp_path / "z0u" / "t")
+
+    zero2 = _engine_after_a_step(2)
+    zero2.save_checkpoint(str(tmp_path / "z2"), tag="t", exclude_frozen_parameters=True)
+    _to_universal(tmp_path / "z2" / "t", tmp_path / "z2u" / "t")
+    saved = {n: safe_get_full_fp32_param(p).clone() for n, p in zero2.module.named_parameters() if p.requires_grad}
+    again = _step(_engine_after_a_step(2, load_universal=True))  # one more step: other weights until loaded
+    assert not torch.equal(safe_get_full_fp32_param(again.module.head.bias), saved["head.bias"])
+    again.load_checkpoint(str(tmp_path / "z2u"), tag="t", load_module_strict=False, load_lr_scheduler_states=False)
+    for name, p in again.module.named_parameters():
+        if p.requires_grad:
+            assert torch.equal(safe_get_full_fp32_param(p), saved[name]), name
+    lone = _engine_after_a_step(0, load_universal=True)
+    with pytest.raises(AttributeError):  # the plain optimizer is handed the ZeRO run's `optimizer: None`
+        lone.load_checkpoint(str(tmp_path / "z2u"), tag="t", load_module_strict=False,
+                             load_lr_scheduler_states=False)
