@@ -195,17 +195,16 @@ def find_checkpoint(run: str | Path) -> str:
     Raises FileNotFoundError, saying what was expected, for a folder that is neither.
     """
     from . import storage
-    from .results import CHECKPOINT_RE
+    from .results import latest_checkpoint
 
     run = storage.resolve(run)
     if not storage.is_dir(run):
         raise FileNotFoundError(f"{run}: no such run or checkpoint folder")
     if storage.is_file(storage.join(run, "model", "raymed.json")):
         return run
-    epochs = sorted((int(m.group(1)), n) for n in storage.listdir(run) if (m := CHECKPOINT_RE.match(n)))
-    for _, name in reversed(epochs):
-        if storage.is_file(storage.join(run, name, "model", "raymed.json")):
-            return storage.join(run, name)
+    ckpt = latest_checkpoint(run, holding="model/raymed.json")
+    if ckpt is not None:
+        return ckpt
     raise FileNotFoundError(f"{run}: no raymed checkpoint in this folder (expected epoch-NNNN/model/raymed.json; "
                             "a run writes one after its first epoch)")
 

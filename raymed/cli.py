@@ -22,7 +22,6 @@ COMMANDS: dict[str, tuple[str, str]] = {
     "export": ("raymed.export", "a run's checkpoint as a plain HF model or a peft adapter"),
     "convert": ("raymed.convert", "original LLaVA-Med / MISS checkpoints to HF model directories"),
     "params": ("raymed.params", "trainable-parameter accounting of a model x method x towers"),
-    "pretrain": ("raymed.pretrain", "pretrain a tiny Med-VLM base from scratch"),
     "bench": ("raymed.bench.__main__", "benchmark suites (step time, memory, data, checkpoints, sweeps)"),
 }
 

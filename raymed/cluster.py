@@ -1,6 +1,6 @@
 """Ray start-up and resource checks: connect to (or start) the cluster, and fail early when it can never hold a run.
 
-Used by every driver that runs on Ray: `raymed.train`, `raymed.tune`, `raymed.pretrain` (through `train.fit`) and the
+Used by every driver that runs on Ray: `raymed.train`, `raymed.tune`, `tools/pretrain.py` (through `train.fit`) and the
 benchmark suites. What one run asks for: `worker_resources` (one training worker), `scaling_config` (its worker group)
 and `required_cpus` (workers + Ray Data preprocessing actors).
 """

@@ -29,7 +29,7 @@ def evaluate(model_spec: str, data_dir: str, *, split: str = "test", out: Path |
     import torch
 
     from . import predict
-    from .data.rows import read_rows
+    from .data.rows import read_split_rows
     from .data.prepare import read_manifest
 
     manifest = _manifest(data_dir, read_manifest)
@@ -40,7 +40,7 @@ def evaluate(model_spec: str, data_dir: str, *, split: str = "test", out: Path |
     except FileNotFoundError as e:
         raise EvalError(str(e)) from None
     _check_task(model_spec, ref, cfg if fine_tuned else None, manifest, split)
-    rows = read_rows(data_dir, split)[:max_rows]
+    rows = read_split_rows(data_dir, split)[:max_rows]
     if not rows:
         raise EvalError(f"{data_dir}: split {split!r} has no rows")
     model.to(torch.device("cuda" if torch.cuda.is_available() else "cpu"))

@@ -36,11 +36,11 @@ class Evaluator:
     @torch.no_grad()
     def evaluate(self, data_dir: str, split: str) -> tuple[dict[str, float], list[dict[str, Any]]]:
         from . import predict
-        from .data.rows import read_rows
+        from .data.rows import read_split_rows
 
         cfg = self.cfg
         self.engine.eval()
-        rows = read_rows(data_dir, split)[: cfg.data.max_eval_rows]
+        rows = read_split_rows(data_dir, split)[: cfg.data.max_eval_rows]
         if not rows:
             raise RuntimeError(f"{data_dir}: eval split {split!r} has no rows")
         # The batches are cut from the rows in order and handed out whole (batch k to rank k mod world): every batch

@@ -70,7 +70,7 @@ def run(sweep_dir: Path | str, n: int | None = None, seed: int | None = None, ro
     from .checkpoint import find_checkpoint, load_trainable
     from .config import Config
     from .data.plan import synthetic_dataset
-    from .data.rows import read_rows
+    from .data.rows import read_split_rows
     from .machine import describe
     from .models import load_model, load_processor, resolve
     from .predict import answer
@@ -100,7 +100,7 @@ def run(sweep_dir: Path | str, n: int | None = None, seed: int | None = None, ro
         own = (style, n, seed) == (cfg_data["synth_style"], cfg_data["synth_n"], train_seed) and split == "test"
         data_dir = str(synthetic_dataset(style, n, seed))
     limit = rows or (cfg_data["max_eval_rows"] if own else None)  # the sweep's own set: the rows it evaluated
-    test = read_rows(data_dir, split)[:limit]
+    test = read_split_rows(data_dir, split)[:limit]
     if not test:
         raise ValueError(f"{data_dir}: split {split!r} has no rows")
     cfg = Config.model_validate(meta["config"])  # the sweep's prompt, image, input and generation settings

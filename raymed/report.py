@@ -159,13 +159,13 @@ def _params(value: Any, where: str, errors: list[str]) -> dict[str, Any]:
     }
 
 
-def load_rows(experiment_dir: str | Path) -> list[dict[str, Any]]:
+def read_experiment_rows(experiment_dir: str | Path) -> list[dict[str, Any]]:
     """The trial rows of an experiment: every run's latest checkpoint row below it (:mod:`raymed.results`),
     or else the ``results.json`` of an earlier report."""
-    from .results import read_rows
+    from .results import read_result_rows
 
     root = storage.resolve(experiment_dir)
-    rows = read_rows(root) if storage.is_dir(root) else []
+    rows = read_result_rows(root) if storage.is_dir(root) else []
     if rows:
         return [normalize_row(r, f"{root} run {r.get('trial_id')}") for r in rows]
     summary = storage.join(root, RESULTS_FILE)
@@ -455,7 +455,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     metric = args.metric or previous.get("metric")
     mode = args.mode or previous.get("mode") or "max"
     try:
-        rows = load_rows(args.experiment_dir)
+        rows = read_experiment_rows(args.experiment_dir)
         files = build_report(rows, args.out or args.experiment_dir, metric=metric, mode=mode)
     except (ValueError, FileNotFoundError, storage.StorageError) as exc:
         print(f"error: {exc}", file=sys.stderr)

@@ -83,10 +83,16 @@ def result_row(cfg: Any, accounting: Mapping[str, Any], history: list[dict[str, 
 
 
 # ---- reading a folder of runs (local paths or URIs) ---------------------------------------------------
-def latest_checkpoint(run_dir: str | Path) -> str | None:
-    """The newest `epoch-NNNN` checkpoint of a run folder (None when it has none)."""
-    found = [(int(m.group(1)), n) for n in storage.listdir(run_dir) if (m := CHECKPOINT_RE.match(n))]
-    return storage.join(run_dir, max(found)[1]) if found else None
+def latest_checkpoint(run_dir: str | Path, holding: str | None = None) -> str | None:
+    """The newest `epoch-NNNN` checkpoint of a run folder (a path or URI), or with ``holding`` (a relative file
+    path such as ``model/raymed.json``) the newest that holds that file; None when there is none. The one place
+    that finds a run's checkpoints by name: results, `checkpoint.find_checkpoint` and `train.check_resume`."""
+    found = sorted((int(m.group(1)), n) for n in storage.listdir(run_dir) if (m := CHECKPOINT_RE.match(n)))
+    for _, name in reversed(found):
+        ckpt = storage.join(run_dir, name)
+        if holding is None or storage.is_file(storage.join(ckpt, *holding.split("/"))):
+            return ckpt
+    return None
 
 
 def run_dirs(root: str | Path) -> list[str]:
@@ -132,7 +138,7 @@ def run_completed(run_dir: str | Path) -> bool:
             and completed(storage.read_json(storage.join(ckpt, ROW_FILE))))
 
 
-def read_rows(root: str | Path) -> list[dict[str, Any]]:
+def read_result_rows(root: str | Path) -> list[dict[str, Any]]:
     """The rows of every run below an experiment (or run) folder, ordered by trial id."""
     root = storage.resolve(root)
     if not storage.is_dir(root):

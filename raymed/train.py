@@ -92,15 +92,14 @@ def check_resume(cfg: Config) -> None:
     """Before any worker starts: a re-run of a named run resumes it only under the config it was started with
     (the worker checks again), unless `run.allow_config_change`."""
     from .config import config_changes
-    from .results import CHECKPOINT_RE
+    from .results import latest_checkpoint
 
     root = store.join(storage_path(cfg), cfg.run_name())
     if cfg.run.allow_config_change or not store.is_dir(root):
         return
-    ckpts = sorted((int(m.group(1)), n) for n in store.listdir(root) if (m := CHECKPOINT_RE.match(n)))
-    if not ckpts:
+    latest = latest_checkpoint(root)
+    if latest is None:
         return
-    latest = store.join(root, ckpts[-1][1])
     try:
         old = store.read_json(store.join(latest, "model", "raymed.json"))["config"]
     except (OSError, KeyError, ValueError):

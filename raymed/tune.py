@@ -450,11 +450,11 @@ def main(argv: list[str] | None = None) -> int:
     except (ConfigError, ResourceError, store.StorageError) as e:
         print(f"error: {e}", file=sys.stderr)
         return 2
-    from .results import read_rows
+    from .results import read_result_rows
 
     runs = store.join(out, "runs")
     mark_stopped(results, runs, validate(base).train.epochs)
-    rows = read_rows(runs) if store.is_dir(runs) else []  # the same rows `python -m raymed.report` reads back
+    rows = read_result_rows(runs) if store.is_dir(runs) else []  # the same rows `python -m raymed.report` reads back
     failed = sum(r.error is not None for r in results)
     if not rows:
         print(f"error: all {len(results)} trial(s) failed, none reported a result ({out}):\n"

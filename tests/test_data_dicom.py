@@ -105,13 +105,13 @@ def test_dicom_rows_stored_by_path_decode_on_the_worker_and_train_a_step(tmp_pat
     """``--images uri`` keeps the .dcm path: the stream's decoder windows it; one tiny-llava step learns from it."""
     import torch
 
-    from raymed.data.rows import read_rows
+    from raymed.data.rows import read_split_rows
     from raymed.data.transform import DecodeAndEncode, FamilyEncoderFactory
     from raymed.models import load_model
 
     root = _rows(tmp_path, ["CT_small.dcm", "MR_small.dcm", "SC_rgb_rle_2frame.dcm"])
     prepare("generic", root, tmp_path / "out", images="uri", val_fraction=0)
-    rows = read_rows(tmp_path / "out", "train")
+    rows = read_split_rows(tmp_path / "out", "train")
     assert all(r["image"] is None and r["image_uri"].endswith(".dcm") for r in rows)
     batch = {k: [r[k] for r in rows] for k in rows[0]}
     encoded = DecodeAndEncode(FamilyEncoderFactory("llava", "tiny-llava", 64))(batch)

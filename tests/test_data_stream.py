@@ -17,7 +17,7 @@ from PIL import Image
 
 from raymed.cluster import start_local_ray
 from raymed.data import ReadOptions, generate, prepare
-from raymed.data.rows import read_rows
+from raymed.data.rows import read_split_rows
 from raymed.data.transform import DecodeAndEncode
 
 IMAGE, MAX_LEN = 16, 8
@@ -69,7 +69,7 @@ def synth_data(tmp_path_factory: pytest.TempPathFactory) -> Path:
 @pytest.mark.unit
 @pytest.mark.parametrize("variant", ["embedded", "uri"])
 def test_decode_and_encode_shapes_and_ids(synth_data: Path, variant: str) -> None:
-    rows = read_rows(synth_data / variant, "train")[:5]
+    rows = read_split_rows(synth_data / variant, "train")[:5]
     batch = {key: np.array([r[key] for r in rows], dtype=object) for key in rows[0]}
     out = DecodeAndEncode(TinyEncoderFactory())(batch)
     assert {k: v.shape for k, v in out.items()} == {
@@ -92,7 +92,7 @@ def test_task_mode_transform_builds_the_encoder_once_per_process(synth_data: Pat
             CountingFactory.built += 1
             return super().__call__()
 
-    factory, rows = CountingFactory(), read_rows(synth_data / "embedded", "test")
+    factory, rows = CountingFactory(), read_split_rows(synth_data / "embedded", "test")
     batch = {key: np.array([r[key] for r in rows], dtype=object) for key in rows[0]}
     outs = [decode_and_encode(batch, encoder_factory=factory, keep=("id",), max_image_side=None) for _ in range(2)]
     assert CountingFactory.built == 1 and outs[0]["id"].tolist() == [r["id"] for r in rows]
@@ -109,15 +109,15 @@ def test_decode_error_names_the_row(synth_data: Path) -> None:
 @pytest.mark.unit
 def test_rows_per_rank(synth_data: Path) -> None:
     data = synth_data / "embedded"
-    rows = read_rows(data, "test")
-    per_rank = [[r["id"] for r in read_rows(data, "test", rank=k, world_size=3)] for k in range(3)]
+    rows = read_split_rows(data, "test")
+    per_rank = [[r["id"] for r in read_split_rows(data, "test", rank=k, world_size=3)] for k in range(3)]
     assert sorted(sum(per_rank, [])) == sorted(r["id"] for r in rows) and len(rows) == 4 * 3  # 4 images x 3 questions
     assert max(map(len, per_rank)) - min(map(len, per_rank)) <= 1
-    assert set(read_rows(data, "test", columns=["id", "answer"])[0]) == {"id", "answer"}
+    assert set(read_split_rows(data, "test", columns=["id", "answer"])[0]) == {"id", "answer"}
     with pytest.raises(ValueError, match="rank 3"):
-        read_rows(data, "test", rank=3, world_size=3)
+        read_split_rows(data, "test", rank=3, world_size=3)
     with pytest.raises(KeyError, match="no split 'dev'; splits are: train, val, test"):
-        read_rows(data, "dev")
+        read_split_rows(data, "dev")
 
 
 @pytest.mark.unit
@@ -127,8 +127,8 @@ def test_family_encoders_take_stream_rows(synth_data: Path, family: str, preset:
     pytest.importorskip("raymed.models")
     from raymed.data.transform import FamilyEncoderFactory
 
-    vqa = read_rows(synth_data / "embedded", "train")[:3]
-    report = read_rows(synth_data / "report", "train")[:2]
+    vqa = read_split_rows(synth_data / "embedded", "train")[:3]
+    report = read_split_rows(synth_data / "report", "train")[:2]
     for train in (True, False):
         transform = DecodeAndEncode(FamilyEncoderFactory(family, preset, max_length=64, train=train))
         for rows in (vqa, report):
@@ -189,7 +189,7 @@ def test_read_split_is_lazy_and_compressed(ray_cluster: Any, synth_data: Path) -
 
     ds = read_split(synth_data / "embedded", "train")
     rows = ds.take_all()
-    assert sorted(r["id"] for r in rows) == sorted(r["id"] for r in read_rows(synth_data / "embedded", "train"))
+    assert sorted(r["id"] for r in rows) == sorted(r["id"] for r in read_split_rows(synth_data / "embedded", "train"))
     for row in rows:  # still the PNG file bytes, not decoded pixels
         name = json.loads(row["extra"])["image_name"]
         assert row["image"] == (synth_data / "raw" / "VQA_RAD Image Folder" / name).read_bytes()

@@ -89,7 +89,7 @@ def downloads(root: Path) -> None:
     """What the documents tell a user to download, in the releases' layouts, and configs/ as shipped."""
     import shutil
 
-    from raymed.models.llava_fixture import write_llava_med_v15
+    from tests.fixtures.llava_release import write_llava_med_v15
 
     shutil.copytree(ROOT / "configs", root / "configs")
     write_llava_med_v15(root / "llava-med-v1.5-mistral-7b")

@@ -47,9 +47,9 @@ def test_eval_refuses_bad_input(synth: Path, tmp_path: Path) -> None:
 
 
 def test_infer_answers_and_refuses_bad_images(synth: Path, tmp_path: Path, capsys: pytest.CaptureFixture) -> None:
-    from raymed.data.rows import read_rows
+    from raymed.data.rows import read_split_rows
 
-    row = read_rows(synth, "test")[0]
+    row = read_split_rows(synth, "test")[0]
     image = tmp_path / "scan.png"
     image.write_bytes(row["image"])
     assert infer.main(["--model", "tiny-llava-med", "--image", str(image), "--question", row["question"]]) == 0

@@ -23,7 +23,7 @@ from transformers import (
 from raymed.convert import main as convert_main
 from raymed.models import ModelLoadError
 from raymed.models.llava_convert import convert_llava_med
-from raymed.models.llava_fixture import TEXT, VISION, VOCAB, write_llava_med_v15
+from tests.fixtures.llava_release import TEXT, VISION, VOCAB, write_llava_med_v15
 
 # fp32 compute on identical bf16-stored weights: both sides round the same numbers; only summation order differs.
 ATOL = 1e-5
@@ -167,7 +167,7 @@ def test_unknown_key_is_named_with_its_shard(release, tmp_path):
 
 
 def test_tokenizer_that_does_not_fit_the_embeddings_is_refused(release, tmp_path):
-    from raymed.models.llava_fixture import train_sentencepiece
+    from tests.fixtures.llava_release import train_sentencepiece
 
     src = _copy(release, tmp_path)
     (src / "tokenizer.model").write_bytes(train_sentencepiece(vocab_size=VOCAB + 20))

@@ -13,9 +13,9 @@ from PIL import Image
 from raymed.config import ConfigError, load_config
 from raymed.models import load_processor, resolve
 from raymed.models.llava_convert import convert_llava_med
-from raymed.models.llava_fixture import VOCAB, write_llava_med_v15
 from raymed.models.templates import TEMPLATES, V10_SYSTEM
 from tests.conftest import make_rows
+from tests.fixtures.llava_release import VOCAB, write_llava_med_v15
 
 
 @pytest.fixture(scope="module")

@@ -18,7 +18,7 @@ from pathlib import Path
 
 import pytest
 
-from raymed.models.llava_fixture import write_llava_med_v15
+from tests.fixtures.llava_release import write_llava_med_v15
 from tests.hub_fixtures import COMMIT, NO_NETWORK, hub_dataset_cache, hub_model_cache, vqa_table
 
 REPO = Path(__file__).resolve().parents[1]

@@ -100,6 +100,20 @@ def test_converter_rejects_unknown_keys(tmp_path):
                          "--config-from", "tiny-miss", "--out", str(tmp_path / "o")]) == 2
 
 
+def test_llava_family_converts_with_the_release_converters_table(tmp_path, capsys):
+    """`--config-from` checkpoints and the release directory share one key table (`llava_convert.RENAMES`): buffers
+    the HF model recomputes are dropped the same way, and an unknown key is refused with its name."""
+    family = resolve("tiny-llava").family
+    state = {"model.layers.0.self_attn.rotary_emb.inv_freq": torch.zeros(2), "model.norm.weight": torch.ones(2),
+             "model.mm_projector.2.bias": torch.zeros(2)}
+    assert set(family.convert_original(state)) == {"model.language_model.norm.weight",
+                                                   "model.multi_modal_projector.linear_2.bias"}
+    save_file({"model.mm_projector.1.weight": torch.zeros(2)}, tmp_path / "x.safetensors")
+    assert convert_main(["--family", "llava", "--input", str(tmp_path / "x.safetensors"),
+                         "--config-from", "tiny-llava", "--out", str(tmp_path / "o")]) == 2
+    assert "key 'model.mm_projector.1.weight' is not part of a LLaVA-Med v1.5 checkpoint" in capsys.readouterr().err
+
+
 @pytest.mark.parametrize("model_name,towers", [("tiny-llava", ["language"]), ("tiny-miss", ["text_decoder"])])
 def test_gradient_checkpointing_with_frozen_first_layers(model_name, towers):
     """Non-reentrant checkpointing still gives gradients when everything before the trained tower is frozen."""

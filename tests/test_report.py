@@ -15,7 +15,7 @@ import pytest
 from PIL import Image
 
 from raymed.plots import pareto_front
-from raymed.report import build_report, load_rows, main, normalize_row
+from raymed.report import build_report, main, normalize_row, read_experiment_rows
 
 pytestmark = pytest.mark.unit
 
@@ -218,40 +218,60 @@ def _write_run(root: Path, row: dict[str, Any], epochs: int = 1) -> Path:
     return root / row["trial_id"]
 
 
-def test_load_rows_reads_each_runs_latest_checkpoint_and_never_tune_logs(tmp_path: Path) -> None:
+def test_read_experiment_rows_reads_each_runs_latest_checkpoint_and_never_tune_logs(tmp_path: Path) -> None:
     for i, row in enumerate(ROWS[:3]):
         _write_run(tmp_path / "runs", row, epochs=i + 1)
         # Ray Tune's own result.json (JSON lines of progress) is never read as a row
         (tmp_path / f"trial_{i}").mkdir()
         (tmp_path / f"trial_{i}" / "result.json").write_text(json.dumps({**row, "trial_id": "tune"}))
-    rows = load_rows(tmp_path)
+    rows = read_experiment_rows(tmp_path)
     assert [(r["trial_id"], r["steps"]) for r in rows] == [("t1", 10), ("t2", 20), ("t3", 30)]
 
     from raymed.results import write_error
 
     write_error(tmp_path / "runs" / "t2", RuntimeError("worker died"))
-    t2 = next(r for r in load_rows(tmp_path) if r["trial_id"] == "t2")
+    t2 = next(r for r in read_experiment_rows(tmp_path) if r["trial_id"] == "t2")
     assert t2["error"] == "RuntimeError: worker died" and t2["stopped_early"] is False
     # A run whose last epoch is checkpointed did not fail, even if its controller died after it (Tune ends a
     # trial on its last report, sometimes before `fit` returns).
     finished = _write_run(tmp_path / "runs", {**ROWS[3], "epochs": 2, "config": {"train": {"epochs": 2}}}, 2)
     write_error(finished, RuntimeError("ActorDiedError: placement group removed"))
-    t4 = next(r for r in load_rows(tmp_path) if r["trial_id"] == "t4")
+    t4 = next(r for r in read_experiment_rows(tmp_path) if r["trial_id"] == "t4")
     assert "error" not in t4
     shutil.rmtree(finished)
 
     build_report(rows, tmp_path / "report")
-    again = load_rows(tmp_path / "report")  # from results.json when no run folder is there
+    again = read_experiment_rows(tmp_path / "report")  # from results.json when no run folder is there
     assert sorted(r["trial_id"] for r in again) == ["t1", "t2", "t3"]
     (tmp_path / "empty").mkdir()
     with pytest.raises(FileNotFoundError, match="no trial results under"):
-        load_rows(tmp_path / "empty")
+        read_experiment_rows(tmp_path / "empty")
+
+
+def test_one_latest_checkpoint_finder_for_results_export_and_resume(tmp_path: Path) -> None:
+    """Epoch folders compare by number (epoch-10000 after epoch-9999), never by name; other names are ignored;
+    `holding` skips a newest checkpoint that lacks the file (an incomplete one), as `find_checkpoint` needs."""
+    from raymed.checkpoint import find_checkpoint
+    from raymed.results import latest_checkpoint
+
+    run = tmp_path / "run"
+    assert latest_checkpoint(tmp_path / "missing") is None
+    for name in ("epoch-0009", "epoch-9999", "epoch-10000", "epoch-0010.tmp", "epoch-1", "checkpoint_000001"):
+        (run / name).mkdir(parents=True)
+    (run / "epoch-9999" / "model").mkdir()
+    (run / "epoch-9999" / "model" / "raymed.json").write_text("{}")
+    assert latest_checkpoint(run) == str(run / "epoch-10000")
+    assert latest_checkpoint(run, holding="model/raymed.json") == str(run / "epoch-9999")
+    assert find_checkpoint(run) == str(run / "epoch-9999")
+    assert latest_checkpoint(run, holding="row.json") is None
+    with pytest.raises(FileNotFoundError, match="no raymed checkpoint in this folder"):
+        find_checkpoint(run / "epoch-0009")
 
 
 def test_rebuilding_from_the_folder_gives_the_same_results_json(tmp_path: Path) -> None:
     for row in ROWS:
         _write_run(tmp_path / "exp" / "runs", row, epochs=2)
-    first = build_report(load_rows(tmp_path / "exp"), tmp_path / "exp")["results_json"].read_text()
+    first = build_report(read_experiment_rows(tmp_path / "exp"), tmp_path / "exp")["results_json"].read_text()
     assert main([str(tmp_path / "exp")]) == 0
     assert (tmp_path / "exp" / "results.json").read_text() == first
     assert len(json.loads(first)["trials"]) == len(ROWS)  # the stopped trials (t2, t6) included
@@ -284,7 +304,7 @@ def test_a_stopped_trial_is_cut_back_to_the_epoch_the_scheduler_saw(tmp_path: Pa
     run = _write_run(tmp_path, row)
     write_stopped(run, 2)  # Tune stopped it after epoch 2; its workers still checkpointed epoch 3
     write_error(run, RuntimeError("controller died with the trial"))
-    [cut] = load_rows(tmp_path)
+    [cut] = read_experiment_rows(tmp_path)
     assert cut["epochs"] == 2 and cut["steps"] == 20 and cut["stopped_early"] is True and "error" not in cut
     assert cut["metrics"] == {"zeroshot/test/overall_acc": 0.1, "eval/test/overall_acc": 0.2, "loss": 0.5}
 
@@ -393,12 +413,12 @@ def test_answers_follow_the_reported_epoch_and_survive_a_rebuild(tmp_path: Path)
     row = {**SCORED[0], "trial_id": "run", "history": [epoch(e) for e in (1, 2, 3)], "epochs": 3,
            "answers": {"eval/test": {"ids": "q3", "correct": "111"}, "zeroshot/test": {"ids": "q3", "correct": "000"}}}
     write_stopped(_write_run(tmp_path / "exp" / "runs", row), 2)
-    [cut] = load_rows(tmp_path / "exp")
+    [cut] = read_experiment_rows(tmp_path / "exp")
     assert cut["answers"] == {"eval/test": {"ids": "q3", "correct": "100"},
                               "zeroshot/test": {"ids": "q3", "correct": "000"}}
     assert all("answers" not in h for h in cut["history"])  # per-epoch answers stay in the checkpoints only
     first = build_report([cut], tmp_path / "report")["results_json"].read_text()
-    rebuilt = build_report(load_rows(tmp_path / "report"), tmp_path / "report")  # from results.json alone
+    rebuilt = build_report(read_experiment_rows(tmp_path / "report"), tmp_path / "report")  # from results.json alone
     assert rebuilt["results_json"].read_text() == first
     with pytest.raises(ValueError, match="'answers' must map eval sets to"):
         normalize_row({**SCORED[0], "answers": {"eval/test": {"ids": "q", "correct": "yes"}}})

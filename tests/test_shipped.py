@@ -25,9 +25,9 @@ import pytest
 
 from raymed.cluster import start_local_ray
 from raymed.config import set_dotted
-from raymed.models.llava_fixture import write_llava_med_v15
 from raymed.tune import DEFAULT_SWEEP, grid_points, load_sweep
 from tests.fixtures import datasets
+from tests.fixtures.llava_release import write_llava_med_v15
 from tests.fixtures.miss_release import target_dir, write_miss_checkpoint
 from tests.fixtures.shipped import (SWEEP_SIZE, _family, _units, assert_kept, assert_schedule, latest_checkpoint,
                                     shrink, tier_plan)

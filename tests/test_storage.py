@@ -98,14 +98,14 @@ def test_bad_storage_is_refused_before_any_worker_starts(s3_env, monkeypatch, ca
 
 def test_prepare_to_s3_uploads_the_manifest_and_refuses_to_overwrite(s3_env, tmp_path):
     from raymed.data.cli import main as data_main
-    from raymed.data.rows import read_rows
+    from raymed.data.rows import read_split_rows
 
     raw = tmp_path / "raw"
     assert data_main(["synth", "--out", str(raw), "--n", "12"]) == 0
     uri = s3_env.uri("prepared", "synth")
     assert data_main(["prepare", "--format", "vqa-rad", "--input", str(raw), "--out", uri]) == 0
     manifest = storage.read_json(storage.join(uri, "manifest.json"))
-    assert manifest["splits"]["test"]["rows"] == len(read_rows(uri, "test"))  # rows read back through S3
+    assert manifest["splits"]["test"]["rows"] == len(read_split_rows(uri, "test"))  # rows read back through S3
     assert data_main(["prepare", "--format", "vqa-rad", "--input", str(raw), "--out", uri]) == 1  # not empty
     assert data_main(["prepare", "--format", "vqa-rad", "--input", str(raw), "--out", uri, "--overwrite"]) == 0
 

@@ -201,7 +201,7 @@ def _eval_and_infer_reproduce_the_run(run_dir: Path, summary: dict, tmp_path: Pa
     from raymed import eval as raymed_eval
     from raymed import infer
     from raymed.config import Config
-    from raymed.data.rows import read_rows
+    from raymed.data.rows import read_split_rows
     from raymed.data.plan import data_plan
 
     data_dir = data_plan(Config.model_validate(summary["config"]))[0]
@@ -213,7 +213,7 @@ def _eval_and_infer_reproduce_the_run(run_dir: Path, summary: dict, tmp_path: Pa
     metrics = json.loads((out / "metrics.json").read_text())["metrics"]
     assert metrics["overall_acc"] == pytest.approx(summary["metrics"]["eval/test/overall_acc"])
 
-    row = read_rows(data_dir, "test")[0]
+    row = read_split_rows(data_dir, "test")[0]
     image = tmp_path / "scan.png"
     image.write_bytes(row["image"])
     assert infer.answer(str(run_dir), image, row["question"]) == in_run[0]["prediction"]

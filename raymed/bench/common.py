@@ -103,7 +103,7 @@ def encoded_batches(ref_name: str, data_dir: Path, split: str, batch_size: int, 
     longest sample as the worker cuts it (`Family.cut_padding`)."""
     import torch
 
-    from raymed.data.rows import read_rows
+    from raymed.data.rows import read_split_rows
     from raymed.data.transform import DecodeAndEncode
 
     ref = model_ref(ref_name)
@@ -112,7 +112,7 @@ def encoded_batches(ref_name: str, data_dir: Path, split: str, batch_size: int, 
     processor = load_processor(ref)
     transform = DecodeAndEncode(lambda: lambda rows: ref.family.encode(processor, rows, train=True,
                                                                        max_length=max_length))
-    rows = read_rows(data_dir, split)[:limit]
+    rows = read_split_rows(data_dir, split)[:limit]
     out = []
     for start in range(0, len(rows), batch_size):
         chunk = rows[start:start + batch_size]

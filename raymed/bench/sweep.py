@@ -55,10 +55,10 @@ def load(config: str | None, overrides: list[str], quick: bool, epochs: int | No
 def trials_of(results: Any, runs_dir: Path, metric: str) -> list[dict[str, Any]]:
     """Per trial: method, lr, epochs trained, optimizer steps, metric per epoch, final metric — from the rows the
     trials wrote (raymed.results), as `raymed.report` reads them; Tune's results only for trials with none."""
-    from raymed.results import read_rows
+    from raymed.results import read_result_rows
 
     out = []
-    for row in read_rows(runs_dir) if runs_dir.is_dir() else []:
+    for row in read_result_rows(runs_dir) if runs_dir.is_dir() else []:
         curve = [float(h[metric]) for h in row["history"] if h.get(metric) is not None]
         out.append({
             "trial_id": row["trial_id"], "method": row["method"], "lr": row["lr"], "epochs": int(row["epochs"]),

@@ -5,7 +5,7 @@ Eval sets: the training data's selection split (`data.select_split`, `val`: what
 (`data.eval_split`, `test`: what runs report), each named after its split, then the synthetic `ood` set and
 `data.eval_sets`, which are read on their `eval_split`.
 
-Driver side, no Ray: `raymed.train` plans a run with it; `raymed.pretrain`, the `questions` analysis and the
+Driver side, no Ray: `raymed.train` plans a run with it; `tools/pretrain.py`, the `questions` analysis and the
 benchmarks use the same cached synthetic sets.
 """
 

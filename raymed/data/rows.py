@@ -15,7 +15,7 @@ from raymed import storage
 from raymed.data.transform import shard_paths
 
 
-def read_rows(data_dir: Path | str, split: str, *, columns: Sequence[str] | None = None,
+def read_split_rows(data_dir: Path | str, split: str, *, columns: Sequence[str] | None = None,
               rank: int = 0, world_size: int = 1) -> list[dict[str, Any]]:
     """The rows of ``split`` for ``rank`` (rows ``rank, rank + world_size, ...``: none dropped)."""
     if not 0 <= rank < world_size:

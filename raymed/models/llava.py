@@ -34,7 +34,7 @@ from .vocab import build_llava_tokenizer
 
 IMAGE_ASPECTS = ("auto", "pad", "crop")
 REPORT_INSTRUCTION = "describe the findings of this image."
-# Shipped pretrained base (relative to the package), made by `python -m raymed.pretrain --family llava`.
+# Shipped pretrained base (relative to the package), made by `python tools/pretrain.py --family llava`.
 TINY_LLAVA_MED = "pretrained/tiny-llava-med"
 
 
@@ -181,24 +181,11 @@ class LlavaFamily(Family):
         return processor
 
     def convert_original(self, state_dict: Mapping[str, torch.Tensor]) -> dict[str, torch.Tensor]:
-        """LLaVA-Med `llava_mistral` / original LLaVA naming → HF `LlavaForConditionalGeneration` keys."""
-        rules = [
-            (r"^model\.mm_projector\.0\.", "model.multi_modal_projector.linear_1."),
-            (r"^model\.mm_projector\.2\.", "model.multi_modal_projector.linear_2."),
-            (r"^model\.vision_tower\.vision_tower\.vision_model\.", "model.vision_tower."),
-            (r"^model\.(embed_tokens|layers|norm)\.", r"model.language_model.\1."),
-            (r"^lm_head\.", "lm_head."),
-        ]
-        out: dict[str, torch.Tensor] = {}
-        for key, value in state_dict.items():
-            for pat, rep in rules:
-                new, n = re.subn(pat, rep, key)
-                if n:
-                    out[new] = value
-                    break
-            else:
-                raise KeyError(f"llava converter: no rule for original key {key!r}")
-        return out
+        """LLaVA-Med `llava_mistral` / original LLaVA naming → HF `LlavaForConditionalGeneration` keys
+        (`llava_convert.rename_state_dict`, the release converter's table)."""
+        from .llava_convert import rename_state_dict
+
+        return rename_state_dict(state_dict)
 
     # ---- data ----------------------------------------------------------------------------------
     def num_image_tokens(self, processor: LlavaProcessor) -> int:

@@ -23,7 +23,7 @@ import math
 import re
 import shutil
 import tempfile
-from collections.abc import Iterator
+from collections.abc import Iterator, Mapping
 from pathlib import Path
 from typing import Any
 
@@ -32,16 +32,14 @@ from safetensors import safe_open
 from safetensors.torch import save_file
 
 from .base import ModelLoadError
+from .llava import CLIP_VIT_L14
 
 PAD_TO_MULTIPLE = 64  # as transformers' LLaVA converter: 32000 + 2 new tokens -> 32064 rows
 ORIGINAL_TYPES = {"llava_mistral": "mistral", "llava_llama": "llama"}
 # Known towers (the CLIP config is not in the release, only its name). OpenAI CLIP ViT-L/14 at 336 and 224 px.
 KNOWN_TOWERS: dict[str, dict[str, Any]] = {
-    "openai/clip-vit-large-patch14-336": dict(hidden_size=1024, intermediate_size=4096, num_hidden_layers=24,
-                                              num_attention_heads=16, image_size=336, patch_size=14,
-                                              projection_dim=768),
-    "openai/clip-vit-large-patch14": dict(hidden_size=1024, intermediate_size=4096, num_hidden_layers=24,
-                                          num_attention_heads=16, image_size=224, patch_size=14, projection_dim=768),
+    "openai/clip-vit-large-patch14-336": {**CLIP_VIT_L14, "image_size": 336},
+    "openai/clip-vit-large-patch14": {**CLIP_VIT_L14, "image_size": 224},
 }
 CLIP_HEAD_DIM = 64
 # Original prefix -> HF LlavaForConditionalGeneration prefix.
@@ -67,16 +65,22 @@ MISTRAL_INSTRUCT_CHAT_TEMPLATE = (
 )
 
 
-def rename(key: str, file: Path) -> str | None:
-    """HF name of an original key (None: a buffer to drop); unknown keys are an error naming the file."""
+def rename(key: str, source: str | Path = "checkpoint") -> str | None:
+    """HF name of an original key (None: a buffer to drop); unknown keys are an error naming ``source`` (the file)."""
     if IGNORED.search(key):
         return None
     for pat, rep in RENAMES:
         new, n = pat.subn(rep, key)
         if n:
             return new
-    raise ModelLoadError(f"{file}: key {key!r} is not part of a LLaVA-Med v1.5 checkpoint (no rule maps it to the "
-                         "HF LLaVA layout)")
+    raise ModelLoadError(f"{source}: key {key!r} is not part of a LLaVA-Med v1.5 checkpoint (no rule maps it to "
+                         "the HF LLaVA layout)")
+
+
+def rename_state_dict(state_dict: Mapping[str, torch.Tensor], source: str | Path = "checkpoint"
+                      ) -> dict[str, torch.Tensor]:
+    """A whole original state dict in HF names (`rename`; buffers the HF model recomputes dropped)."""
+    return {new: value for key, value in state_dict.items() if (new := rename(key, source)) is not None}
 
 
 def read_original_config(src: Path) -> dict[str, Any]:

@@ -53,7 +53,7 @@ MISS_IMAGE_SIZE = 480
 MISS_RESCALE = 1 / 255 / 255  # ToTensor() (1/255) then the dataset's second /255
 MISS_LABEL_SMOOTHING = 0.1
 BLIP_VIT_LN_EPS = 1e-6  # BLIP's ViT: partial(nn.LayerNorm, eps=1e-6) (salesforce/BLIP models/vit.py)
-# Shipped pretrained base (relative to the package), made by `python -m raymed.pretrain --family miss`.
+# Shipped pretrained base (relative to the package), made by `python tools/pretrain.py --family miss`.
 TINY_MISS_MED = "pretrained/tiny-miss-med"
 
 

@@ -1,4 +1,4 @@
-"""Tiny pretrained Med-VLMs shipped with raymed, made by raymed itself (`python -m raymed.pretrain`).
+"""Tiny pretrained Med-VLMs shipped with raymed, made by raymed itself (`tools/pretrain.py` in the source repository).
 
 Each subdirectory is a plain HF model directory (config, `model.safetensors`, tokenizer, processor) plus
 `provenance.json`: the command, seed, data spec, steps, metrics and raymed version that produced it.
@@ -25,7 +25,7 @@ def shipped_path(shipped_dir: str) -> Path:
         family = "miss" if "miss" in name else "llava"
         raise ModelLoadError(
             f"shipped weights {path} are missing (no config.json); reinstall raymed, or rebuild them with "
-            f"`python -m raymed.pretrain --family {family} --out {path}`"
+            f"`python tools/pretrain.py --family {family} --out {path}` from a raymed source checkout"
         )
     return path
 

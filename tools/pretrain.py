@@ -1,4 +1,4 @@
-"""`python -m raymed.pretrain --family llava|miss --out DIR [--seed S] [--minutes M]`: a tiny pretrained Med-VLM.
+"""`python -m tools.pretrain --family llava|miss --out DIR [--seed S] [--minutes M]`: a tiny pretrained Med-VLM.
 
 The paper's question needs a *pretrained* base: tuning the LayerNorms of a random network teaches nothing.
 This recipe makes one from scratch, on CPU, with the same Ray Train + DeepSpeed recipe as every fine-tuning
@@ -7,8 +7,8 @@ of four organs; it holds out the x-ray modality and the size question that the d
 then writes a plain HF model directory (weights, config, tokenizer, processor) and
 `provenance.json`. The shipped presets `tiny-llava-med` and `tiny-miss-med` were made by this command:
 
-    python -m raymed.pretrain --family llava --out raymed/pretrained/tiny-llava-med
-    python -m raymed.pretrain --family miss --out raymed/pretrained/tiny-miss-med
+    python -m tools.pretrain --family llava --out raymed/pretrained/tiny-llava-med
+    python -m tools.pretrain --family miss --out raymed/pretrained/tiny-miss-med
 
 Steps: random-init model directory (seeded) -> `fit` (zero-shot eval, train, final eval on the pretraining
 test split, the downstream `base` style and the out-of-distribution `shifted` style) -> merge the checkpoint
@@ -33,7 +33,7 @@ from typing import Any, Callable
 
 import numpy as np
 
-from .data.plan import CACHE
+from raymed.data.plan import CACHE
 
 STYLE = "pretrain"
 DOWNSTREAM_STYLE, OOD_STYLE = "base", "shifted"
@@ -42,7 +42,7 @@ TEST_FRACTION = 0.2  # raymed.data.synth.generate's default split
 
 def llava_architecture() -> Any:
     """~0.9 M parameters: CLIP 64-d x 4 layers (the last unused) at 64 px, patch 16; Mistral 128-d x 4."""
-    from .models.llava import llava_config
+    from raymed.models.llava import llava_config
 
     return llava_config(
         dict(hidden_size=64, intermediate_size=128, num_hidden_layers=4, num_attention_heads=2, image_size=64,
@@ -60,7 +60,7 @@ def miss_architecture() -> Any:
     """
     from transformers import BlipConfig
 
-    from .models.vocab import build_bert_tokenizer
+    from raymed.models.vocab import build_bert_tokenizer
 
     tok = build_bert_tokenizer()
     return BlipConfig(
@@ -94,7 +94,7 @@ class Recipe:
 
     def steps(self, synth_n: int, epochs: int = 1) -> int:
         """Optimizer steps of `epochs` passes over `synth_n` images (4 questions per training image)."""
-        from .data.synth import STYLES
+        from raymed.data.synth import STYLES
 
         rows = (synth_n - int(round(synth_n * TEST_FRACTION))) * STYLES[STYLE].questions_per_image
         return max(1, math.ceil(rows * epochs / self.batch_size))
@@ -127,8 +127,8 @@ RECIPES: dict[str, Recipe] = {
 # ---- the recipe -----------------------------------------------------------------------------------
 def write_init(recipe: Recipe, seed: int, out: Path) -> int:
     """A randomly initialised (seeded) model directory with its processor; returns the parameter count."""
-    from .models import get_family
-    from .models.base import Preset
+    from raymed.models import get_family
+    from raymed.models.base import Preset
 
     family = get_family(recipe.family)
     arch = Preset(f"{recipe.preset}-init", recipe.family, "random init", recipe.architecture)
@@ -146,8 +146,8 @@ def pretraining_data(n: int, seed: int, passes: int, root: Path) -> Path:
     questions side by side: in file order every batch holds two images and the tiny models stay on the
     language prior. Images are referenced by path (`image_uri`), not copied.
     """
-    from .data.prepare import prepare
-    from .data.synth import generate
+    from raymed.data.prepare import prepare
+    from raymed.data.synth import generate
 
     raw = root / "raw"
     generate(raw, n=n, seed=seed, style=STYLE, test_fraction=TEST_FRACTION)
@@ -162,7 +162,7 @@ def pretraining_data(n: int, seed: int, passes: int, root: Path) -> Path:
 
 def training_overrides(recipe: Recipe, init_dir: Path, work: Path, seed: int, n: int, epochs: int) -> dict[str, Any]:
     """The `fit` config: method `full` on the `pretrain` style, evaluated before and after training only."""
-    from .data.plan import synthetic_dataset
+    from raymed.data.plan import synthetic_dataset
 
     eval_n = max(n // 4, 10)
     return {
@@ -191,17 +191,17 @@ def pretrain(family: str, out: Path, seed: int = 0, minutes: float | None = None
     """Pretrain one tiny base into `out` (an HF model directory + `provenance.json`); return the provenance."""
     import ray
 
-    from . import __version__
-    from .checkpoint import load_trainable
-    from .config import load_config
-    from .machine import describe
-    from .train import fit
+    from raymed import __version__
+    from raymed.checkpoint import load_trainable
+    from raymed.config import load_config
+    from raymed.machine import describe
+    from raymed.train import fit
 
     recipe = RECIPES[family]
     n, epochs = recipe.plan(minutes)
     out = Path(out)
     if out.exists() and any(out.iterdir()) and not (out / "provenance.json").is_file():
-        raise FileExistsError(f"refusing to replace {out}: it is not empty and not written by raymed.pretrain "
+        raise FileExistsError(f"refusing to replace {out}: it is not empty and not written by tools/pretrain.py "
                               "(no provenance.json); choose another --out")
     work = Path(work or CACHE / "pretrain" / f"{recipe.preset}-s{seed}").resolve()
     init_dir = work / "init"
@@ -229,7 +229,7 @@ def pretrain(family: str, out: Path, seed: int = 0, minutes: float | None = None
     provenance = {
         "preset": recipe.preset,
         "family": family,
-        "command": command or f"python -m raymed.pretrain --family {family} --out {out} --seed {seed}"
+        "command": command or f"python -m tools.pretrain --family {family} --out {out} --seed {seed}"
                               + (f" --minutes {minutes:g}" if minutes is not None else ""),
         "seed": seed,
         "raymed_version": __version__,
@@ -280,7 +280,7 @@ def architecture_summary(config: Any, family: str) -> dict[str, Any]:
 
 
 def main(argv: list[str] | None = None) -> int:
-    ap = argparse.ArgumentParser(prog="python -m raymed.pretrain", description=__doc__,
+    ap = argparse.ArgumentParser(prog="python -m tools.pretrain", description=__doc__,
                                  formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--family", required=True, choices=sorted(RECIPES))
     ap.add_argument("--out", required=True, type=Path, help="model directory to write (replaced if it exists)")
@@ -294,7 +294,7 @@ def main(argv: list[str] | None = None) -> int:
     n, epochs = recipe.plan(args.minutes)
     print(f"pretraining {recipe.preset}: {n} synthetic images ({STYLE} style), {epochs} epochs, "
           f"{recipe.steps(n, epochs)} steps, lr {recipe.lr:g}, seed {args.seed}", flush=True)
-    command = "python -m raymed.pretrain " + " ".join(shlex.quote(a) for a in (argv if argv is not None else sys.argv[1:]))
+    command = "python -m tools.pretrain " + " ".join(shlex.quote(a) for a in (argv if argv is not None else sys.argv[1:]))
     try:
         prov = pretrain(args.family, args.out, seed=args.seed, minutes=args.minutes, work=args.work, command=command)
     except FileExistsError as e:
