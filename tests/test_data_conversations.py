@@ -163,3 +163,33 @@ def test_text_only_batches_keep_every_rank_in_the_vision_tower(tmp_path: Path) -
             model(**inputs) if train else ref.family.generate(model, proc, inputs, max_new_tokens=2)
         hook.remove()
         assert calls, f"vision tower not run (train={train})"
+
+
+@pytest.mark.integration
+def test_mixed_text_only_and_image_conversations_train_under_zero3_on_two_workers(tmp_path: Path) -> None:
+    """Two ZeRO-3 workers, one row per micro-batch, mostly text-only rows: on most steps one rank's batch has no
+    image while the other's has one (a hang where a rank skips the vision tower), multi-turn rows included."""
+    import subprocess
+    import sys
+
+    _images(tmp_path / "data", 2)
+    rows = [{"id": f"t{i}", "conversations": [{"from": "human", "value": f"what is finding {i}?"},
+                                               {"from": "gpt", "value": "a normal variant"}]} for i in range(6)]
+    rows += [{"id": f"i{i}", "image": f"imgs/{i}.png", "conversations": [
+        {"from": "human", "value": "<image>\nis this normal?"}, {"from": "gpt", "value": "yes"},
+        {"from": "human", "value": "which side?"}, {"from": "gpt", "value": "left"}]} for i in range(2)]
+    (tmp_path / "data" / "train.json").write_text(json.dumps(rows))
+    (tmp_path / "data" / "test.json").write_text(json.dumps(rows[5:7]))
+    manifest = prepare("llava", tmp_path / "data", tmp_path / "prepared", val_fraction=0)
+    assert manifest["splits"]["train"]["rows"] == 8 and manifest["images"]["text_only"] == 7
+    overrides = ["model.name=tiny-llava", f"data.path={tmp_path / 'prepared'}", "data.max_eval_rows=2",
+                 "data.select_split=null",
+                 "data.preprocess_actors=0", "train.epochs=1", "train.batch_size=1", "train.zero_shot=false",
+                 "deepspeed.zero_stage=3", "scaling.num_workers=2", "scaling.cpus_per_worker=0.5",
+                 "run.metrics_export=false", f"run.storage={tmp_path / 'runs'}", "run.name=mixed"]
+    result = subprocess.run(["flock", "/tmp/raymed-ray.lock", sys.executable, "-m", "raymed.train", *overrides],
+                            capture_output=True, text=True, timeout=1200)
+    assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-3000:]
+    summary = json.loads((tmp_path / "runs" / "mixed" / "raymed-result.json").read_text())
+    assert summary["steps"] == 4 and summary["history"][-1]["zero_stage"] == 3  # 8 rows / 2 ranks / batch 1
+    assert "eval/test/overall_acc" in summary["metrics"]  # generation of a text-only and an image row, ZeRO-3
