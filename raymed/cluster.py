@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import math
 import os
+from dataclasses import dataclass
 from typing import Any
 
 from .config import Config
@@ -99,23 +100,60 @@ def start_local_ray(attempts: int = 3, **kwargs: Any) -> None:
                 raise
 
 
-def check_resources(cfg: Config) -> None:
-    """Fail before any work when no node can ever host a worker, or the cluster lacks GPUs entirely."""
-    import ray
+@dataclass(frozen=True)
+class Capacity:
+    """What the cluster can hold: the shapes of the nodes it has or can launch, and the most of each resource.
 
-    nodes = [n["Resources"] for n in ray.nodes() if n.get("Alive")]
+    On an autoscaling cluster (`ray up` with the files under `cluster/`) the autoscaler reports its node types to
+    the GCS (their resources, `min_workers`, `max_workers`): a node type counts with `max_workers` nodes even while
+    none runs. Ray Data reads the same report (`ray._private.state.get_cluster_config`) to size its autoscaling."""
+
+    shapes: tuple[dict[str, float], ...]
+    totals: dict[str, float]
+    autoscaling: bool
+    node_types: tuple[str, ...] = ()
+
+    def hosts(self, need: dict[str, float]) -> bool:
+        return any(all(shape.get(k, 0) >= v for k, v in need.items()) for shape in self.shapes)
+
+    def describe(self) -> str:
+        where = f"node types {', '.join(self.node_types)} at their max_workers" if self.autoscaling else "its nodes"
+        return f"{where}: {', '.join(f'{v:g} {k}' for k, v in sorted(self.totals.items()) if k in ('CPU', 'GPU'))}"
+
+
+def capacity() -> Capacity:
+    """The connected cluster's `Capacity`: its live nodes, and what its autoscaler can launch."""
+    import ray
+    from ray._private.state import state
+
+    live = [dict(n["Resources"]) for n in ray.nodes() if n.get("Alive")]
+    totals = dict(ray.cluster_resources())
+    config = state.get_cluster_config()
+    groups = [g for g in (config.node_group_configs if config else []) if g.max_count != 0 and g.resources]
+    if not any(g.max_count == -1 or g.max_count > g.min_count for g in groups):
+        return Capacity(tuple(live), totals, autoscaling=False)
+    launchable = state.get_max_resources_from_cluster_config() or {}
+    for key, value in launchable.items():
+        totals[key] = max(totals.get(key, 0.0), float(value))
+    shapes = tuple(live) + tuple({k: float(v) for k, v in g.resources.items()} for g in groups)
+    return Capacity(shapes, totals, autoscaling=True, node_types=tuple(g.name for g in groups))
+
+
+def check_resources(cfg: Config, cap: Capacity | None = None) -> Capacity:
+    """Fail before any work when no node the cluster has or can launch can host a worker, or when even all of
+    them hold too few CPUs or GPUs for the run. Returns the cluster's `Capacity`."""
+    cap = cap or capacity()
     need = worker_resources(cfg)
-    if not any(all(node.get(k, 0) >= v for k, v in need.items()) for node in nodes):
-        autoscaling = bool(os.environ.get("RAYMED_AUTOSCALING"))
-        if not autoscaling:
-            raise ResourceError(
-                f"no node can host one training worker needing {need} (nodes offer "
-                f"{[{k: node.get(k, 0) for k in need} for node in nodes]}); lower scaling.cpus_per_worker, "
-                "set scaling.use_gpu=false, or set RAYMED_AUTOSCALING=1 on an autoscaling cluster"
-            )
-    total = ray.cluster_resources()
-    if total.get("CPU", 0) < required_cpus(cfg) and not os.environ.get("RAYMED_AUTOSCALING"):
+    if not cap.hosts(need):
+        raise ResourceError(
+            f"no node can host one training worker needing {need} (the cluster's "
+            f"{'node types' if cap.autoscaling else 'nodes'} offer {[{k: s.get(k, 0) for k in need} for s in cap.shapes]}"
+            "); lower scaling.cpus_per_worker, or set scaling.use_gpu=false, or add a node type that fits "
+            "(cluster/*.yaml: available_node_types)"
+        )
+    if cap.totals.get("CPU", 0) < required_cpus(cfg):
         raise ResourceError(
             f"the run needs {required_cpus(cfg):g} CPUs ({cfg.scaling.min_workers} workers x "
-            f"{cfg.scaling.cpus_per_worker:g} + data actors) but the cluster has {total.get('CPU', 0):g}"
+            f"{cfg.scaling.cpus_per_worker:g} + data actors) but the cluster holds at most {cap.describe()}"
         )
+    return cap

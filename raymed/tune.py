@@ -16,7 +16,6 @@ from __future__ import annotations
 import argparse
 import itertools
 import json
-import os
 import pickle
 import sys
 import warnings
@@ -28,7 +27,7 @@ from pydantic import Field
 from ray.tune.schedulers import AsyncHyperBandScheduler, FIFOScheduler, TrialScheduler
 
 from . import storage as store
-from .cluster import ResourceError, init_ray, required_cpus
+from .cluster import ResourceError, capacity, check_resources, init_ray, required_cpus
 from .config import (Config, ConfigError, Section, deep_merge, format_error, local_paths, parse_override, read_yaml,
                      set_dotted, validate)
 from .data.plan import eval_set_names
@@ -347,14 +346,15 @@ def concurrent_trials(cluster: dict[str, float], base_cfg: Config, sweep: SweepC
     return max(1, n)
 
 
-def trial_concurrency(cluster: dict[str, float], base_cfg: Config, sweep: SweepConfig, *,
-                      autoscaling: bool = False) -> tuple[int, str | None]:
+def trial_concurrency(cluster: dict[str, float], base_cfg: Config, sweep: SweepConfig) -> tuple[int, str | None]:
     """Trials run at once: `sweep.max_concurrent`, at most what the cluster holds (more trials than the CPUs hold
-    starve each other's data tasks, and the sweep hangs); on an autoscaling cluster as asked (nodes are coming)."""
+    starve each other's data tasks, and the sweep hangs). `cluster`: `Capacity.totals`, which on an autoscaling
+    cluster is what its node types hold at their `max_workers`: Tune keeps that many trials pending, and the
+    autoscaler launches nodes for them."""
     fits = concurrent_trials(cluster, base_cfg, sweep)
     if not sweep.max_concurrent:
         return fits, None
-    if sweep.max_concurrent <= fits or autoscaling:
+    if sweep.max_concurrent <= fits:
         return sweep.max_concurrent, None
     return fits, (f"sweep.max_concurrent={sweep.max_concurrent}: the cluster holds {fits} trial(s) at once "
                   f"({cluster.get('CPU', 0):g} CPUs, {trial_cpus(base_cfg, sweep):g} per trial); running {fits}")
@@ -374,7 +374,6 @@ def sweep_paths(sweep: SweepConfig, base: dict[str, Any]) -> dict[str, str]:
 
 def run_sweep(sweep: SweepConfig, base: dict[str, Any], out: str | Path, resume: bool = False) -> Any:
     """Run (or resume) the sweep in `out` (a folder or URI); returns Tune's ResultGrid."""
-    import ray
     from ray import tune
 
     base_cfg = validate(base)
@@ -382,16 +381,20 @@ def run_sweep(sweep: SweepConfig, base: dict[str, Any], out: str | Path, resume:
     check_storage(base_cfg, store.join(out, sweep.name, "runs"))
     need = trial_cpus(base_cfg, sweep)
     init_ray(2 * need)  # a local cluster runs two trials side by side
-    cluster_cpus = ray.cluster_resources().get("CPU", 0)
-    if cluster_cpus < need and not os.environ.get("RAYMED_AUTOSCALING"):
+    cap = capacity()
+    if cap.totals.get("CPU", 0) < need:
         raise ResourceError(f"each trial needs {need:g} CPUs (driver {sweep.trial_cpus:g} + "
                             f"{base_cfg.scaling.min_workers} workers x {base_cfg.scaling.cpus_per_worker:g} + data) "
-                            f"but the cluster has {cluster_cpus:g}; lower scaling.cpus_per_worker or num_workers")
-    if base_cfg.scaling.use_gpu and not ray.cluster_resources().get("GPU") and not os.environ.get("RAYMED_AUTOSCALING"):
-        raise ResourceError("scaling.use_gpu=true but the cluster has no GPU (set RAYMED_AUTOSCALING=1 if it "
-                            "autoscales GPU nodes)")
-    concurrency, note = trial_concurrency(ray.cluster_resources(), base_cfg, sweep,
-                                          autoscaling=bool(os.environ.get("RAYMED_AUTOSCALING")))
+                            f"but the cluster holds at most {cap.describe()}; lower scaling.cpus_per_worker or "
+                            "num_workers")
+    check_resources(base_cfg, cap)
+    if base_cfg.scaling.use_gpu and not cap.totals.get("GPU"):
+        raise ResourceError(f"scaling.use_gpu=true but the cluster has no GPU and its autoscaler can launch none "
+                            f"({cap.describe()})")
+    if cap.autoscaling:
+        print(f"autoscaling cluster: trials are sized to {cap.describe()}; the autoscaler launches nodes for "
+              "pending trials", file=sys.stderr)
+    concurrency, note = trial_concurrency(cap.totals, base_cfg, sweep)
     if note:
         print(note, file=sys.stderr)
     trainable = tune.with_resources(trial, {"cpu": sweep.trial_cpus})

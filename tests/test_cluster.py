@@ -127,3 +127,66 @@ def test_shared_storage_is_documented(path: Path) -> None:
     text = path.read_text()
     scheme = "s3" if _load(path)["provider"]["type"] == "aws" else "gs"
     assert f"storage_path: {scheme}://YOUR-BUCKET/" in text
+
+
+CAPACITY = r"""
+import json, sys
+import ray, yaml
+from ray.core.generated import autoscaler_pb2
+from ray.experimental.internal_kv import _internal_kv_put
+from raymed.cluster import ResourceError, capacity, check_resources
+from raymed.config import load_config
+from raymed.tune import load_sweep, trial_concurrency
+
+ray.init(address="local", num_cpus=1, include_dashboard=False, logging_level="error")
+gpu = ["scaling.use_gpu=true", "scaling.num_workers=2", "scaling.cpus_per_worker=4", "data.preprocess_actors=0"]
+
+def attempt(overrides):
+    try:
+        return check_resources(load_config(None, overrides, check_paths=False)).describe()
+    except ResourceError as err:
+        return "error: " + str(err)
+
+out = {"before": [capacity().autoscaling, attempt(gpu)]}
+# What the autoscaler reports to the GCS from a cluster file: each worker node type's resources and limits.
+config = autoscaler_pb2.ClusterConfig()
+for name, node in yaml.safe_load(open(sys.argv[1]))["available_node_types"].items():
+    if "max_workers" in node:
+        group = config.node_group_configs.add(name=name, min_count=node.get("min_workers", 0),
+                                              max_count=node["max_workers"])
+        for key, value in node["resources"].items():
+            group.resources[key] = int(value)
+_internal_kv_put(ray._raylet.GCS_AUTOSCALER_CLUSTER_CONFIG_KEY, config.SerializeToString(),
+                 namespace=ray._raylet.GCS_AUTOSCALER_STATE_NAMESPACE)
+cap = capacity()
+sweep, base = load_sweep(sys.argv[2], [*gpu, "sweep.max_concurrent=8"], check_paths=False)
+out["after"] = [cap.autoscaling, cap.totals.get("GPU"), cap.totals.get("CPU"), attempt(gpu),
+                attempt([*gpu, f"scaling.gpus_per_worker={sys.argv[3]}"]),
+                trial_concurrency(cap.totals, load_config(None, [*gpu], check_paths=False), sweep)]
+print(json.dumps(out))
+"""
+
+
+@pytest.mark.integration
+@pytest.mark.parametrize("path", CLUSTER_FILES, ids=lambda p: p.name)
+def test_a_gpu_run_on_an_autoscaling_cluster_with_no_gpu_node_yet(path: Path) -> None:
+    """A head with no GPU: refused while no autoscaler reports node types; accepted once it reports the cluster
+    file's (sized to their max_workers, no environment variable), and a worker no node type fits is refused."""
+    import subprocess
+    import sys
+
+    workers = {n: t for n, t in _load(path)["available_node_types"].items() if t.get("max_workers")}
+    gpus = sum(t["resources"].get("GPU", 0) * t["max_workers"] for t in workers.values())
+    cpus = sum(t["resources"].get("CPU", 0) * t["max_workers"] for t in workers.values())  # the head is not reported here
+    beyond = 1 + max(t["resources"].get("GPU", 0) for t in workers.values())  # more GPUs than any node type has
+    result = subprocess.run([sys.executable, "-c", CAPACITY, str(path), str(REPO / "configs/sweeps/tiny-cpu.yaml"),
+                             str(beyond)],
+                            capture_output=True, text=True, timeout=300, cwd=REPO)
+    assert result.returncode == 0, result.stderr[-3000:]
+    out = json.loads(result.stdout.strip().splitlines()[-1])
+    assert out["before"][0] is False and out["before"][1].startswith("error: no node can host")
+    autoscaling, total_gpus, total_cpus, fits, too_big, concurrency = out["after"]
+    assert autoscaling and total_gpus == gpus and total_cpus == cpus and not fits.startswith("error")
+    assert all(name in fits for name in workers)
+    assert too_big.startswith("error: no node can host") and "node types" in too_big
+    assert concurrency[0] == min(8, int(gpus // 2))  # two 1-GPU workers a trial
