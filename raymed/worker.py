@@ -36,7 +36,9 @@ from .results import answers
 def train_loop(loop_config: dict[str, Any]) -> None:
     """Ray Train `train_loop_per_worker`. `loop_config` = {"config": Config dump, "plan": driver facts, "paths": the
     driver's absolute local paths}."""
+    t0 = time.perf_counter()
     run = setup(loop_config)
+    run.stats["setup_s"] = time.perf_counter() - t0  # process group, model + method, engine, data shard handle
     progress = resume(run)
     for epoch in range(progress.start_epoch, run.cfg.train.epochs):
         metrics = train_epoch(run, epoch, progress)
@@ -197,8 +199,10 @@ def train_epoch(run: Run, epoch: int, progress: Progress) -> dict[str, Any]:
         stats.setdefault(key, 0)
     engine.train()
     loss_sum, n = torch.zeros((), dtype=torch.float64, device=run.device), 0
-    t0 = time.perf_counter()
+    t0 = first_batch_s = time.perf_counter()
     for index, batch in enumerate(run.batches.epoch(epoch)):
+        if index == 0:  # the data stream's start-up (Ray Data's on a streamed epoch; none on a replay)
+            first_batch_s = time.perf_counter() - first_batch_s
         if index == run.micro_batches:
             raise RuntimeError(f"epoch {epoch + 1}: the data stream gave more than the {run.micro_batches} planned "
                                "micro-batches (the training split changed since the run was planned?)")
@@ -219,7 +223,8 @@ def train_epoch(run: Run, epoch: int, progress: Progress) -> dict[str, Any]:
         "padded_tokens_per_s": stats["padded_tokens"] / seconds,
         "padding_fraction": 1 - stats["tokens"] / max(stats["padded_tokens"], 1),
         "peak_mem_mb": _peak_memory_mb(run.device), "data_cached_mb": run.batches.kept_mb,
-        "zero_stage": engine.zero_optimization_stage(), **progress.zero_shot,
+        "zero_stage": engine.zero_optimization_stage(), "first_batch_s": first_batch_s,
+        "setup_s": stats.get("setup_s"), "torch_threads": torch.get_num_threads(), **progress.zero_shot,
     }
 
 
