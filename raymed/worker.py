@@ -200,6 +200,7 @@ def train_epoch(run: Run, epoch: int, progress: Progress) -> dict[str, Any]:
     engine.train()
     loss_sum, n = torch.zeros((), dtype=torch.float64, device=run.device), 0
     t0 = first_batch_s = time.perf_counter()
+    cpu0 = time.process_time()
     for index, batch in enumerate(run.batches.epoch(epoch)):
         if index == 0:  # the data stream's start-up (Ray Data's on a streamed epoch; none on a replay)
             first_batch_s = time.perf_counter() - first_batch_s
@@ -214,6 +215,7 @@ def train_epoch(run: Run, epoch: int, progress: Progress) -> dict[str, Any]:
         raise RuntimeError(f"epoch {epoch + 1}: the data stream gave {n} micro-batches, {run.micro_batches} were "
                            "planned (the training split changed since the run was planned?)")
     stats["train_s"] += time.perf_counter() - t0
+    cpu_s = time.process_time() - cpu0  # this process's CPU time (all its threads) in the epoch
     seconds = max(stats["train_s"], 1e-9)
     return {
         "epoch": epoch + 1, "step": engine.global_steps, "loss": _mean_across(loss_sum, n),
@@ -224,7 +226,8 @@ def train_epoch(run: Run, epoch: int, progress: Progress) -> dict[str, Any]:
         "padding_fraction": 1 - stats["tokens"] / max(stats["padded_tokens"], 1),
         "peak_mem_mb": _peak_memory_mb(run.device), "data_cached_mb": run.batches.kept_mb,
         "zero_stage": engine.zero_optimization_stage(), "first_batch_s": first_batch_s,
-        "setup_s": stats.get("setup_s"), "torch_threads": torch.get_num_threads(), **progress.zero_shot,
+        "setup_s": stats.get("setup_s"), "torch_threads": torch.get_num_threads(), "cpu_s": cpu_s,
+        **progress.zero_shot,
     }
 
 

@@ -77,7 +77,7 @@ def plain_loop(model_name: str, method: str, rows: dict[str, Any], cfg: Any, thr
         total = t.epochs * steps
         scheduler = get_cosine_schedule_with_warmup(optimizer, math.ceil(t.warmup_ratio * total), total)
         build_s = time.perf_counter() - t0
-        epoch_s, losses, tokens, padded = [], [], 0, 0
+        epoch_s, cpu_s, losses, tokens, padded = [], [], [], 0, 0
         for epoch in range(t.epochs):
             batches = [{k: v for k, v in ref.family.cut_padding(processor, b, train=True,
                                                                 multiple=cfg.data.pad_to_multiple_of).items()
@@ -85,7 +85,7 @@ def plain_loop(model_name: str, method: str, rows: dict[str, Any], cfg: Any, thr
             for b in batches:
                 real, pad = token_counts(b)
                 tokens, padded = tokens + real, padded + pad
-            t0 = time.perf_counter()
+            t0, cpu0 = time.perf_counter(), time.process_time()
             for batch in batches:
                 loss = model(**batch).loss
                 loss.backward()
@@ -95,10 +95,11 @@ def plain_loop(model_name: str, method: str, rows: dict[str, Any], cfg: Any, thr
                 optimizer.zero_grad(set_to_none=True)
                 losses.append(loss.detach())
             epoch_s.append(time.perf_counter() - t0)
+            cpu_s.append(time.process_time() - cpu0)
     finally:
         torch.set_num_threads(prev)
     samples = int(rows["input_ids"].shape[0])
-    return {"epoch_s": epoch_s, "samples_per_epoch": samples, "samples_per_s": samples / epoch_s[-1],
+    return {"epoch_s": epoch_s, "cpu_s": cpu_s, "samples_per_epoch": samples, "samples_per_s": samples / epoch_s[-1],
             "build_s": build_s, "trainable": acc.trainable, "threads": threads,
             "padding_fraction": 1 - tokens / max(padded, 1),
             "loss_first_last": [float(losses[0]), float(losses[-1])]}
@@ -143,7 +144,8 @@ def raymed_run(cfg: Any) -> dict[str, Any]:
     setup_s = history[0].get("setup_s") or 0.0
     return {"zero_stage": cfg.deepspeed.zero_stage, "ran_stage": history[-1].get("zero_stage"),
             "cpus_per_worker": cfg.scaling.cpus_per_worker, "torch_threads": history[-1].get("torch_threads"),
-            "epoch_rates": rates, "epoch_s": epoch_s, "samples_per_s": rates[-1], "samples_per_epoch": rows,
+            "epoch_rates": rates, "epoch_s": epoch_s, "cpu_s": [h.get("cpu_s") for h in history],
+            "samples_per_s": rates[-1], "samples_per_epoch": rows,
             "wall_s": wall, "train_s": sum(epoch_s), "outside_training_s": wall - sum(epoch_s),
             "startup": {"worker_setup_s": setup_s, "first_batch_s": [h.get("first_batch_s") for h in history],
                         "first_epoch_s": epoch_s[0],
@@ -210,11 +212,15 @@ def run(model: str = BENCH_MODEL, method: str = "full", images: int = 14, batch_
 
 def summarize(plains: list[dict[str, Any]], runs: dict[str, list[dict[str, Any]]],
               batch_size: int) -> tuple[list[dict[str, Any]], list[dict[str, Any]]]:
-    """Rows (plain loop, then each setup: median rate, per-round paired ratios) and the targets."""
+    """Rows (plain loop, then each setup: median rate, per-round paired ratios) and the targets. `cores_busy`: the
+    training process's CPU seconds over the last epoch's wall seconds (what it got of the machine)."""
     plain_rate = median([p["samples_per_s"] for p in plains])
+    steps = -(-plains[0]["samples_per_epoch"] // batch_size)
     rows = [{"setup": "plain PyTorch loop", "samples_per_s": plain_rate, "ratio": 1.0,
              "step_s": batch_size / plain_rate,
              "threads": plains[0]["threads"], "wall_s": None, "outside_training_s": None,
+             "cores_busy": median([p["cpu_s"][-1] / p["epoch_s"][-1] for p in plains]),
+             "cpu_s_per_step": median([p["cpu_s"][-1] for p in plains]) / steps,
              "padding_fraction": plains[0]["padding_fraction"]}]
     targets = []
     for s, outs in runs.items():
@@ -226,6 +232,8 @@ def summarize(plains: list[dict[str, Any]], runs: dict[str, list[dict[str, Any]]
         rows.append({"setup": setup_label(s), "zero_stage": stage, "ran_stage": outs[0]["ran_stage"],
                      "samples_per_s": rate, "ratio": median(ratios), "ratio_rounds": ratios,
                      "step_s": batch_size / rate, "threads": outs[0]["torch_threads"], "same_batches": same,
+                     "cores_busy": median([o["cpu_s"][-1] / o["epoch_s"][-1] for o in outs]),
+                     "cpu_s_per_step": median([o["cpu_s"][-1] for o in outs]) / steps,
                      "padding_fraction": outs[0]["padding_fraction"],
                      "wall_s": median([o["wall_s"] for o in outs]),
                      "outside_training_s": median([o["outside_training_s"] for o in outs]),
@@ -242,7 +250,8 @@ def summarize(plains: list[dict[str, Any]], runs: dict[str, list[dict[str, Any]]
 
 
 COLUMNS = [("setup", "setup"), ("ran_stage", "ran stage"), ("threads", "threads"), ("samples_per_s", "samples/s"),
-           ("ratio", "x plain"), ("step_s", "s/step"), ("wall_s", "wall s"), ("worker_setup_s", "worker setup s"),
+           ("ratio", "x plain"), ("step_s", "s/step"), ("cpu_s_per_step", "CPU s/step"), ("cores_busy", "cores busy"),
+           ("wall_s", "wall s"), ("worker_setup_s", "worker setup s"),
            ("first_batch_s", "first batch s"), ("first_epoch_s", "epoch 1 s"), ("rest_s", "rest s")]
 
 
