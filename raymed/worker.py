@@ -193,7 +193,9 @@ def resume(run: Run) -> Progress:
 
 def train_epoch(run: Run, epoch: int, progress: Progress) -> dict[str, Any]:
     """One epoch of optimizer steps. Losses and token counts stay on the device: the host reads them at
-    `train.log_every` steps and at the epoch's end, so nothing in the step waits for the device."""
+    `train.log_every` steps and at the epoch's end, so nothing in the step waits for the device. The metrics also say
+    where time went (raymed.bench overhead): the wait for the epoch's first batch, the worker's setup, this process's
+    CPU seconds in the epoch and its torch threads."""
     engine, stats = run.engine, run.stats
     for key in ("samples", "tokens", "padded_tokens", "train_s"):
         stats.setdefault(key, 0)
