@@ -132,4 +132,17 @@ def build_engine(model: torch.nn.Module, cfg: Config, *, bf16: bool, world: int,
         return torch.optim.lr_scheduler.LambdaLR(opt, lambda step: schedule(step))
 
     engine, _, _, _ = deepspeed.initialize(model=model, optimizer=optimizer, lr_scheduler=scheduler, config=ds_cfg)
+    skip_lone_allreduce(engine)
     return engine
+
+
+def skip_lone_allreduce(engine: Any) -> None:
+    """On one data-parallel rank at ZeRO stage 0, turn off DeepSpeed's gradient all-reduce: after every backward it
+    flattens all gradients into one buffer, scales it by 1/world, all-reduces it (with itself) and copies it back —
+    four passes over the gradients' bytes that change nothing when world = 1 (on `bench-llava` `full`, 223 MB a step;
+    docs/benchmarks.md, overhead). Stages 1-3 reduce in their ZeRO optimizer and are left as they are."""
+    import torch.distributed as dist
+
+    if engine.zero_optimization_stage() == 0 and dist.is_initialized() and dist.get_world_size() == 1:
+        engine.enable_backward_allreduce = False
+

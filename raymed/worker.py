@@ -36,7 +36,9 @@ from .results import answers
 def train_loop(loop_config: dict[str, Any]) -> None:
     """Ray Train `train_loop_per_worker`. `loop_config` = {"config": Config dump, "plan": driver facts, "paths": the
     driver's absolute local paths}."""
+    t0 = time.perf_counter()
     run = setup(loop_config)
+    run.stats["setup_s"] = time.perf_counter() - t0  # process group, model + method, engine, data shard handle
     progress = resume(run)
     for epoch in range(progress.start_epoch, run.cfg.train.epochs):
         metrics = train_epoch(run, epoch, progress)
@@ -191,14 +193,19 @@ def resume(run: Run) -> Progress:
 
 def train_epoch(run: Run, epoch: int, progress: Progress) -> dict[str, Any]:
     """One epoch of optimizer steps. Losses and token counts stay on the device: the host reads them at
-    `train.log_every` steps and at the epoch's end, so nothing in the step waits for the device."""
+    `train.log_every` steps and at the epoch's end, so nothing in the step waits for the device. The metrics also say
+    where time went (raymed.bench overhead): the wait for the epoch's first batch, the worker's setup, this process's
+    CPU seconds in the epoch and its torch threads."""
     engine, stats = run.engine, run.stats
     for key in ("samples", "tokens", "padded_tokens", "train_s"):
         stats.setdefault(key, 0)
     engine.train()
     loss_sum, n = torch.zeros((), dtype=torch.float64, device=run.device), 0
-    t0 = time.perf_counter()
+    t0 = first_batch_s = time.perf_counter()
+    cpu0 = time.process_time()
     for index, batch in enumerate(run.batches.epoch(epoch)):
+        if index == 0:  # the data stream's start-up (Ray Data's on a streamed epoch; none on a replay)
+            first_batch_s = time.perf_counter() - first_batch_s
         if index == run.micro_batches:
             raise RuntimeError(f"epoch {epoch + 1}: the data stream gave more than the {run.micro_batches} planned "
                                "micro-batches (the training split changed since the run was planned?)")
@@ -210,6 +217,7 @@ def train_epoch(run: Run, epoch: int, progress: Progress) -> dict[str, Any]:
         raise RuntimeError(f"epoch {epoch + 1}: the data stream gave {n} micro-batches, {run.micro_batches} were "
                            "planned (the training split changed since the run was planned?)")
     stats["train_s"] += time.perf_counter() - t0
+    cpu_s = time.process_time() - cpu0  # this process's CPU time (all its threads) in the epoch
     seconds = max(stats["train_s"], 1e-9)
     return {
         "epoch": epoch + 1, "step": engine.global_steps, "loss": _mean_across(loss_sum, n),
@@ -219,7 +227,9 @@ def train_epoch(run: Run, epoch: int, progress: Progress) -> dict[str, Any]:
         "padded_tokens_per_s": stats["padded_tokens"] / seconds,
         "padding_fraction": 1 - stats["tokens"] / max(stats["padded_tokens"], 1),
         "peak_mem_mb": _peak_memory_mb(run.device), "data_cached_mb": run.batches.kept_mb,
-        "zero_stage": engine.zero_optimization_stage(), **progress.zero_shot,
+        "zero_stage": engine.zero_optimization_stage(), "first_batch_s": first_batch_s,
+        "setup_s": stats.get("setup_s"), "torch_threads": torch.get_num_threads(), "cpu_s": cpu_s,
+        **progress.zero_shot,
     }
 
 

@@ -169,11 +169,17 @@ def test_overhead_suite_tiny(ray_cluster):
     from raymed.bench import overhead
 
     doc = overhead.run(model="tiny-llava", images=10, batch_size=8, epochs=2, zero_stages=("2", "2!"),
-                       cpus_per_worker=1)
+                       cpus_per_worker=1, threads=1)
     check_document(doc, "overhead")
     plain, ds, forced = doc["rows"]
     assert plain["samples_per_s"] > 0 and ds["samples_per_s"] > 0 and forced["samples_per_s"] > 0
     assert (ds["ran_stage"], forced["ran_stage"]) == (0, 2)  # one fp32 worker runs stage 0 unless forced
+    # a fair comparison: the worker's torch threads follow its CPUs (as the plain loop's), and both sides trained on
+    # the same batch shapes (the padding fraction over all epochs is a function of them; 21 rows cut 3 ways)
+    assert plain["threads"] == ds["threads"] == forced["threads"] == 1
+    assert ds["same_batches"] and forced["same_batches"] and 0 < plain["padding_fraction"] < 1
+    startup = doc["raymed"]["2"][0]["startup"]
+    assert len(startup["first_batch_s"]) == 2 and 0 < startup["worker_setup_s"] and startup["rest_s"] > 0
     assert [t["name"] for t in doc["targets"]] == ["raymed ZeRO-2 / plain loop"]
     run = doc["raymed"]["2"][0]
     assert run["trainable"] == doc["plain"][0]["trainable"] == accounting("tiny-llava", "full")

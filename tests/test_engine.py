@@ -46,3 +46,36 @@ def test_zero3_decays_matrices_of_weights_partitioned_while_loading(one_rank):
         model = Block()
     engine = build_engine(model, cfg, bf16=False, world=1, total_steps=4, ds_cfg=ds)
     assert [g["weight_decay"] for g in engine.optimizer.param_groups] == [0.05]  # one group: all four decay
+
+
+def test_one_rank_stage0_skips_the_gradient_allreduce_and_trains_as_plain_torch(one_rank):
+    """One data-parallel rank at stage 0: no flatten / all-reduce / copy-back of the gradients after backward (they
+    would change nothing), and the engine's steps equal plain torch's (same AdamW, clipping and schedule)."""
+    from torch.profiler import ProfilerActivity, profile
+    from transformers import get_cosine_schedule_with_warmup
+
+    cfg = load_config(None, ["deepspeed.zero_stage=0", "train.max_grad_norm=0.5", "train.lr=0.01"])
+    torch.manual_seed(0)
+    model, plain = Block(), Block()
+    plain.load_state_dict(model.state_dict())
+    engine = build_engine(model, cfg, bf16=False, world=1, total_steps=3)
+    assert engine.zero_optimization_stage() == 0 and not engine.enable_backward_allreduce
+    groups = [{"params": [plain.proj.weight], "weight_decay": cfg.train.weight_decay},
+              {"params": [plain.proj.bias, plain.norm.weight, plain.norm.bias], "weight_decay": 0.0}]
+    opt = torch.optim.AdamW(groups, lr=cfg.train.lr, fused=True)
+    sched = get_cosine_schedule_with_warmup(opt, 1, 3)
+    for step in range(3):
+        x = torch.randn(4, 512, generator=torch.Generator().manual_seed(step))
+        loss = engine(x).pow(2).mean() * 100  # large gradients: clipping acts
+        with profile(activities=[ProfilerActivity.CPU]) as prof:
+            engine.backward(loss)
+        assert not [e.name for e in prof.events() if "all_reduce" in e.name or "allreduce" in e.name
+                    or e.name == "aten::cat"]
+        engine.step()
+        (plain(x).pow(2).mean() * 100).backward()
+        torch.nn.utils.clip_grad_norm_(plain.parameters(), 0.5)
+        opt.step()
+        sched.step()
+        opt.zero_grad(set_to_none=True)
+    for a, b in zip(model.parameters(), plain.parameters()):
+        torch.testing.assert_close(a, b)

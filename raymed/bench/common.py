@@ -98,9 +98,9 @@ def synth_data(n_images: int, image_size: int = 64, seed: int = 0, rows_per_shar
 
 
 def encoded_batches(ref_name: str, data_dir: Path, split: str, batch_size: int, max_length: int,
-                    limit: int | None = None, pad_to_multiple_of: int = 8) -> list[dict[str, Any]]:
+                    limit: int | None = None, pad_to_multiple_of: int = 8, cut: bool = True) -> list[dict[str, Any]]:
     """Training batches (torch tensors) of `split`, decoded and encoded exactly as the stream does, each cut to its
-    longest sample as the worker cuts it (`Family.cut_padding`)."""
+    longest sample as the worker cuts it (`Family.cut_padding`; `cut=False`: at `max_length`, as streamed)."""
     import torch
 
     from raymed.data.rows import read_split_rows
@@ -116,8 +116,9 @@ def encoded_batches(ref_name: str, data_dir: Path, split: str, batch_size: int, 
     out = []
     for start in range(0, len(rows), batch_size):
         chunk = rows[start:start + batch_size]
-        enc = ref.family.cut_padding(processor, transform({k: [r[k] for r in chunk] for k in chunk[0]}), train=True,
-                                     multiple=pad_to_multiple_of)
+        enc = transform({k: [r[k] for r in chunk] for k in chunk[0]})
+        if cut:
+            enc = ref.family.cut_padding(processor, enc, train=True, multiple=pad_to_multiple_of)
         out.append({k: torch.from_numpy(np.ascontiguousarray(v)) for k, v in enc.items() if k != "id"})
     return out
 

@@ -43,6 +43,14 @@ class EpochBatches:
         self.kept_mb = 0.0
         self.fits: bool | None = None if limit_mb > 0 else False
 
+    @classmethod
+    def in_memory(cls, rows: Batch, batch_size: int, *, seed: int = 0, shuffle: bool = True) -> "EpochBatches":
+        """A shard already in memory (all its rows in one batch dict): every epoch gives the batches a worker that
+        kept this shard gives (benchmarks train a plain loop on the very batches of the recipe)."""
+        out = cls(None, batch_size, 0, seed=seed, shuffle=shuffle)
+        out.kept, out.kept_mb, out.fits = rows, _nbytes(rows) / 2**20, True
+        return out
+
     def epoch(self, epoch: int) -> Iterator[Batch]:
         """The batches of epoch ``epoch`` (0-based), in the order fixed by ``(seed, epoch)``."""
         if self.kept is not None:
