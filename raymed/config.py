@@ -83,6 +83,11 @@ class DataConfig(Section):
     pad_to_multiple_of: int = Field(8, ge=1, le=512)
     """Each batch (training and generation) is padded to its longest sample rounded up to this many tokens (8: tensor
     cores); 1: exactly the longest. Pads are masked, so it does not change what a run computes."""
+    group_by_length: bool = False
+    """Training batches of samples of similar length (less padding): each epoch's seeded order is cut into groups of
+    `GROUP_BATCHES` batches, each group sorted by length, and the full batches shuffled (`raymed.data.epochs`).
+    Deterministic per (seed, epoch), so a resumed run trains on the same batches. It changes the batches: part of
+    the run's config."""
     synth_n: int = Field(400, ge=10)
     """Images in the built-in synthetic dataset (3 questions each)."""
     synth_style: str = "base"

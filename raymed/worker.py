@@ -119,7 +119,7 @@ def setup(loop_config: dict[str, Any]) -> Run:
     # This worker's shard of the Ray Data stream, in a seeded order per (seed, epoch); kept in memory after the first
     # epoch when it fits in `data.cache_mb`.
     batches = EpochBatches(ray.train.get_dataset_shard("train"), cfg.train.batch_size, cfg.data.cache_mb, log,
-                           seed=cfg.train.seed, shuffle=cfg.data.shuffle)
+                           seed=cfg.train.seed, shuffle=cfg.data.shuffle, group_by_length=cfg.data.group_by_length)
     log(f"model {ref.name}, method {cfg.method.name}: {acc.trainable:,} trainable of {acc.total:,}; engine ready "
         f"(ZeRO-{engine.zero_optimization_stage()} [asked {cfg.deepspeed.zero_stage}], "
         f"{'bf16' if cfg.bf16 else 'fp32'}, {world} workers)")

@@ -336,12 +336,13 @@ def test_epochs_are_shuffled_by_seed_and_epoch_and_resume_in_order(ray_cluster, 
 
     ray.data.DataContext.get_current().execution_options.preserve_order = True  # what Ray Train's ingest sets
     n = 60
-    items = [{"x": i, "id": str(i), **({"pix": np.full(row_kib * 256, i, np.float32)} if row_kib else {})}
-             for i in range(n)]
+    lengths = [(i * 37) % 23 + 1 for i in range(n)]  # tokens of row i (its attention mask's ones)
+    items = [{"x": i, "id": str(i), "attention_mask": np.array([1] * lengths[i] + [0] * (24 - lengths[i])),
+              **({"pix": np.full(row_kib * 256, i, np.float32)} if row_kib else {})} for i in range(n)]
     ds = ray.data.from_items(items, override_num_blocks=4)
 
-    def make(seed: int, shuffle: bool = True) -> EpochBatches:
-        return EpochBatches(ds, 8, 1, lambda msg: None, seed=seed, shuffle=shuffle)
+    def make(seed: int, shuffle: bool = True, group: bool = False) -> EpochBatches:
+        return EpochBatches(ds, 8, 1, lambda msg: None, seed=seed, shuffle=shuffle, group_by_length=group)
 
     run = make(seed=1)
     epochs = [_epoch_order(run, e) for e in range(3)]
@@ -355,3 +356,18 @@ def test_epochs_are_shuffled_by_seed_and_epoch_and_resume_in_order(ray_cluster, 
     if row_kib:  # each batch keeps its rows' own data
         assert all(torch.equal(b["pix"][:, 0], b["x"].float()) for b in run.epoch(1))
     assert _epoch_order(make(seed=1, shuffle=False), 1) == list(range(n))  # file order when asked
+
+    # data.group_by_length: batches of similar lengths, every row once, the same batch sizes, and exact on resume.
+    grouped = make(seed=1, group=True)
+    by_length = [_epoch_order(grouped, e) for e in range(2)]
+    assert all(sorted(order) == list(range(n)) for order in by_length)
+    assert [len(b["x"]) for b in grouped.epoch(1)] == [8] * 7 + [4]
+    assert _epoch_order(make(seed=1, group=True), 1) == by_length[1]  # a restarted worker: the same batches
+
+    def padded(batches: EpochBatches) -> int:  # pad cells when each batch is cut to its longest row
+        return sum(len(b["x"]) * max(lengths[int(i)] for i in b["x"]) - sum(lengths[int(i)] for i in b["x"])
+                   for b in batches.epoch(0))
+
+    print(f"pad cells per epoch: {padded(run)} shuffled, {padded(grouped)} grouped by length")
+    if not row_kib:  # grouping works within a window: 1 MiB windows of 128 KiB rows hold about one batch
+        assert padded(grouped) < padded(run) / 2 and by_length[0] != by_length[1]  # and a new order every epoch

@@ -14,6 +14,11 @@ a fresh order every epoch:
 - Every row appears once per epoch. A larger shard is shuffled within each window only (a buffered shuffle, like
   Ray Data's local shuffle, but reproducible).
 
+``group_by_length`` (`data.group_by_length`) then sorts each run of `GROUP_BATCHES` batches of that order by sample
+length (the tokens the attention masks count) and shuffles the full batches with the same generator: batches of
+similar lengths, so less padding, in an order still fixed by ``(seed, epoch, window)`` (the batch short of full stays
+last, so the carry-over above is unchanged).
+
 ``shuffle=False`` keeps file order and streams batch by batch (how the shipped bases were pretrained: their rows
 are pre-shuffled on disk). ``limit_mb=0`` never keeps the shard: every epoch streams, shuffled within windows of
 `DEFAULT_WINDOW_MB`.
@@ -29,32 +34,34 @@ import torch
 
 Batch = dict[str, Any]
 DEFAULT_WINDOW_MB = 256
+GROUP_BATCHES = 16  # batches sorted by length together (`group_by_length`)
 
 
 class EpochBatches:
     """Training batches of one worker's shard (anything with Ray Data's ``iter_torch_batches``)."""
 
     def __init__(self, shard: Any, batch_size: int, limit_mb: int, log: Callable[[str], None] = print, *,
-                 seed: int = 0, shuffle: bool = True) -> None:
+                 seed: int = 0, shuffle: bool = True, group_by_length: bool = False) -> None:
         self.shard, self.batch_size, self.log = shard, batch_size, log
         self.limit = (limit_mb or DEFAULT_WINDOW_MB) << 20
-        self.seed, self.shuffle = seed, shuffle
+        self.seed, self.shuffle, self.group_by_length = seed, shuffle, group_by_length
         self.kept: Batch | None = None  # the whole shard's rows, once it was seen to fit in one window
         self.kept_mb = 0.0
         self.fits: bool | None = None if limit_mb > 0 else False
 
     @classmethod
-    def in_memory(cls, rows: Batch, batch_size: int, *, seed: int = 0, shuffle: bool = True) -> "EpochBatches":
+    def in_memory(cls, rows: Batch, batch_size: int, *, seed: int = 0, shuffle: bool = True,
+                  group_by_length: bool = False) -> "EpochBatches":
         """A shard already in memory (all its rows in one batch dict): every epoch gives the batches a worker that
         kept this shard gives (benchmarks train a plain loop on the very batches of the recipe)."""
-        out = cls(None, batch_size, 0, seed=seed, shuffle=shuffle)
+        out = cls(None, batch_size, 0, seed=seed, shuffle=shuffle, group_by_length=group_by_length)
         out.kept, out.kept_mb, out.fits = rows, _nbytes(rows) / 2**20, True
         return out
 
     def epoch(self, epoch: int) -> Iterator[Batch]:
         """The batches of epoch ``epoch`` (0-based), in the order fixed by ``(seed, epoch)``."""
         if self.kept is not None:
-            yield from self._batches(self.kept, self._order(epoch, 0, _rows(self.kept)))
+            yield from self._batches(self.kept, self._order(epoch, 0, self.kept))
             return
         if not self.shuffle:
             yield from self._in_file_order()
@@ -72,14 +79,14 @@ class EpochBatches:
                 self.fits = False
                 rows = _concat(([carry] if carry else []) + window)
                 full = _rows(rows) // self.batch_size * self.batch_size
-                order = self._order(epoch, index, _rows(rows))
+                order = self._order(epoch, index, rows)
                 yield from self._batches(rows, order[:full])
                 carry = _take(rows, order[full:]) if full < len(order) else None
                 window, size, index = [], 0, index + 1
         rows = _concat(([carry] if carry else []) + window) if (window or carry) else None
         if rows is None:
             return
-        yield from self._batches(rows, self._order(epoch, index, _rows(rows)))
+        yield from self._batches(rows, self._order(epoch, index, rows))
         if self.fits is None and index == 0:  # the whole shard in one window: replay it from memory
             self.kept, self.kept_mb, self.fits = rows, _nbytes(rows) / 2**20, True
             self.log(f"{_rows(rows)} rows ({self.kept_mb:.1f} MiB) kept in memory for the next epochs")
@@ -105,14 +112,36 @@ class EpochBatches:
 
         yield from torch_batches(self.shard, self.batch_size, drop_last=False)
 
-    def _order(self, epoch: int, window: int, n: int) -> np.ndarray:
+    def _order(self, epoch: int, window: int, rows: Batch) -> np.ndarray:
+        n = _rows(rows)
         if not self.shuffle:
             return np.arange(n)
-        return np.random.default_rng([self.seed, epoch, window]).permutation(n)
+        rng = np.random.default_rng([self.seed, epoch, window])
+        order = rng.permutation(n)
+        return _grouped(order, _lengths(rows), self.batch_size, rng) if self.group_by_length else order
 
     def _batches(self, rows: Batch, order: np.ndarray) -> Iterator[Batch]:
         for start in range(0, len(order), self.batch_size):
             yield _take(rows, order[start:start + self.batch_size])
+
+
+def _lengths(rows: Batch) -> np.ndarray:
+    """Each row's tokens: the ones of every attention mask the model reads (prompt, and MISS's answer decoder)."""
+    masks = [rows[k] for k in ("attention_mask", "decoder_attention_mask") if isinstance(rows.get(k), torch.Tensor)]
+    if not masks:
+        raise ValueError("data.group_by_length: the batches have no attention_mask to measure lengths by")
+    return sum(m.sum(dim=1) for m in masks).numpy()
+
+
+def _grouped(order: np.ndarray, lengths: np.ndarray, batch_size: int, rng: np.random.Generator) -> np.ndarray:
+    """``order`` cut into groups of `GROUP_BATCHES` batches, each group sorted by length (longest first; stable),
+    then the full batches shuffled by ``rng``; the batch short of full (if any) stays last."""
+    group = GROUP_BATCHES * batch_size
+    ranked = np.concatenate([chunk[np.argsort(-lengths[chunk], kind="stable")]
+                             for chunk in np.split(order, range(group, len(order), group))])
+    full = len(ranked) // batch_size * batch_size
+    batches = ranked[:full].reshape(-1, batch_size)[rng.permutation(full // batch_size)]
+    return np.concatenate([batches.reshape(-1), ranked[full:]])
 
 
 def _rows(batch: Batch) -> int:
