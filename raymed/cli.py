@@ -1,7 +1,7 @@
 """`raymed COMMAND [args ...]`: one command for every raymed tool.
 
 Each command is a module with `main(argv) -> int`, imported only when run (so `raymed --help` is fast);
-`raymed train ...` is the same as `python -m raymed.train ...`.
+`raymed train ...` is the same as `python -m raymed.train ...` (so are `tune`, `eval`, `data` and `bench`).
 """
 
 from __future__ import annotations
@@ -12,16 +12,16 @@ from collections.abc import Sequence
 
 # command -> (module whose `main(argv)` runs it, one-line description)
 COMMANDS: dict[str, tuple[str, str]] = {
-    "train": ("raymed.train", "one fine-tuning run on a Ray cluster (Ray Train + DeepSpeed)"),
-    "tune": ("raymed.tune", "a Ray Tune sweep over methods x towers x learning rates"),
-    "report": ("raymed.report", "rebuild a sweep's comparison report (tables, frontier plot)"),
-    "questions": ("raymed.questions", "a sweep's best trials per question type vs zero-shot (paired test)"),
+    "train": ("raymed.train.launch", "one fine-tuning run on a Ray cluster (Ray Train + DeepSpeed)"),
+    "tune": ("raymed.tune.sweep", "a Ray Tune sweep over methods x towers x learning rates"),
+    "report": ("raymed.tune.report", "rebuild a sweep's comparison report (tables, frontier plot)"),
+    "questions": ("raymed.tune.questions", "a sweep's best trials per question type vs zero-shot (paired test)"),
     "data": ("raymed.data.cli", "prepare, generate and inspect datasets (Parquet shards)"),
-    "eval": ("raymed.eval", "evaluate a fine-tuned run or a model on a prepared dataset"),
-    "infer": ("raymed.infer", "answer questions about images with a fine-tuned model"),
-    "export": ("raymed.export", "a run's checkpoint as a plain HF model or a peft adapter"),
-    "convert": ("raymed.convert", "original LLaVA-Med / MISS checkpoints to HF model directories"),
-    "params": ("raymed.params", "trainable-parameter accounting of a model x method x towers"),
+    "eval": ("raymed.eval.evaluate", "evaluate a fine-tuned run or a model on a prepared dataset"),
+    "infer": ("raymed.eval.infer", "answer questions about images with a fine-tuned model"),
+    "export": ("raymed.train.export", "a run's checkpoint as a plain HF model or a peft adapter"),
+    "convert": ("raymed.models.convert", "original LLaVA-Med / MISS checkpoints to HF model directories"),
+    "params": ("raymed.models.params", "trainable-parameter accounting of a model x method x towers"),
     "bench": ("raymed.bench.__main__", "benchmark suites (step time, memory, data, checkpoints, sweeps)"),
 }
 
@@ -32,7 +32,7 @@ def usage() -> str:
     lines = [f"  {name:<{width}}  {desc}" for name, (_, desc) in COMMANDS.items()]
     return ("usage: raymed COMMAND [args ...]\n\n"
             "Fine-tune medical vision-language models on Ray. Commands:\n\n" + "\n".join(lines) +
-            "\n\n`raymed COMMAND --help` describes a command; `python -m raymed.COMMAND` is the same.\n")
+            "\n\n`raymed COMMAND --help` describes a command.\n")
 
 
 def main(argv: Sequence[str] | None = None) -> int:

@@ -12,7 +12,7 @@ import os
 from dataclasses import dataclass
 from typing import Any
 
-from .config import Config
+from raymed.config import Config
 
 # Logical CPUs the Ray Data preprocessing actors ask for: fractional, so they never starve the workers.
 PREPROCESS_CPUS = 0.25

@@ -38,7 +38,7 @@ class Section(BaseModel):
 
 class ModelConfig(Section):
     name: str = "tiny-llava"
-    """Preset name (`python -m raymed.params --list`) or a local HF model directory."""
+    """Preset name (`python -m raymed.models.params --list`) or a local HF model directory."""
     family: Literal["llava", "miss"] | None = None
     """Family of a model directory, to validate configs before the directory exists (e.g. on a laptop)."""
     gradient_checkpointing: bool = False
@@ -166,7 +166,7 @@ class ScalingConfig(Section):
     """Training workers: a number, or `[min, max]` for an elastic run (spot capacity, docs/cluster.md): Ray Train
     starts as many as the cluster has room for (at least min), continues with fewer when a node is lost (a restart
     from the last checkpoint, counted in `run.max_failures`) and grows back up to max when capacity returns. Its
-    checkpoints restore at any world size (weights and optimizer state re-sharded, raymed.elastic)."""
+    checkpoints restore at any world size (weights and optimizer state re-sharded, raymed.train.elastic)."""
     resize_interval_s: float = Field(60.0, ge=0)
     """Elastic runs: how often (seconds) a healthy worker group checks whether more workers fit now (a resize
     restarts it from the last checkpoint)."""
@@ -302,8 +302,8 @@ def local_paths(cfgs: Iterable[Config], cwd: str | Path | None = None) -> dict[s
     """Every relative local path the configs name (`model.name`, `data.path`, `data.eval_sets`) -> its absolute
     path from `cwd` (default: here). Resolved once, on the driver: Ray workers and Tune trials run in other
     directories, and must not re-read the user's relative paths there."""
-    from .models import PRESETS
-    from .models.sources import is_hub_id
+    from raymed.models import PRESETS
+    from raymed.models.sources import is_hub_id
 
     cwd = Path(cwd or Path.cwd())
     out: dict[str, str] = {}
@@ -324,8 +324,8 @@ def local_paths(cfgs: Iterable[Config], cwd: str | Path | None = None) -> dict[s
 
 def _pinned(name: str) -> str:
     """A Hub model id with its commit (`raymed.models.sources.pin`); resolving errors are config errors."""
-    from .models import ModelLoadError
-    from .models.sources import pin
+    from raymed.models import ModelLoadError
+    from raymed.models.sources import pin
 
     try:
         return pin(name)
@@ -335,7 +335,7 @@ def _pinned(name: str) -> str:
 
 def _hf_dataset(uri: str) -> str:
     """The prepared local folder of a ``hf://datasets/...`` data path (`raymed.data.hf.prepared_folder`)."""
-    from .data.hf import prepared_folder
+    from raymed.data.hf import prepared_folder
 
     try:
         return str(prepared_folder(uri))
@@ -454,8 +454,8 @@ def semantic_errors(cfg: Config, check_paths: bool = True) -> list[str]:
 
     `check_paths=False` skips the existence of model and data directories (validating shipped configs).
     """
-    from .methods import MethodError, check_towers, get_method
-    from .models import PRESETS, ModelLoadError, get_family, resolve
+    from raymed.models.methods import MethodError, check_towers, get_method
+    from raymed.models import PRESETS, ModelLoadError, get_family, resolve
 
     errors = []
     family = None
@@ -485,7 +485,7 @@ def semantic_errors(cfg: Config, check_paths: bool = True) -> list[str]:
         for key, value in (("model.template", cfg.model.template), ("data.image_aspect", cfg.data.image_aspect)):
             if value != "auto":
                 errors.append(f"{key}: {value!r} applies to LLaVA models only ({cfg.model.name!r} is {family.name!r})")
-    from .data.synth import STYLES
+    from raymed.data.synth import STYLES
 
     for key in ("synth_style", "synth_ood_style"):
         style = getattr(cfg.data, key)
@@ -511,7 +511,7 @@ def semantic_errors(cfg: Config, check_paths: bool = True) -> list[str]:
                       "GPU); use scaling.num_workers=1 or whole GPUs")
     if not check_paths:
         return errors
-    from .tracking import missing_packages
+    from raymed.tracking import missing_packages
 
     errors += missing_packages(cfg.run.report_to)
     if cfg.data.path is not None and "://" not in cfg.data.path and not Path(cfg.data.path).exists():

@@ -1,8 +1,8 @@
 """The machine description: where a run trained, where a report was built, where a benchmark measured.
 
-One function, `describe`, for every consumer: each result row carries it (`raymed.results.result_row`), so does
+One function, `describe`, for every consumer: each result row carries it (`raymed.tune.results.result_row`), so does
 `provenance.json` of a pretrained base (`tools/pretrain.py`); the report prints the host it was built on
-(`raymed.report`), and benchmark and analysis documents add the load average and the commit.
+(`raymed.tune.report`), and benchmark and analysis documents add the load average and the commit.
 """
 
 from __future__ import annotations

@@ -32,7 +32,7 @@ def check_document(doc: dict, suite: str) -> None:
 
 
 def accounting(model: str, method: str, towers: list[str] | None = None) -> int:
-    from raymed.methods import apply_method
+    from raymed.models.methods import apply_method
     from raymed.models import load_model
 
     ref = common.model_ref(model)

@@ -136,7 +136,7 @@ from ray.core.generated import autoscaler_pb2
 from ray.experimental.internal_kv import _internal_kv_put
 from raymed.cluster import ResourceError, capacity, check_resources
 from raymed.config import load_config
-from raymed.tune import load_sweep, trial_concurrency
+from raymed.tune.sweep import load_sweep, trial_concurrency
 
 ray.init(address="local", num_cpus=1, include_dashboard=False, logging_level="error")
 gpu = ["scaling.use_gpu=true", "scaling.num_workers=2", "scaling.cpus_per_worker=4", "data.preprocess_actors=0"]

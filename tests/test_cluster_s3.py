@@ -1,7 +1,7 @@
 """The cluster path on one machine: object storage (a local S3 server) and a multi-node Ray cluster.
 
 Everything goes through the user's commands (`python -m raymed.data prepare`, `python -m raymed.train`,
-`ray job submit -- python -m raymed.tune`, `python -m raymed.report`) against `s3://` URIs; only the
+`ray job submit -- python -m raymed.tune`, `python -m raymed.tune.report`) against `s3://` URIs; only the
 endpoint (`AWS_ENDPOINT_URL`) differs from a cloud run. Nodes are separate raylets (`ray start`), and a
 lost node is SIGKILLed (raylet, object store and workers gone), not stopped.
 """
@@ -137,7 +137,7 @@ def test_zero3_workers_on_two_nodes_with_s3_storage(s3, cluster, reference):
 
 def test_summarize_reads_only_the_result_row(s3, cluster, reference, monkeypatch):
     from raymed import storage
-    from raymed.train import summarize
+    from raymed.train.launch import summarize
     from ray.train import Result
 
     for key, value in s3.env.items():
@@ -282,7 +282,7 @@ def test_job_submitted_sweep_survives_driver_loss(s3, cluster, dataset):
     summary = s3_json(s3, "exp/tiny-cpu/results.json")  # the report, read back from S3
     assert sorted(t["method"] for t in summary["trials"]) == ["attn", "ln", "lora"]
     assert {"exp/tiny-cpu/report.md", "exp/tiny-cpu/results.csv", "exp/tiny-cpu/frontier.png"} <= set(s3.keys("exp/"))
-    # `python -m raymed.report` rebuilds it from the trials' result rows (row.json in their checkpoints) on S3
-    done = run_cli("raymed.report", [s3.uri("exp", "tiny-cpu"), "--out", s3.uri("exp", "rebuilt")], cluster_env(s3))
+    # `python -m raymed.tune.report` rebuilds it from the trials' result rows (row.json in their checkpoints) on S3
+    done = run_cli("raymed.tune.report", [s3.uri("exp", "tiny-cpu"), "--out", s3.uri("exp", "rebuilt")], cluster_env(s3))
     assert "3 trials ranked" in done.stdout
     assert s3_json(s3, "exp/rebuilt/results.json")["best_per_method"].keys() == summary["best_per_method"].keys()

@@ -8,7 +8,7 @@ from pathlib import Path
 import pytest
 
 from raymed.config import ConfigError, load_config, validate
-from raymed.tune import DEFAULT_SWEEP, load_sweep
+from raymed.tune.sweep import DEFAULT_SWEEP, load_sweep
 
 ROOT = Path(__file__).resolve().parents[1] / "configs"
 ALL = sorted(ROOT.rglob("*.yaml"))
@@ -110,7 +110,7 @@ def test_sweep_may_rank_by_a_published_rule(tmp_path, metric):
 def test_sweeps_choose_on_the_selection_split_and_choosing_on_test_warns(tmp_path):
     import warnings
 
-    from raymed.tune import SweepConfig, TestSetSelectionWarning
+    from raymed.tune.sweep import SweepConfig, TestSetSelectionWarning
 
     assert SweepConfig().metric == "eval/val/overall_acc"
     p = tmp_path / "s.yaml"
@@ -188,7 +188,7 @@ def test_default_max_new_tokens_fits_the_fixture_answers(tmp_path):
 
 @pytest.mark.parametrize("name", ["miss-vqa-rad", "miss-slake"])
 def test_miss_sweeps_use_the_authors_baselines(name):
-    from raymed.methods import METHODS
+    from raymed.models.methods import METHODS
 
     sweep, base = load_sweep(ROOT / "sweeps" / f"{name}.yaml", [], check_paths=False)
     assert {"lora-qv", "ia3-kvo", "prefix", "p-tuning-v2"} <= set(sweep.search["method.name"])
@@ -205,7 +205,7 @@ def test_miss_sweeps_use_the_authors_baselines(name):
 def test_miss_sweeps_hold_the_authors_recipe_of_docs_recipes(name, lr, epochs):
     """docs/recipes.md, row by row: the MISS authors' batch, optimizer, decay policy, schedule, epochs, lr (in the
     grid, and the trial default), drop-path; their peft baselines' settings."""
-    from raymed.methods import METHODS
+    from raymed.models.methods import METHODS
 
     sweep, base = load_sweep(ROOT / "sweeps" / f"{name}.yaml", [], check_paths=False)
     cfg = validate(base, check_paths=False)
@@ -298,7 +298,7 @@ def test_max_concurrent_is_held_to_what_the_cluster_fits():
     """More trials at once than the CPUs hold starve their data tasks and the sweep hangs: the sweep runs what fits
     (here 1.05 CPUs a trial: driver 0.05, worker 0.5, data 2 x 0.25) and says so. (An autoscaling cluster's
     totals are what its node types hold at max_workers: tests/test_cluster.py.)"""
-    from raymed.tune import trial_concurrency
+    from raymed.tune.sweep import trial_concurrency
 
     sweep, base = load_sweep(DEFAULT_SWEEP, ["sweep.max_concurrent=5", "scaling.cpus_per_worker=0.5",
                                              "data.preprocess_actors=0"], check_paths=False)

@@ -130,7 +130,7 @@ def substitute(command: list[str], root: Path, bucket: str) -> list[str]:
 def one_point(root: Path, config: str | None) -> list[str]:
     """A documented sweep runs one grid point here (`ln`, every tower): the shipped-config tier trains the methods
     of every shipped grid (tests/test_shipped.py); this shows the command as written runs."""
-    from raymed.tune import DEFAULT_SWEEP, load_sweep
+    from raymed.tune.sweep import DEFAULT_SWEEP, load_sweep
 
     sweep, _ = load_sweep(root / config if config else DEFAULT_SWEEP, [], check_paths=False)
     return ['sweep.search.method.name=["ln"]'] + \

@@ -19,8 +19,8 @@ from safetensors.torch import load_file
 
 from raymed.cluster import start_local_ray
 from raymed.config import load_config
-from raymed.elastic import DUMP_ENV, PORTABLE
-from raymed.train import fit
+from raymed.train.elastic import DUMP_ENV, PORTABLE
+from raymed.train.launch import fit
 
 pytestmark = pytest.mark.integration
 

@@ -1,6 +1,6 @@
-"""Every private DeepSpeed / torch attribute `raymed.elastic` reads or writes, on the installed versions' real objects.
+"""Every private DeepSpeed / torch attribute `raymed.train.elastic` reads or writes, on the installed versions' real objects.
 
-`raymed.elastic` re-shards optimizer state itself because DeepSpeed's Universal Checkpointing does not cover
+`raymed.train.elastic` re-shards optimizer state itself because DeepSpeed's Universal Checkpointing does not cover
 raymed's elastic cases (docs/DESIGN.md §6.3). It reaches into internals that no release promises to keep; several
 are read with `getattr(..., None)` or `hasattr`, so a release that renamed one would not fail there but restore
 the wrong state. An upgrade that removes any of them fails here, naming the attribute.
@@ -17,8 +17,8 @@ import torch
 from torch import nn
 
 from raymed.config import load_config
-from raymed.elastic import base_optimizer
-from raymed.engine import build_engine, ds_config
+from raymed.train.elastic import base_optimizer
+from raymed.train.engine import build_engine, ds_config
 
 pytestmark = pytest.mark.integration
 
@@ -56,12 +56,12 @@ def _step(engine):
 
 def _has(obj: object, name: str, where: str) -> None:
     assert hasattr(obj, name), f"{where}: {type(obj).__module__}.{type(obj).__qualname__} has no {name!r} " \
-                               "(used by raymed.elastic): re-check elastic resumes against this DeepSpeed/torch"
+                               "(used by raymed.train.elastic): re-check elastic resumes against this DeepSpeed/torch"
 
 
 def _takes(method: object, params: set[str], where: str) -> None:
     missing = params - set(inspect.signature(method).parameters)
-    assert not missing, f"{where}: {method} takes no {sorted(missing)} (raymed.elastic passes them by name)"
+    assert not missing, f"{where}: {method} takes no {sorted(missing)} (raymed.train.elastic passes them by name)"
 
 
 @pytest.mark.parametrize("stage", [0, 2, 3])
@@ -117,7 +117,7 @@ def _to_universal(src: Path, dst: Path) -> None:
 
 
 def test_universal_checkpointing_does_not_cover_the_lone_workers_zero0(one_rank, tmp_path):
-    """Why raymed.elastic re-shards by itself (docs/DESIGN.md §6.3): DeepSpeed's Universal Checkpointing restores
+    """Why raymed.train.elastic re-shards by itself (docs/DESIGN.md §6.3): DeepSpeed's Universal Checkpointing restores
     ZeRO-2 state, but a lone fp32 worker runs stage 0, and stage 0 neither converts nor loads. When this fails,
     the installed DeepSpeed covers stage 0: consider universal checkpoints for elastic runs."""
     from deepspeed.utils import safe_get_full_fp32_param

@@ -1,4 +1,4 @@
-"""The DeepSpeed engine as the worker builds it (raymed.engine), in this process: one gloo rank, real DeepSpeed."""
+"""The DeepSpeed engine as the worker builds it (raymed.train.engine), in this process: one gloo rank, real DeepSpeed."""
 
 from __future__ import annotations
 
@@ -7,7 +7,7 @@ import torch
 from torch import nn
 
 from raymed.config import load_config
-from raymed.engine import build_engine, ds_config
+from raymed.train.engine import build_engine, ds_config
 
 pytestmark = pytest.mark.integration
 

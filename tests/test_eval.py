@@ -1,4 +1,4 @@
-"""`raymed.eval` / `raymed.infer` in-process on presets, and their errors (the run-folder path is tested with
+"""`raymed.eval` / `raymed.eval.infer` in-process on presets, and their errors (the run-folder path is tested with
 real training runs in test_train.py)."""
 
 from __future__ import annotations
@@ -8,8 +8,8 @@ from pathlib import Path
 
 import pytest
 
-from raymed import eval as raymed_eval
-from raymed import infer
+from raymed.eval import evaluate as raymed_eval
+from raymed.eval import infer
 from raymed.data.prepare import prepare
 from raymed.data.source import ReadOptions
 from raymed.data.synth import generate

@@ -28,7 +28,7 @@ LLAVA_BATCH = 3
 def setup(tmp_path_factory):
     import ray
 
-    from raymed.convert import main as convert_main
+    from raymed.models.convert import main as convert_main
 
     root = tmp_path_factory.mktemp("consistency")
     write_miss_checkpoint(root / "model_base_vqa.pth")
@@ -48,10 +48,10 @@ def evaluate_in_workers(config: dict) -> None:
     import torch.distributed as dist
 
     from raymed.config import Config
-    from raymed.engine import build_engine
-    from raymed.methods import apply_method
+    from raymed.train.engine import build_engine
+    from raymed.models.methods import apply_method
     from raymed.models import load_model, load_processor, resolve
-    from raymed.evaluator import Evaluator
+    from raymed.eval.evaluator import Evaluator
 
     ctx = ray.train.get_context()
     rank, world = ctx.get_world_rank(), ctx.get_world_size()
@@ -76,7 +76,7 @@ def test_the_same_answers_with_1_2_and_4_workers_and_raymed_eval(setup, tmp_path
     import ray.train
     from ray.train.torch import TorchConfig, TorchTrainer
 
-    from raymed.eval import evaluate
+    from raymed.eval.evaluate import evaluate
 
     import sys
 

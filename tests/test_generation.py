@@ -12,7 +12,7 @@ from PIL import Image
 
 from raymed.models import load_model, load_processor, resolve
 from raymed.models.llava_convert import convert_llava_med
-from raymed.predict import answer_rows
+from raymed.eval.predict import answer_rows
 from tests.fixtures.llava_release import write_llava_med_v15
 
 QUESTIONS = ["is there a lesion?", "which organ is shown in this axial slice of the abdomen?", "size?",

@@ -1,5 +1,5 @@
 """The training step never waits for the device: losses and token counts stay there and the host reads them only at
-`train.log_every` steps. Counted with the PyTorch profiler on the worker's own step (`raymed.worker.train_step`,
+`train.log_every` steps. Counted with the PyTorch profiler on the worker's own step (`raymed.train.recipe.train_step`,
 real DeepSpeed engine on one gloo rank): `aten::_local_scalar_dense` is the op behind `.item()` / `float(t)` /
 `int(t)`, every device-to-host read of a value. Each read is attributed by the ops and Python frames above it:
 - the model's: transformers' LLaVA reads values in its forward (the image-token count check, the SDPA mask's padding
@@ -20,7 +20,7 @@ from raymed.config import load_config
 from raymed.models import load_processor, resolve
 from raymed.telemetry import Telemetry
 from raymed.tracking import RunTracker
-from raymed.worker import Run, build_model_and_engine, train_step
+from raymed.train.recipe import Run, build_model_and_engine, train_step
 from tests.conftest import make_rows
 
 pytestmark = pytest.mark.integration

@@ -20,7 +20,7 @@ from transformers import (
     MistralForCausalLM,
 )
 
-from raymed.convert import main as convert_main
+from raymed.models.convert import main as convert_main
 from raymed.models import ModelLoadError
 from raymed.models.llava_convert import convert_llava_med
 from tests.fixtures.llava_release import TEXT, VISION, VOCAB, write_llava_med_v15

@@ -8,8 +8,8 @@ import shutil
 
 import pytest
 
-from raymed import metrics
-from raymed.metrics import normalize_answer, report_metrics, token_recall, vqa_metrics
+from raymed.eval import metrics
+from raymed.eval.metrics import normalize_answer, report_metrics, token_recall, vqa_metrics
 
 pytestmark = pytest.mark.unit
 
@@ -100,7 +100,7 @@ def test_meteor_absent_without_java(
     monkeypatch: pytest.MonkeyPatch, caplog: pytest.LogCaptureFixture
 ) -> None:
     monkeypatch.setattr(metrics.shutil, "which", lambda name: None)
-    with caplog.at_level(logging.WARNING, logger="raymed.metrics"):
+    with caplog.at_level(logging.WARNING, logger="raymed.eval.metrics"):
         out = report_metrics(["heart normal"], ["heart normal"])
     assert "meteor" not in out and "bleu1" in out
     assert "METEOR skipped: Java is not on PATH" in caplog.text
@@ -114,7 +114,7 @@ def test_meteor_absent_when_process_fails(
 
     monkeypatch.setattr(meteor_module, "METEOR_JAR", "missing-meteor.jar")
     monkeypatch.setattr(metrics, "_METEOR", None)  # no JVM of an earlier test to reuse
-    with caplog.at_level(logging.WARNING, logger="raymed.metrics"):
+    with caplog.at_level(logging.WARNING, logger="raymed.eval.metrics"):
         out = report_metrics(["heart normal"], ["heart normal"])
     assert "meteor" not in out
     assert "the METEOR process failed" in caplog.text

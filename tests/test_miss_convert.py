@@ -15,7 +15,7 @@ import torch.nn.functional as F
 from PIL import Image
 from transformers import BlipForQuestionAnswering
 
-from raymed.convert import main as convert_main
+from raymed.models.convert import main as convert_main
 from raymed.models import load_model, load_processor, resolve
 from raymed.models.miss import MISS_ORIGINAL, trim_questions
 from raymed.models.vocab import build_bert_tokenizer
@@ -210,7 +210,7 @@ def test_one_training_run_on_the_converted_checkpoint(converted, tmp_path):
 
     from raymed.cluster import start_local_ray
     from raymed.config import load_config
-    from raymed.train import fit
+    from raymed.train.launch import fit
 
     root, target, _, ckpt = converted
     out = tmp_path / "hf"

@@ -80,7 +80,7 @@ def test_train_a_hub_id_release_offline_converts_once_then_reuses(tmp_path: Path
     # Reuse: the release's weight blobs are now unreadable, so converting again would fail.
     for shard in snap.glob("*.safetensors"):
         Path(os.path.realpath(shard)).write_bytes(b"gone")
-    params = _python("import sys\nfrom raymed.params import main\nsys.exit(main(sys.argv[1:]))\n",
+    params = _python("import sys\nfrom raymed.models.params import main\nsys.exit(main(sys.argv[1:]))\n",
                      ["--model", MODEL, "--method", "ln", "--json"], _env(tmp_path))
     assert params.returncode == 0, params.stderr[-3000:]
     assert json.loads(params.stdout[params.stdout.index("{"):])["trainable"] > 0

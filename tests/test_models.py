@@ -7,8 +7,8 @@ import pytest
 import torch
 from safetensors.torch import save_file
 
-from raymed.convert import main as convert_main
-from raymed.methods import METHODS, apply_method
+from raymed.models.convert import main as convert_main
+from raymed.models.methods import METHODS, apply_method
 from raymed.models import load_model, load_processor, resolve
 from raymed.models.base import enable_activation_checkpointing
 from tests.conftest import make_rows, model_inputs, tiny_batch
@@ -193,7 +193,7 @@ def test_converter_refuses_a_checkpoint_missing_weights(tmp_path):
 
 
 def test_lr_schedule_never_rises_past_its_end():
-    from raymed.engine import Schedule
+    from raymed.train.engine import Schedule
 
     schedule = Schedule.fresh(10, 2)
     values = [schedule(step) for step in range(16)]

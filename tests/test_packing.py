@@ -7,7 +7,7 @@ import pytest
 
 from raymed.cluster import scaling_config
 from raymed.config import ConfigError, load_config
-from raymed.tune import SweepConfig, concurrent_trials
+from raymed.tune.sweep import SweepConfig, concurrent_trials
 
 pytestmark = pytest.mark.unit
 

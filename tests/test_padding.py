@@ -51,7 +51,7 @@ def _png(image) -> bytes:
 
 
 def test_llava_generation_answers_as_the_full_width():
-    from raymed import predict
+    from raymed.eval import predict
 
     ref = resolve("tiny-llava")
     proc = load_processor(ref)

@@ -10,9 +10,9 @@ from collections import Counter
 import pytest
 import torch
 
-from raymed.methods import MethodError, apply_method
+from raymed.models.methods import MethodError, apply_method
 from raymed.models import GROUPS, PRESETS, ModelLoadError, load_model, resolve
-from raymed.params import main
+from raymed.models.params import main
 
 
 def run_cli(capsys, *args: str) -> dict:
@@ -75,11 +75,11 @@ def test_cli_reference_numbers(capsys):
 
 def test_cli_as_a_module_and_list():
     out = subprocess.run(
-        [sys.executable, "-m", "raymed.params", "--model", "tiny-llava", "--method", "ln"],
+        [sys.executable, "-m", "raymed.models.params", "--model", "tiny-llava", "--method", "ln"],
         capture_output=True, text=True, check=True,
     ).stdout
     assert "trainable 640 of 150,560" in out and "unused" in out
-    listing = subprocess.run([sys.executable, "-m", "raymed.params", "--list"], capture_output=True, text=True,
+    listing = subprocess.run([sys.executable, "-m", "raymed.models.params", "--list"], capture_output=True, text=True,
                              check=True).stdout
     for word in ("llava", "miss", "tiny-miss", "llava-med-v1.5", "lora", "peft-ln", "ia3"):
         assert word in listing

@@ -15,7 +15,7 @@ import torch
 from PIL import Image
 
 from raymed.data.synth import generate
-from raymed.metrics import vqa_metrics
+from raymed.eval.metrics import vqa_metrics
 from raymed.models import PRESETS, load_model, load_processor, resolve
 from raymed.pretrained import PACKAGE_ROOT, provenance
 from tools.pretrain import RECIPES, architecture_summary, main

@@ -1,4 +1,4 @@
-"""`python -m raymed.questions` (`raymed questions`): per-question-type accuracy and the paired test against zero-shot.
+"""`python -m raymed.tune.questions` (`raymed questions`): per-question-type accuracy and the paired test against zero-shot.
 
 The analysis end to end (a real sweep's checkpoints) runs in tests/test_tune.py; these are its pure parts.
 """
@@ -9,8 +9,8 @@ import pytest
 
 
 def test_question_breakdown_and_paired_test():
-    from raymed.questions import breakdown, question_type
-    from raymed.stats import mcnemar
+    from raymed.tune.questions import breakdown, question_type
+    from raymed.tune.stats import mcnemar
 
     rows = [{"answer": "yes", "answer_type": "closed", "extra": '{"question_type": "PRES"}'},
             {"answer": "left", "answer_type": "closed", "extra": '{"question_type": "POS"}'},
@@ -28,7 +28,7 @@ def test_question_breakdown_and_paired_test():
 
 def test_render_and_machine_of_a_document():
     from raymed.machine import describe
-    from raymed.questions import render
+    from raymed.tune.questions import render
 
     m = describe(load=True, with_commit=True)
     assert m["cores"] >= 1 and m["cpu"] and len(m["load_average"]) == 3 and "commit" in m

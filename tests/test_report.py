@@ -13,8 +13,8 @@ from typing import Any
 import pytest
 from PIL import Image
 
-from raymed.plots import pareto_front
-from raymed.report import build_report, main, normalize_row, read_experiment_rows
+from raymed.tune.plots import pareto_front
+from raymed.tune.report import build_report, main, normalize_row, read_experiment_rows
 
 pytestmark = pytest.mark.unit
 
@@ -226,7 +226,7 @@ def test_read_experiment_rows_reads_each_runs_latest_checkpoint_and_never_tune_l
     rows = read_experiment_rows(tmp_path)
     assert [(r["trial_id"], r["steps"]) for r in rows] == [("t1", 10), ("t2", 20), ("t3", 30)]
 
-    from raymed.results import write_error
+    from raymed.tune.results import write_error
 
     write_error(tmp_path / "runs" / "t2", RuntimeError("worker died"))
     t2 = next(r for r in read_experiment_rows(tmp_path) if r["trial_id"] == "t2")
@@ -250,8 +250,8 @@ def test_read_experiment_rows_reads_each_runs_latest_checkpoint_and_never_tune_l
 def test_one_latest_checkpoint_finder_for_results_export_and_resume(tmp_path: Path) -> None:
     """Epoch folders compare by number (epoch-10000 after epoch-9999), never by name; other names are ignored;
     `holding` skips a newest checkpoint that lacks the file (an incomplete one), as `find_checkpoint` needs."""
-    from raymed.checkpoint import find_checkpoint
-    from raymed.results import latest_checkpoint
+    from raymed.train.checkpoint import find_checkpoint
+    from raymed.tune.results import latest_checkpoint
 
     run = tmp_path / "run"
     assert latest_checkpoint(tmp_path / "missing") is None
@@ -288,14 +288,14 @@ def test_cli_rebuilds_report(tmp_path: Path, capsys: pytest.CaptureFixture[str])
 
 def test_python_dash_m_entry_point(tmp_path: Path) -> None:
     (tmp_path / "results.json").write_text(json.dumps({"trials": ROWS[:2]}))
-    proc = subprocess.run([sys.executable, "-m", "raymed.report", str(tmp_path), "--mode", "max"],
+    proc = subprocess.run([sys.executable, "-m", "raymed.tune.report", str(tmp_path), "--mode", "max"],
                           cwd=REPO, capture_output=True, text=True, timeout=120)
     assert proc.returncode == 0, proc.stderr
     assert (tmp_path / "frontier.png").is_file() and "wrote" in proc.stdout
 
 
 def test_a_stopped_trial_is_cut_back_to_the_epoch_the_scheduler_saw(tmp_path: Path) -> None:
-    from raymed.results import write_error, write_stopped
+    from raymed.tune.results import write_error, write_stopped
 
     history = [{"epoch": e, "step": 10 * e, "loss": 1.0 / e, "eval/test/overall_acc": e / 10} for e in (1, 2, 3)]
     row = {**ROWS[0], "history": history, "epochs": 3, "steps": 30, "loss": 1 / 3,
@@ -337,7 +337,7 @@ SCORED = [
 
 
 def test_each_method_is_chosen_on_val_and_reported_on_test_with_intervals(tmp_path: Path) -> None:
-    from raymed.stats import proportion_ci
+    from raymed.tune.stats import proportion_ci
 
     files = build_report(SCORED, tmp_path)
     summary = json.loads(files["results_json"].read_text())
@@ -371,7 +371,7 @@ def test_each_method_is_chosen_on_val_and_reported_on_test_with_intervals(tmp_pa
 
 
 def test_chosen_trials_are_tested_against_zero_shot_and_ln_on_the_same_questions(tmp_path: Path) -> None:
-    from raymed.stats import mcnemar
+    from raymed.tune.stats import mcnemar
 
     summary = json.loads(build_report(SCORED, tmp_path)["results_json"].read_text())
     tests = summary["comparisons"]
@@ -403,7 +403,7 @@ def test_choosing_on_the_reported_split_is_flagged(tmp_path: Path) -> None:
 
 
 def test_answers_follow_the_reported_epoch_and_survive_a_rebuild(tmp_path: Path) -> None:
-    from raymed.results import write_stopped
+    from raymed.tune.results import write_stopped
 
     def epoch(e: int) -> dict[str, Any]:
         return {"epoch": e, "step": 10 * e, "loss": 1.0 / e, "eval/test/overall_acc": e / 10,

@@ -1,4 +1,4 @@
-"""The learning-rate schedules (raymed.engine.Schedule) against the formulas they stand for."""
+"""The learning-rate schedules (raymed.train.engine.Schedule) against the formulas they stand for."""
 
 from __future__ import annotations
 
@@ -7,7 +7,7 @@ import math
 import pytest
 
 from raymed.config import load_config
-from raymed.engine import Schedule
+from raymed.train.engine import Schedule
 
 
 def test_cosine_per_epoch_is_the_miss_authors_schedule():

@@ -25,7 +25,7 @@ import pytest
 
 from raymed.cluster import start_local_ray
 from raymed.config import set_dotted
-from raymed.tune import DEFAULT_SWEEP, grid_points, load_sweep
+from raymed.tune.sweep import DEFAULT_SWEEP, grid_points, load_sweep
 from tests.fixtures import datasets
 from tests.fixtures.llava_release import write_llava_med_v15
 from tests.fixtures.miss_release import target_dir, write_miss_checkpoint
@@ -42,7 +42,7 @@ PLAN = tier_plan(SWEEPS)
 @pytest.fixture(scope="module")
 def project(tmp_path_factory) -> Path:
     """configs/ as shipped; the models and datasets the configs name, converted and prepared as documented."""
-    from raymed.convert import main as convert_main
+    from raymed.models.convert import main as convert_main
     from raymed.data.cli import main as data_main
 
     root = tmp_path_factory.mktemp("project")
@@ -79,7 +79,7 @@ def ray_cluster():
 # ---- sweeps -----------------------------------------------------------------------------------------------------
 @pytest.mark.parametrize("path", SWEEPS, ids=lambda p: p.stem if p != DEFAULT_SWEEP else "default")
 def test_shipped_sweep_runs_every_grid_point_as_shipped(project, ray_cluster, path, monkeypatch, capsys):
-    from raymed.tune import main as tune_main
+    from raymed.tune.sweep import main as tune_main
 
     monkeypatch.chdir(project)
     config = f"configs/sweeps/{path.name}" if path != DEFAULT_SWEEP else None
@@ -130,7 +130,7 @@ def test_shipped_train_config_runs_and_a_crashed_run_resumes(project, ray_cluste
     epoch's checkpoint and finishes."""
     from raymed.config import load_config, read_yaml
     from raymed.data.plan import data_plan, micro_batches_per_epoch, optimizer_steps
-    from raymed.train import main as train_main
+    from raymed.train.launch import main as train_main
 
     monkeypatch.chdir(project)
     base = read_yaml(project / "configs" / "train" / path.name)

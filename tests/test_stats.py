@@ -1,4 +1,4 @@
-"""raymed.stats: exact intervals and McNemar tests against values checked by hand and by independent formulas."""
+"""raymed.tune.stats: exact intervals and McNemar tests against values checked by hand and by independent formulas."""
 
 from __future__ import annotations
 
@@ -6,7 +6,7 @@ import math
 
 import pytest
 
-from raymed.stats import accuracy_intervals, mcnemar, proportion_ci, successes
+from raymed.tune.stats import accuracy_intervals, mcnemar, proportion_ci, successes
 
 pytestmark = pytest.mark.unit
 

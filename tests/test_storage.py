@@ -12,7 +12,7 @@ from pathlib import Path
 import pytest
 
 from raymed import storage
-from raymed.train import main as train_main
+from raymed.train.launch import main as train_main
 from tests.cluster_fixtures import REPO, S3Server, free_port, start_s3
 
 pytestmark = pytest.mark.unit
@@ -134,6 +134,6 @@ def test_job_package_excludes_data_models_runs_and_experiments(tmp_path):
     size = (tmp_path / "pkg.zip").stat().st_size
     print(f"job package: {len(names)} entries, {size / 2**20:.2f} MiB")
     assert not [n for n in names if n.split("/")[0] in ("data", "models", "runs", "experiments", ".venv", ".git")]
-    assert "raymed/train.py" in names and "raymed/data/stream.py" in names and "raymed/models/__init__.py" in names
+    assert "raymed/train/launch.py" in names and "raymed/data/stream.py" in names and "raymed/models/__init__.py" in names
     assert "configs/sweeps/tiny-cpu.yaml" in names and "pyproject.toml" in names
     assert size < 12 * 2**20  # code, configs and the two shipped tiny bases (~7.5 MiB)

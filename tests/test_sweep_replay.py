@@ -61,7 +61,7 @@ def test_asha_per_method_compares_a_trial_with_its_own_method_only():
     # only a method's weaker trial stops.
     from ray.tune.schedulers import TrialScheduler
 
-    from raymed.tune import SweepConfig, make_scheduler
+    from raymed.tune.sweep import SweepConfig, make_scheduler
 
     def decisions(per):
         sweep = SweepConfig.model_validate({"search": {"method.name": ["fast", "slow"], "train.lr": [0.1]},
@@ -82,7 +82,7 @@ def test_asha_per_method_compares_a_trial_with_its_own_method_only():
 
 
 def test_paper_sweep_has_no_duplicate_trials_and_brackets_per_method_and_towers():
-    from raymed.tune import GroupedScheduler, grid_points, load_sweep, make_scheduler
+    from raymed.tune.sweep import GroupedScheduler, grid_points, load_sweep, make_scheduler
 
     sweep, base = load_sweep("configs/sweeps/llava-med-vqa-rad.yaml", [], check_paths=False)
     points = grid_points(sweep, base)
@@ -100,7 +100,7 @@ def test_paper_sweep_has_no_duplicate_trials_and_brackets_per_method_and_towers(
 
 def test_a_grace_period_inside_the_warmup_is_refused():
     from raymed.config import ConfigError
-    from raymed.tune import load_sweep
+    from raymed.tune.sweep import load_sweep
 
     with pytest.raises(ConfigError, match="grace_period: 1 epoch.*warm-up \\(1.8 epochs"):
         load_sweep(None, ["train.epochs=9", "train.warmup_ratio=0.2", "sweep.scheduler.grace_period=1"])

@@ -34,7 +34,7 @@ def _free_port() -> int:
 
 
 def _train_loop(config: dict) -> None:
-    """A Ray Train worker recording telemetry exactly as `raymed.worker.train_loop` does."""
+    """A Ray Train worker recording telemetry exactly as `raymed.train.recipe.train_loop` does."""
     import ray.train
 
     from raymed.telemetry import Telemetry

@@ -100,7 +100,7 @@ def test_single_run_and_sweep_write_tracking_files(tmp_path: Path) -> None:
     from ray import tune
 
     from raymed.cluster import start_local_ray
-    from raymed.train import fit
+    from raymed.train.launch import fit
 
     start_local_ray(num_cpus=4, log_to_driver=False)
     try:

@@ -11,13 +11,13 @@ import pytest
 import torch
 from safetensors.torch import load_file
 
-from raymed.checkpoint import load_trainable
+from raymed.train.checkpoint import load_trainable
 from raymed.cluster import start_local_ray
 from raymed.config import ConfigError, load_config
-from raymed.export import main as export_main
-from raymed.methods import apply_method
+from raymed.train.export import main as export_main
+from raymed.models.methods import apply_method
 from raymed.models import load_model, resolve
-from raymed.train import fit
+from raymed.train.launch import fit
 from tests.conftest import tiny_batch
 
 pytestmark = pytest.mark.integration
@@ -197,9 +197,9 @@ def test_a_crashed_run_resumes_exactly(ray_cluster):
 
 def _eval_and_infer_reproduce_the_run(run_dir: Path, summary: dict, tmp_path: Path) -> None:
     """`raymed.eval` on the run folder answers the eval set exactly as the run's own last evaluation did, and
-    `raymed.infer` gives the same answer to one of its questions; bad input gets a clear error."""
-    from raymed import eval as raymed_eval
-    from raymed import infer
+    `raymed.eval.infer` gives the same answer to one of its questions; bad input gets a clear error."""
+    from raymed.eval import evaluate as raymed_eval
+    from raymed.eval import infer
     from raymed.config import Config
     from raymed.data.rows import read_split_rows
     from raymed.data.plan import data_plan

@@ -7,9 +7,9 @@ from pathlib import Path
 
 import pytest
 
-from raymed import questions
+from raymed.tune import questions
 from raymed.cluster import start_local_ray
-from raymed.tune import main as tune_main
+from raymed.tune.sweep import main as tune_main
 from tests.test_report import cell_number, md_tables
 
 pytestmark = pytest.mark.integration
@@ -62,8 +62,8 @@ def test_sweep_with_asha_writes_the_report(ray_cluster, tmp_path, capsys):
     assert set(summary["comparisons"]["attn"]) == {"zero-shot", "ln", "ln_trial"}
     assert summary["comparisons"]["attn"]["ln"]["n"] == 8  # chosen attn against chosen ln, on the same 8 questions
     assert "report.md" in capsys.readouterr().out or (tmp_path / "tiny-cpu" / "report.md").exists()
-    # `raymed.report DIR` rebuilds the very results.json the sweep wrote, stopped trials included.
-    from raymed.report import main as report_main
+    # `raymed.tune.report DIR` rebuilds the very results.json the sweep wrote, stopped trials included.
+    from raymed.tune.report import main as report_main
 
     first = (tmp_path / "tiny-cpu" / "results.json").read_text()
     (tmp_path / "tiny-cpu" / "results.json").unlink()

@@ -14,7 +14,7 @@ import pytest
 
 from raymed.models import PRESETS
 from raymed.pretrained import PACKAGE_ROOT
-from raymed.tune import DEFAULT_SWEEP
+from raymed.tune.sweep import DEFAULT_SWEEP
 
 REPO = Path(__file__).resolve().parents[1]
 # What a tiny base's directory needs to load (`load_model`, `load_processor`) and to state its origin.

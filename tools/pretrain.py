@@ -2,7 +2,7 @@
 
 The paper's question needs a *pretrained* base: tuning the LayerNorms of a random network teaches nothing.
 This recipe makes one from scratch, on CPU, with the same Ray Train + DeepSpeed recipe as every fine-tuning
-run (`raymed.train.fit`, method `full`) on the synthetic `pretrain` distribution (caption-heavy CT and MRI
+run (`raymed.train.launch.fit`, method `full`) on the synthetic `pretrain` distribution (caption-heavy CT and MRI
 of four organs; it holds out the x-ray modality and the size question that the downstream `base` style adds),
 then writes a plain HF model directory (weights, config, tokenizer, processor) and
 `provenance.json`. The shipped presets `tiny-llava-med` and `tiny-miss-med` were made by this command:
@@ -192,10 +192,10 @@ def pretrain(family: str, out: Path, seed: int = 0, minutes: float | None = None
     import ray
 
     from raymed import __version__
-    from raymed.checkpoint import load_trainable
+    from raymed.train.checkpoint import load_trainable
     from raymed.config import load_config
     from raymed.machine import describe
-    from raymed.train import fit
+    from raymed.train.launch import fit
 
     recipe = RECIPES[family]
     n, epochs = recipe.plan(minutes)
@@ -248,7 +248,7 @@ def pretrain(family: str, out: Path, seed: int = 0, minutes: float | None = None
             "max_eval_rows": recipe.eval_rows,
         },
         "training": {
-            "recipe": "raymed.train.fit", "method": "full", "epochs": epochs, "steps": summary["steps"],
+            "recipe": "raymed.train.launch.fit", "method": "full", "epochs": epochs, "steps": summary["steps"],
             "batch_size": recipe.batch_size, "lr": recipe.lr, "budget_minutes": minutes,
             "mean_train_loss": summary["loss"],
             "wall_s": round(wall_s, 1), "config_hash": summary["config_hash"], "config": summary["config"],

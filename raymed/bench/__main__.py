@@ -35,7 +35,7 @@ def main(argv: list[str] | None = None) -> int:
         importlib.import_module(f"raymed.bench.{name}").add_arguments(p)
         p.add_argument("--out", default=None, help="write the JSON result here")
     args = ap.parse_args(argv)
-    from .common import write_json
+    from raymed.bench.common import write_json
 
     suite = importlib.import_module(f"raymed.bench.{args.suite}")
     with warnings.catch_warnings():

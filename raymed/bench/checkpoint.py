@@ -1,8 +1,8 @@
 """Suite `checkpoint`: bytes written per checkpoint vs the bytes of the trainable parameters, per method.
 
-For each method a DeepSpeed engine is built exactly as the worker builds it (`raymed.engine.build_engine`,
+For each method a DeepSpeed engine is built exactly as the worker builds it (`raymed.train.engine.build_engine`,
 ZeRO stage as configured, one process, gloo), trained for `steps` steps on a fixed batch (so optimizer
-state exists) and saved through `raymed.checkpoint.save_checkpoint`, the recipe's own code path. The
+state exists) and saved through `raymed.train.checkpoint.save_checkpoint`, the recipe's own code path. The
 checkpoint's parts are measured separately: `model/` (what a user ships: trainable tensors and metadata;
 each tensor once) and `resume/` (DeepSpeed engine state: trainable weights, fp32 partitions, AdamW moments).
 """
@@ -19,7 +19,7 @@ from typing import Any
 
 from raymed.tables import table
 
-from .common import (
+from raymed.bench.common import (
     BENCH_MODEL, default_max_length, encoded_batches, fit_model_name, header, model_ref, ratio, result, synth_data,
     target, targets_table,
 )
@@ -57,11 +57,11 @@ def measure(model: str, model_name: str, method: str, batch: dict[str, Any], zer
     """Train `steps` steps under DeepSpeed, save one checkpoint, and measure its parts."""
     import torch
 
-    from raymed.checkpoint import save_checkpoint
+    from raymed.train.checkpoint import save_checkpoint
     from raymed.config import load_config
-    from raymed.methods import apply_method
+    from raymed.models.methods import apply_method
     from raymed.models import load_model
-    from raymed.engine import build_engine
+    from raymed.train.engine import build_engine
 
     cfg = load_config(None, {"model.name": model_name, "method.name": method, "deepspeed.zero_stage": zero_stage,
                              "deepspeed.shard_single_worker": True, "scaling.num_workers": 1, "train.lr": 1e-4})
@@ -110,7 +110,7 @@ def full_size_ln(preset: str, metadata_bytes: int, workdir: Path) -> dict[str, A
     import torch
     from safetensors.torch import save_file
 
-    from raymed.methods import apply_method
+    from raymed.models.methods import apply_method
     from raymed.models import load_model, resolve
 
     ref = resolve(preset)

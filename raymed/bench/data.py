@@ -23,7 +23,7 @@ from torch.utils.data import IterableDataset
 
 from raymed.tables import table
 
-from .common import (
+from raymed.bench.common import (
     BENCH_MODEL, default_max_length, fit_model_name, header, median, model_ref, ratio, result, spread, synth_data,
     target, targets_table,
 )

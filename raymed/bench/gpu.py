@@ -2,7 +2,7 @@
 
 One command, sized for ~8 minutes on one H200:
 (a) `recipe`: the tiny LLaVA-Med v1.5 stand-in (`tests/fixtures/llava_release.py`, the release's exact layout) is
-    converted (`raymed.convert`) and trained by `raymed.train` as a user would: Ray Train, 1 worker, NCCL, bf16,
+    converted (`raymed.models.convert`) and trained by `raymed.train` as a user would: Ray Train, 1 worker, NCCL, bf16,
     zero-shot evaluation, one short epoch, evaluation (every collective on the GPU; SDPA attention).
 (b) the LLaVA-Med v1.5 architecture with random bf16 weights: `ln` / `attn` / `ffn` / `lora` / `full` at the
     deepest language model where `full` fits with plain GPU Adam (no offload), and `ln` at the full depth.
@@ -10,7 +10,7 @@ One command, sized for ~8 minutes on one H200:
 Sizing comes first, from the device's free memory and a meta-device build (`size_parts`, a pure function):
 bytes per parameter (18 trainable with Adam, 2 frozen) plus activations (34 B per token per hidden unit per layer,
 vision tower included), within 85% of the free memory; the batch halves until `ln` fits at full depth. Each part
-runs in a fresh process through the recipe's DeepSpeed engine (`raymed.engine.build_engine`), `full` with ZeRO-3,
+runs in a fresh process through the recipe's DeepSpeed engine (`raymed.train.engine.build_engine`), `full` with ZeRO-3,
 the others with `--ln-zero-stage`. Batches are random token ids with LLaVA's 576 image tokens plus
 `--text-tokens` text tokens and random 336 px images. Reported: step time, tokens/s, GPU peak and training memory
 (peak allocated minus allocated after the engine is built), and model-FLOPs utilisation: the method's training
@@ -38,7 +38,7 @@ from typing import Any
 
 from raymed.tables import table
 
-from .common import header, ratio, result, target, targets_table
+from raymed.bench.common import header, ratio, result, target, targets_table
 
 MARK = "RAYMED_BENCH_GPU "
 PEAK_BF16_TFLOPS = {"H100": 989.4, "H200": 989.4, "H20": 148.0, "A100": 312.0, "A10": 125.0, "L40": 181.0,
@@ -147,13 +147,13 @@ def measure(spec: dict[str, Any]) -> dict[str, Any]:
     from raymed.bench.common import model_ref
     from raymed.bench.step import profile_pass
     from raymed.config import Config
-    from raymed.methods import apply_method
+    from raymed.models.methods import apply_method
 
     cuda = torch.cuda.is_available() and not spec.get("cpu")
     device = torch.device("cuda", 0) if cuda else torch.device("cpu")
     dtype = torch.bfloat16 if cuda else torch.float32
     init_single_process_group("nccl" if cuda else "gloo")
-    from raymed.engine import build_engine  # imports deepspeed: after the process group
+    from raymed.train.engine import build_engine  # imports deepspeed: after the process group
 
     ref = model_ref(spec["model"])
     mcfg = ref.preset.build_config()
@@ -224,8 +224,8 @@ def recipe(cuda: bool, synth_n: int = 40) -> dict[str, Any]:
     import ray
 
     from raymed.config import load_config
-    from raymed.convert import main as convert_main
-    from raymed.train import fit
+    from raymed.models.convert import main as convert_main
+    from raymed.train.launch import fit
 
     try:  # the release-layout stand-in is a test fixture: in a source checkout, not in the wheel
         from tests.fixtures.llava_release import write_llava_med_v15

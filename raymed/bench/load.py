@@ -2,7 +2,7 @@
 
 Two Ray Train workers (gloo) load the same HF directory (the ~58 M `bench-llava`, saved once in bf16 as the
 LLaVA-Med release is) and build the DeepSpeed ZeRO-3 engine exactly as the worker recipe does
-(`raymed.engine.ds_config`, `zero3_loading`, `raymed.models.load_model`, `apply_method`, `build_engine`), in three modes:
+(`raymed.train.engine.ds_config`, `zero3_loading`, `raymed.models.load_model`, `apply_method`, `build_engine`), in three modes:
 - `fp32-whole` (the earlier recipe): every rank loads the whole model in fp32 (`dtype=torch.float32`), then
   DeepSpeed partitions it;
 - `bf16-whole`: the training precision of GPU runs, still whole on every rank (`deepspeed.zero3_init=false`);
@@ -24,7 +24,7 @@ from typing import Any
 
 from raymed.tables import table
 
-from .common import BENCH_MODEL, fit_model_name, header, result, target, targets_table
+from raymed.bench.common import BENCH_MODEL, fit_model_name, header, result, target, targets_table
 
 MODES = {"fp32-whole": ("float32", False), "bf16-whole": ("bfloat16", False), "bf16-partitioned": ("bfloat16", True)}
 
@@ -65,15 +65,15 @@ def load_loop(config: dict[str, Any]) -> None:
     import torch
     import torch.distributed as dist
 
-    from .common import peak_rss_mb, release_memory, reset_peak_rss, rss_mb
+    from raymed.bench.common import peak_rss_mb, release_memory, reset_peak_rss, rss_mb
 
     os.environ.setdefault("DS_ACCELERATOR", "cpu")
     import deepspeed
 
     from raymed.config import load_config
-    from raymed.methods import apply_method
+    from raymed.models.methods import apply_method
     from raymed.models import load_model, resolve
-    from raymed.engine import build_engine, ds_config, zero3_loading
+    from raymed.train.engine import build_engine, ds_config, zero3_loading
 
     ctx = ray.train.get_context()
     rank, world = ctx.get_world_rank(), ctx.get_world_size()

@@ -23,11 +23,11 @@ from typing import Any
 
 from raymed.tables import table
 
-from .common import (
+from raymed.bench.common import (
     BENCH_MODEL, default_max_length, encoded_batches, header, median, model_ref, ratio, result, spread, synth_data,
     target, targets_table,
 )
-from .step import MARK
+from raymed.bench.step import MARK
 
 DEFAULT_VARIANTS = ("full", "ln", "attn", "ffn", "lora", "ia3", "prefix", "ln@language", "ln@vision,projector",
                     "lora@language")

@@ -25,7 +25,7 @@ from typing import Any
 
 from raymed.tables import table
 
-from .common import (
+from raymed.bench.common import (
     BENCH_MODEL, default_max_length, encoded_batches, fit_model_name, header, median, model_ref, ratio, result, spread,
     synth_data, target, targets_table,
 )
@@ -54,7 +54,7 @@ def plain_loop(model_name: str, method: str, rows: dict[str, Any], cfg: Any, thr
 
     from raymed.data.epochs import EpochBatches
     from raymed.data.padding import token_counts
-    from raymed.methods import apply_method
+    from raymed.models.methods import apply_method
     from raymed.models import load_model, load_processor
 
     t = cfg.train
@@ -71,7 +71,7 @@ def plain_loop(model_name: str, method: str, rows: dict[str, Any], cfg: Any, thr
         decay = [p for p in trainable if not any(p is q for q in plain)]
         groups = [g for g in ({"params": decay, "weight_decay": t.weight_decay}, {"params": plain, "weight_decay": 0.0})
                   if g["params"]]
-        optimizer = torch.optim.AdamW(groups, lr=t.lr, fused=True)  # the recipe's optimizer (raymed.engine)
+        optimizer = torch.optim.AdamW(groups, lr=t.lr, fused=True)  # the recipe's optimizer (raymed.train.engine)
         source = EpochBatches.in_memory(rows, t.batch_size, seed=t.seed, shuffle=cfg.data.shuffle)
         steps = -(-int(rows["input_ids"].shape[0]) // t.batch_size)
         total = t.epochs * steps
@@ -132,7 +132,7 @@ def raymed_run(cfg: Any) -> dict[str, Any]:
     """One `fit` with 1 Ray Train worker: per-epoch rates, and where the rest of the call's wall time went."""
     from raymed.data.plan import data_plan
     from raymed.data.prepare import read_manifest
-    from raymed.train import fit
+    from raymed.train.launch import fit
 
     t0 = time.time()
     summary = fit(cfg)

@@ -2,7 +2,7 @@
 
 Batches are cut to their longest sample (`data.pad_to_multiple_of`), so the limit should cost nothing once it is
 above the data's lengths: the target is samples/s at the long limit >= 0.85x that at the short one. Each setting is
-one `raymed.train.fit` (1 Ray Train worker, ZeRO as raymed runs it), measured on its last epoch (start-up and the
+one `raymed.train.launch.fit` (1 Ray Train worker, ZeRO as raymed runs it), measured on its last epoch (start-up and the
 first epoch's warm-up excluded, as in the `overhead` suite); the epoch's padding fraction is printed beside it.
 """
 
@@ -14,8 +14,8 @@ from typing import Any
 
 from raymed.tables import table
 
-from .common import header, median, ratio, result, target, targets_table
-from .overhead import raymed_run
+from raymed.bench.common import header, median, ratio, result, target, targets_table
+from raymed.bench.overhead import raymed_run
 
 MODEL = "tiny-llava-med"
 

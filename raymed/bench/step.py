@@ -72,7 +72,7 @@ class Trainer:
         import torch
 
         from raymed.bench.common import model_ref
-        from raymed.methods import apply_method
+        from raymed.models.methods import apply_method
         from raymed.models import load_model
 
         ref = model_ref(spec["model"])

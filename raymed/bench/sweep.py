@@ -1,8 +1,8 @@
 """Suite `sweep`: ASHA vs the full grid on the default sweep — trial-epochs spent, and the best method.
 
-`real` mode runs the sweep twice through `raymed.tune.run_sweep` (the recipe's own trials): once with its
+`real` mode runs the sweep twice through `raymed.tune.sweep.run_sweep` (the recipe's own trials): once with its
 ASHA scheduler, once with FIFO (every grid point trains all epochs). Trial-epochs = the sum over trials
-of the epochs each one trained; the best trial is ranked as `raymed.report` ranks it (metric at the
+of the epochs each one trained; the best trial is ranked as `raymed.tune.report` ranks it (metric at the
 trial's last report, stopped trials included).
 
 `replay` mode runs only the grid and replays ASHA on its recorded learning curves, with Ray's own
@@ -26,7 +26,7 @@ from typing import Any
 
 from raymed.tables import table
 
-from .common import header, ratio, result, target, targets_table
+from raymed.bench.common import header, ratio, result, target, targets_table
 
 QUICK_SEARCH = {"method.name": ["full", "ln", "lora", "prefix"], "train.lr": [3.0e-2]}
 QUICK_TRAIN = ["data.synth_n=60", "data.max_eval_rows=24"]
@@ -35,7 +35,7 @@ QUICK_TRAIN = ["data.synth_n=60", "data.max_eval_rows=24"]
 def load(config: str | None, overrides: list[str], quick: bool, epochs: int | None,
          methods: list[str] | None) -> tuple[Any, dict[str, Any]]:
     """The sweep and its base training dict, shrunk for `--quick` / `--epochs` / `--methods`."""
-    from raymed.tune import check_sweep, load_sweep
+    from raymed.tune.sweep import check_sweep, load_sweep
 
     extra = [*QUICK_TRAIN] if quick else []
     if epochs:
@@ -54,8 +54,8 @@ def load(config: str | None, overrides: list[str], quick: bool, epochs: int | No
 
 def trials_of(results: Any, runs_dir: Path, metric: str) -> list[dict[str, Any]]:
     """Per trial: method, lr, epochs trained, optimizer steps, metric per epoch, final metric — from the rows the
-    trials wrote (raymed.results), as `raymed.report` reads them; Tune's results only for trials with none."""
-    from raymed.results import read_result_rows
+    trials wrote (raymed.tune.results), as `raymed.tune.report` reads them; Tune's results only for trials with none."""
+    from raymed.tune.results import read_result_rows
 
     out = []
     for row in read_result_rows(runs_dir) if runs_dir.is_dir() else []:
@@ -156,7 +156,7 @@ def run(config: str | None = None, overrides: tuple[str, ...] = (), quick: bool 
         out: str | None = None, grid_from: str | None = None) -> dict[str, Any]:
     import ray
 
-    from raymed.tune import mark_stopped, run_sweep
+    from raymed.tune.sweep import mark_stopped, run_sweep
 
     started = time.time()
     sweep, base = load(config, list(overrides), quick, epochs, methods)
@@ -215,7 +215,7 @@ def _concurrency(sweep: Any, base: dict[str, Any]) -> int:
     import ray
 
     from raymed.config import validate
-    from raymed.tune import trial_cpus
+    from raymed.tune.sweep import trial_cpus
 
     cpus = ray.cluster_resources().get("CPU", 1) if ray.is_initialized() else os.cpu_count() or 1
     return max(1, int(cpus // trial_cpus(validate(base), sweep)))

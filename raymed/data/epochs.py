@@ -108,7 +108,7 @@ class EpochBatches:
             self.fits = False
 
     def _stream(self) -> Iterator[Batch]:
-        from .stream import torch_batches
+        from raymed.data.stream import torch_batches
 
         yield from torch_batches(self.shard, self.batch_size, drop_last=False)
 

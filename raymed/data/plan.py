@@ -16,7 +16,7 @@ import math
 import os
 from pathlib import Path
 
-from ..config import Config, ConfigError
+from raymed.config import Config, ConfigError
 
 SELECT_HINT = (" (prepared before raymed carved validation splits? `raymed data prepare --overwrite` writes one; "
                "data.select_split=null selects on nothing)")
@@ -27,8 +27,8 @@ CACHE = Path(os.environ.get("RAYMED_CACHE", Path.home() / ".cache" / "raymed"))
 def synthetic_dataset(style: str, n: int, seed: int) -> Path:
     """Prepared shards of the built-in synthetic Med-VQA (generated once, cached by its parameters and by the val
     split `prepare` carves; trials of a sweep that start together wait for the first to write it)."""
-    from .prepare import MANIFEST, VAL_FRACTION, prepare
-    from .synth import generate
+    from raymed.data.prepare import MANIFEST, VAL_FRACTION, prepare
+    from raymed.data.synth import generate
 
     root = CACHE / "synth" / f"{style}-n{n}-s{seed}"
     prepared = root / f"prepared-val{VAL_FRACTION:g}"
@@ -74,7 +74,7 @@ def micro_batches_per_epoch(train_dir: str, cfg: Config) -> dict[int, int]:
     one size, or min..max for an elastic run): Ray Train splits `train` equally across workers (remainder dropped),
     and the last micro-batch of an epoch may be short (optimizer steps: `optimizer_steps`). Checks on the way that
     the training data has the splits the run reads."""
-    from .prepare import read_manifest
+    from raymed.data.prepare import read_manifest
 
     splits = read_manifest(train_dir)["splits"]
     missing = [f"data.{key}: no split {split!r} in {train_dir}; splits: {', '.join(splits)}"

@@ -9,10 +9,10 @@ from typing import Any
 import torch
 from torch import nn
 
-from .base import GROUPS, Family, ModelLoadError, ParamInfo, Preset, read_model_type
-from .llava import LlavaFamily
-from .miss import MissFamily
-from .sources import local_folder
+from raymed.models.base import GROUPS, Family, ModelLoadError, ParamInfo, Preset, read_model_type
+from raymed.models.llava import LlavaFamily
+from raymed.models.miss import MissFamily
+from raymed.models.sources import local_folder
 
 FAMILIES: dict[str, Family] = {f.name: f for f in (LlavaFamily(), MissFamily())}
 PRESETS: dict[str, Preset] = {name: p for f in FAMILIES.values() for name, p in f.presets.items()}

@@ -128,7 +128,7 @@ class Family:
             with torch.device("meta"):
                 return self.model_class(preset.build_config())
         if preset.shipped_dir:
-            from ..pretrained import shipped_path
+            from raymed.pretrained import shipped_path
 
             return self.load_pretrained(shipped_path(preset.shipped_dir)).eval()
         cfg = preset.build_config()
@@ -141,7 +141,7 @@ class Family:
     def build_processor(self, preset: Preset) -> Any:
         """A preset's processor: the shipped one, or one built locally from the preset's config."""
         if preset.shipped_dir:
-            from ..pretrained import shipped_path
+            from raymed.pretrained import shipped_path
 
             return self.load_processor(shipped_path(preset.shipped_dir))
         return self.new_processor(preset.build_config())
@@ -174,7 +174,7 @@ class Family:
         """``batch`` (host arrays from `encode`) cut to its longest sample, rounded up to ``multiple`` columns
         (`raymed.data.padding`). Default: one prompt group (`attention_mask`, `input_ids`, `labels`), right-padded for
         training and left-padded for generation; pads are masked, so the loss and answers do not depend on the cut."""
-        from ..data.padding import cut_columns
+        from raymed.data.padding import cut_columns
 
         return cut_columns(batch, "attention_mask", ("input_ids", "labels"), multiple)
 
@@ -210,7 +210,7 @@ def read_model_type(path: Path) -> str:
     if not cfg.is_file():
         raise ModelLoadError(
             f"{str(path)!r} is not a model directory: no config.json. Point --model at a directory written by "
-            "save_pretrained, or convert an original checkpoint first (python -m raymed.convert)."
+            "save_pretrained, or convert an original checkpoint first (python -m raymed.models.convert)."
         )
     try:
         model_type = json.loads(cfg.read_text())["model_type"]

@@ -26,11 +26,11 @@ from transformers import (
     MistralConfig,
 )
 
-from ..data.conversations import conversation_turns
-from ..pretrained import shipped_path
-from .base import Family, Preset
-from .templates import IMAGE, PLAIN_CHAT_TEMPLATE, resolve_template
-from .vocab import build_llava_tokenizer
+from raymed.data.conversations import conversation_turns
+from raymed.pretrained import shipped_path
+from raymed.models.base import Family, Preset
+from raymed.models.templates import IMAGE, PLAIN_CHAT_TEMPLATE, resolve_template
+from raymed.models.vocab import build_llava_tokenizer
 
 IMAGE_ASPECTS = ("auto", "pad", "crop")
 REPORT_INSTRUCTION = "describe the findings of this image."
@@ -63,7 +63,7 @@ CLIP_VIT_L14 = dict(hidden_size=1024, intermediate_size=4096, num_hidden_layers=
 
 
 def llava_med_v15() -> LlavaConfig:
-    # As `python -m raymed.convert` writes it: 32000 tokens + <image> (32000) + <pad> (32001), padded to 32064.
+    # As `python -m raymed.models.convert` writes it: 32000 tokens + <image> (32000) + <pad> (32001), padded to 32064.
     return llava_config({**CLIP_VIT_L14, "image_size": 336}, dict(
         vocab_size=32064, hidden_size=4096, intermediate_size=14336, num_hidden_layers=32, num_attention_heads=32,
         num_key_value_heads=8, max_position_embeddings=32768, rms_norm_eps=1e-5, rope_theta=1e6, pad_token_id=32001,
@@ -183,7 +183,7 @@ class LlavaFamily(Family):
     def convert_original(self, state_dict: Mapping[str, torch.Tensor]) -> dict[str, torch.Tensor]:
         """LLaVA-Med `llava_mistral` / original LLaVA naming → HF `LlavaForConditionalGeneration` keys
         (`llava_convert.rename_state_dict`, the release converter's table)."""
-        from .llava_convert import rename_state_dict
+        from raymed.models.llava_convert import rename_state_dict
 
         return rename_state_dict(state_dict)
 
@@ -247,7 +247,7 @@ class LlavaFamily(Family):
         row 0's end for training: causal attention, no label; prepended as masked left padding for generation): every
         rank then runs the vision tower on every step, as ZeRO-3's parameter gathering needs (a rank that skips it
         while another runs it waits forever), and the answers and loss are those of the text alone."""
-        from ..data.padding import cut_columns
+        from raymed.data.padding import cut_columns
 
         out = cut_columns(batch, "attention_mask", ("input_ids", "labels"), multiple)
         if "has_image" not in out:

@@ -1,6 +1,6 @@
 """Original LLaVA-Med v1.5 release (`llava_mistral`) → a transformers `LlavaForConditionalGeneration` directory.
 
-    python -m raymed.convert --family llava --input llava-med-v1.5-mistral-7b/ --out models/llava-med-v1.5-hf
+    python -m raymed.models.convert --family llava --input llava-med-v1.5-mistral-7b/ --out models/llava-med-v1.5-hf
 
 What it does, as transformers' own `convert_llava_weights_to_hf.py` does for LLaVA-1.5:
 - text config from the original `config.json` (Mistral or LLaMA fields); vision config from the tower's name
@@ -31,8 +31,8 @@ import torch
 from safetensors import safe_open
 from safetensors.torch import save_file
 
-from .base import ModelLoadError
-from .llava import CLIP_VIT_L14
+from raymed.models.base import ModelLoadError
+from raymed.models.llava import CLIP_VIT_L14
 
 PAD_TO_MULTIPLE = 64  # as transformers' LLaVA converter: 32000 + 2 new tokens -> 32064 rows
 ORIGINAL_TYPES = {"llava_mistral": "mistral", "llava_llama": "llama"}

@@ -31,10 +31,10 @@ from torch import nn
 from transformers import BlipConfig, BlipForQuestionAnswering, BlipImageProcessorPil, BlipProcessor
 from transformers.image_utils import PILImageResampling
 
-from ..data.conversations import conversation_turns
-from ..pretrained import shipped_path
-from .base import Family, Preset
-from .vocab import build_bert_tokenizer
+from raymed.data.conversations import conversation_turns
+from raymed.pretrained import shipped_path
+from raymed.models.base import Family, Preset
+from raymed.models.vocab import build_bert_tokenizer
 
 NUM_BEAMS = 3
 #: TIMMY-CHAN/MISS's recipe (see the module docstring); `None` lengths fall back to the run's config.
@@ -210,7 +210,7 @@ class MissFamily(Family):
 
     def convert_original(self, state_dict: Mapping[str, torch.Tensor]) -> dict[str, torch.Tensor]:
         """BLIP/MISS original naming (`visual_encoder.*`, ...) → HF keys (`miss_convert.rename_original`)."""
-        from .miss_convert import rename_original
+        from raymed.models.miss_convert import rename_original
 
         return rename_original(state_dict).state_dict
 
@@ -252,7 +252,7 @@ class MissFamily(Family):
         and the loss skips pads, so trailing pads change nothing. The question columns are cut only where the decoder
         masks question pads (`decoder_masks_question_pads`, MISS's recipe) and only in training: raymed's tiny MISS
         bases attend to them, and generation keeps the recipe's own question width (`trim_questions`)."""
-        from ..data.padding import cut_columns
+        from raymed.data.padding import cut_columns
 
         out = cut_columns(batch, "decoder_attention_mask", ("decoder_input_ids", "labels"), multiple)
         if train and recipe_of(processor).get("decoder_masks_question_pads"):

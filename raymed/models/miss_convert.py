@@ -36,7 +36,7 @@ from typing import Any
 import torch
 from safetensors.torch import load_file
 
-from .base import ModelLoadError
+from raymed.models.base import ModelLoadError
 
 # Pretraining-only parts of BLIP/MISS checkpoints (models/blip_pretrain.py, MISS models/miss_pretrain.py).
 PRETRAINING_ONLY = re.compile(
@@ -269,8 +269,8 @@ def convert_miss(src: Path | str, config_from: str, out: Path | str, tokenizer_f
     """
     from transformers import BlipConfig, BlipForQuestionAnswering
 
-    from . import load_processor, resolve
-    from .miss import BLIP_VIT_LN_EPS, MISS_LABEL_SMOOTHING, MISS_ORIGINAL
+    from raymed.models import load_processor, resolve
+    from raymed.models.miss import BLIP_VIT_LN_EPS, MISS_LABEL_SMOOTHING, MISS_ORIGINAL
 
     src, out = Path(src), Path(out)
     if out.exists() and any(out.iterdir()):

@@ -31,7 +31,7 @@ import shutil
 import tempfile
 from pathlib import Path
 
-from .base import ModelLoadError
+from raymed.models.base import ModelLoadError
 
 HUB_ID = re.compile(r"^(?P<repo>[A-Za-z0-9][\w.-]*/[A-Za-z0-9][\w.-]*)(?:@(?P<revision>[\w./-]+))?$")
 CONVERTER_VERSION = "llava-med-v1.5/1"  # bump when convert_llava_med's output changes
@@ -78,7 +78,7 @@ def _hub_folder(name: str) -> Path:
 
 def _original_type(folder: Path) -> str | None:
     """The release's model type when ``folder`` holds an original LLaVA-Med checkpoint, else None."""
-    from .llava_convert import ORIGINAL_TYPES
+    from raymed.models.llava_convert import ORIGINAL_TYPES
 
     try:
         model_type = json.loads((folder / "config.json").read_text()).get("model_type")
@@ -108,7 +108,7 @@ def _fetched(uri: str) -> Path:
 
 def _converted(folder: Path) -> Path:
     """An original LLaVA-Med release converted once into this node's cache."""
-    from .llava_convert import convert_llava_med
+    from raymed.models.llava_convert import convert_llava_med
 
     key = _digest(json.dumps([CONVERTER_VERSION, _content(folder)]))
     return _once(_cache("converted") / key, lambda tmp: convert_llava_med(folder, tmp / "model"), sub="model")

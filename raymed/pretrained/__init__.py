@@ -17,7 +17,7 @@ PACKAGE_ROOT = Path(__file__).resolve().parent.parent
 
 def shipped_path(shipped_dir: str) -> Path:
     """Absolute path of a shipped model directory, with an actionable error when it is missing."""
-    from ..models.base import ModelLoadError
+    from raymed.models.base import ModelLoadError
 
     path = PACKAGE_ROOT / shipped_dir
     if not (path / "config.json").is_file():

@@ -1,10 +1,10 @@
-"""Which trial stands for each method in a sweep, and how the chosen trials compare (`raymed.report` writes both).
+"""Which trial stands for each method in a sweep, and how the chosen trials compare (`raymed.tune.report` writes both).
 
 A method's trial is chosen on the selection metric (``eval/val/...``: the sweep's own) and never on the split it is
 scored on (``data.eval_split``, ``test``), so the scores reported for it are not biased by the choice; a trial that
 errored is never chosen. The chosen trials are compared with their base model's zero-shot answers and with the
-chosen `ln` trial (the paper's method) by exact McNemar tests on the same scored questions (`raymed.stats`), from
-the per-question correctness every result row carries (`raymed.results.answers`).
+chosen `ln` trial (the paper's method) by exact McNemar tests on the same scored questions (`raymed.tune.stats`), from
+the per-question correctness every result row carries (`raymed.tune.results.answers`).
 """
 
 from __future__ import annotations
@@ -14,7 +14,7 @@ from collections import Counter
 from collections.abc import Mapping, Sequence
 from typing import Any
 
-from .stats import mcnemar
+from raymed.tune.stats import mcnemar
 
 STATUSES = ("completed", "stopped", "errored")
 REFERENCE_METHOD = "ln"

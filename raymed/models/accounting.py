@@ -9,7 +9,7 @@ from typing import Any
 
 from torch import nn
 
-from .models import GROUPS, Family, ParamInfo
+from raymed.models import GROUPS, Family, ParamInfo
 
 ADAPTER = "adapter"  # group of the parameters a peft method adds
 _PEFT_PREFIX = re.compile(r"(^|\.)base_model\.(model\.)?")

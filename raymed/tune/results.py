@@ -1,12 +1,12 @@
 """One result row per training run: written by the worker into every checkpoint, read back by every consumer.
 
-A single run (`raymed.train`), each sweep trial (`raymed.tune`) and `raymed.report DIR` all take their rows from
+A single run (`raymed.train`), each sweep trial (`raymed.tune`) and `raymed.tune.report DIR` all take their rows from
 the same place: the `row.json` of a run's latest checkpoint. So a trial that ASHA stopped (its process killed)
 still has its row, and rebuilding a sweep's report from its folder gives back the sweep's `results.json`.
 
 Files raymed writes, named so that none is mistaken for Ray's own (`result.json` is Ray Tune's progress log)::
 
-    <run>/epoch-NNNN/row.json        the run's row after epoch NNNN (in the checkpoint, see raymed.checkpoint)
+    <run>/epoch-NNNN/row.json        the run's row after epoch NNNN (in the checkpoint, see raymed.train.checkpoint)
     <run>/raymed-result.json         a single run's final row, written by the driver (same content)
     <run>/raymed-error.json          a run that failed: the error, written by the driver or trial
     <run>/raymed-stopped.json        a sweep trial that ASHA stopped: the epoch Tune stopped it at (its workers
@@ -24,8 +24,8 @@ from collections.abc import Mapping, Sequence
 from pathlib import Path
 from typing import Any
 
-from . import storage
-from .machine import describe
+from raymed import storage
+from raymed.machine import describe
 
 ROW_FILE = "row.json"
 RUN_RESULT_FILE = "raymed-result.json"

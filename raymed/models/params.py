@@ -1,4 +1,4 @@
-"""`python -m raymed.params`: trainable-parameter accounting for a model x method x towers.
+"""`python -m raymed.models.params`: trainable-parameter accounting for a model x method x towers.
 
 Full-size presets are built on the `meta` device: exact counts in seconds, no memory.
 """
@@ -10,9 +10,9 @@ import json
 import sys
 import warnings
 
-from .accounting import format_table
-from .methods import METHODS, MethodError, apply_method
-from .models import FAMILIES, ModelLoadError, load_model, resolve
+from raymed.models.accounting import format_table
+from raymed.models.methods import METHODS, MethodError, apply_method
+from raymed.models import FAMILIES, ModelLoadError, load_model, resolve
 
 
 def list_all() -> str:
@@ -30,7 +30,7 @@ def list_all() -> str:
 
 
 def main(argv: list[str] | None = None) -> int:
-    ap = argparse.ArgumentParser(prog="python -m raymed.params", description=__doc__)
+    ap = argparse.ArgumentParser(prog="python -m raymed.models.params", description=__doc__)
     ap.add_argument("--model", help="preset, local HF model directory, Hub id (ORG/NAME[@revision]) or s3:// folder")
     ap.add_argument("--method", default="ln", help="method name (see --list)")
     ap.add_argument("--towers", default=None, help="comma-separated towers (default: all)")

@@ -2,7 +2,7 @@
 prepared dataset and write `metrics.json` + `predictions.jsonl`.
 
 `--model` is a training run folder (its latest checkpoint), one checkpoint, an HF model directory (e.g. from
-`raymed.export`) or a preset. Prompts, image preprocessing, generation length and input length are the ones the
+`raymed.train.export`) or a preset. Prompts, image preprocessing, generation length and input length are the ones the
 run trained with (from its checkpoint; the defaults for a directory or preset). Runs in this process (no Ray),
 on the GPU when there is one.
 """
@@ -15,7 +15,7 @@ import sys
 from pathlib import Path
 from typing import Any
 
-from .config import Config, ConfigError
+from raymed.config import Config, ConfigError
 
 
 class EvalError(ValueError):
@@ -28,9 +28,9 @@ def evaluate(model_spec: str, data_dir: str, *, split: str = "test", out: Path |
     """Metrics of `model_spec` on `split` of a prepared dataset; predictions written under `out`."""
     import torch
 
-    from . import predict
-    from .data.rows import read_split_rows
-    from .data.prepare import read_manifest
+    from raymed.eval import predict
+    from raymed.data.rows import read_split_rows
+    from raymed.data.prepare import read_manifest
 
     manifest = _manifest(data_dir, read_manifest)
     if split not in manifest["splits"]:
@@ -63,7 +63,7 @@ def _manifest(data_dir: str, read_manifest: Any) -> dict[str, Any]:
 def _check_task(model_spec: str, ref: Any, cfg: Config | None, manifest: dict[str, Any], split: str) -> None:
     """Refuse data of another task than the model answers (VQA vs report generation); `cfg`: the config the
     model was fine-tuned with (None for a preset or an HF directory: nothing to compare)."""
-    from .data.prepare import read_manifest
+    from raymed.data.prepare import read_manifest
 
     tasks = {t for t, n in manifest["splits"][split].get("task", {}).items() if n}
     if ref.family.name == "miss" and "report" in tasks:
@@ -107,7 +107,3 @@ def main(argv: list[str] | None = None) -> int:
     print(json.dumps(summary["metrics"], indent=2))
     print(f"{summary['rows']} rows of {args.data} [{args.split}]" + (f"; wrote {out}/predictions.jsonl" if out else ""))
     return 0
-
-
-if __name__ == "__main__":
-    sys.exit(main())

@@ -11,9 +11,9 @@ from typing import Any
 import torch
 import torch.distributed as dist
 
-from .config import Config
-from .data.plan import eval_split_of
-from .results import answers
+from raymed.config import Config
+from raymed.data.plan import eval_split_of
+from raymed.tune.results import answers
 
 
 class Evaluator:
@@ -35,8 +35,8 @@ class Evaluator:
 
     @torch.no_grad()
     def evaluate(self, data_dir: str, split: str) -> tuple[dict[str, float], list[dict[str, Any]]]:
-        from . import predict
-        from .data.rows import read_split_rows
+        from raymed.eval import predict
+        from raymed.data.rows import read_split_rows
 
         cfg = self.cfg
         self.engine.eval()
@@ -73,8 +73,8 @@ class Evaluator:
 def write_evaluation(ckpt: Path, cfg: Config, acc: Any, history: list[dict[str, Any]], zero_shot: dict[str, Any],
                      zero_shot_records: dict[str, list], records: dict[str, list], wall_s: float, name: str) -> None:
     """Rank 0: the run's result row and the epoch's predictions (and the zero-shot ones) into the checkpoint."""
-    from . import predict
-    from .results import ROW_FILE, result_row
+    from raymed.eval import predict
+    from raymed.tune.results import ROW_FILE, result_row
 
     row = result_row(cfg, acc.to_dict(), history, zero_shot=zero_shot, wall_s=wall_s, checkpoint=name,
                      zero_shot_answers=answers(zero_shot_records, "zeroshot"))
@@ -87,7 +87,7 @@ def write_evaluation(ckpt: Path, cfg: Config, acc: Any, history: list[dict[str, 
 
 def read_zero_shot_records(ckpt: Path) -> dict[str, list[dict[str, Any]]]:
     """The zero-shot predictions a checkpoint carries (so every later checkpoint carries them too)."""
-    from . import predict
+    from raymed.eval import predict
 
     root = ckpt / "zeroshot"
     return {d.name: predict.read(d) for d in sorted(root.iterdir())} if root.is_dir() else {}

@@ -3,7 +3,7 @@
 Runs inside each Ray Train worker, as named steps (`train_loop` reads as the recipe): `setup` (process group,
 model + method, dataset shard, DeepSpeed engine) -> `resume` (or the zero-shot evaluation) -> per epoch
 `train_epoch` (`train_step` per micro-batch; the host reads the device only at `train.log_every` steps) ->
-`evaluate` (raymed.evaluator) -> `save_and_report`. Only plain data crosses the process boundary: the validated
+`evaluate` (raymed.eval.evaluator) -> `save_and_report`. Only plain data crosses the process boundary: the validated
 config, a small plan dict and the driver's absolute paths.
 """
 
@@ -23,14 +23,14 @@ import numpy as np
 import torch
 import torch.distributed as dist
 
-from .config import Config, with_paths
-from .data.padding import token_counts
-from .engine import Schedule, build_engine, ds_config, zero3_loading
-from .methods import apply_method
-from .models import load_model, load_processor, resolve
-from .models.base import enable_activation_checkpointing, enable_drop_path
-from .evaluator import Evaluator, read_zero_shot_records, write_evaluation
-from .results import answers
+from raymed.config import Config, with_paths
+from raymed.data.padding import token_counts
+from raymed.train.engine import Schedule, build_engine, ds_config, zero3_loading
+from raymed.models.methods import apply_method
+from raymed.models import load_model, load_processor, resolve
+from raymed.models.base import enable_activation_checkpointing, enable_drop_path
+from raymed.eval.evaluator import Evaluator, read_zero_shot_records, write_evaluation
+from raymed.tune.results import answers
 
 
 def train_loop(loop_config: dict[str, Any]) -> None:
@@ -85,7 +85,7 @@ class Progress:
 
 
 def setup(loop_config: dict[str, Any]) -> Run:
-    """Process group, model + method, the dataset shard, the DeepSpeed engine (raymed.engine) and the trackers."""
+    """Process group, model + method, the dataset shard, the DeepSpeed engine (raymed.train.engine) and the trackers."""
     import ray.train
     import ray.train.torch
 
@@ -97,11 +97,11 @@ def setup(loop_config: dict[str, Any]) -> Run:
     os.environ.setdefault("DS_ACCELERATOR", "cuda" if cfg.scaling.use_gpu else "cpu")
     import deepspeed  # after DS_ACCELERATOR is set
 
-    from .data.epochs import EpochBatches
-    from .data.plan import optimizer_steps
-    from .data.stream import quiet_data_context
-    from .telemetry import Telemetry
-    from .tracking import RunTracker
+    from raymed.data.epochs import EpochBatches
+    from raymed.data.plan import optimizer_steps
+    from raymed.data.stream import quiet_data_context
+    from raymed.telemetry import Telemetry
+    from raymed.tracking import RunTracker
 
     quiet_data_context()
     deepspeed.init_distributed(dist_backend="nccl" if cfg.scaling.use_gpu else "gloo")
@@ -158,8 +158,8 @@ def resume(run: Run) -> Progress:
     schedule and every RNG continue exactly where it left them. A fresh run is evaluated zero-shot first."""
     import ray.train
 
-    from . import elastic
-    from .checkpoint import load_resume_state
+    from raymed.train import elastic
+    from raymed.train.checkpoint import load_resume_state
 
     progress = Progress()
     checkpoint = ray.train.get_checkpoint()
@@ -178,7 +178,7 @@ def resume(run: Run) -> Progress:
         state["zero_shot"]
     progress.wall_s = state.get("wall_s", 0.0)
     run.schedule.resume(state, run.cfg, run.steps_per_epoch, engine.global_steps, run.log)
-    if "resharded_from" in state:  # another world size: weights + optimizer state re-sharded (raymed.elastic)
+    if "resharded_from" in state:  # another world size: weights + optimizer state re-sharded (raymed.train.elastic)
         elastic.sync_lr(engine)
         elastic.reseed(run.cfg.train.seed, run.rank, engine.global_steps)
         was = state["resharded_from"]
@@ -279,7 +279,7 @@ def save_and_report(run: Run, progress: Progress, epoch: int, metrics: dict[str,
     predictions) handed to Ray Train with the epoch's metrics: one report per epoch."""
     import ray.train
 
-    from .checkpoint import save_checkpoint
+    from raymed.train.checkpoint import save_checkpoint
 
     correct = answers(records, "eval")  # rank 0: which questions each eval set got right (for paired tests)
     progress.history.append({**{k: v for k, v in metrics.items() if not k.startswith("zeroshot/")},
@@ -320,7 +320,7 @@ def _maybe_inject_fault(cfg: Config, plan: dict, step: int, rank: int, world: in
     """Test hook: the last worker dies once (hard exit) at `run.fail_at_step`."""
     if cfg.run.fail_at_step is None or step != cfg.run.fail_at_step or rank != world - 1:
         return
-    from . import storage
+    from raymed import storage
 
     marker = plan["fault_marker"]  # a path or URI under the run storage
     if storage.exists(marker):

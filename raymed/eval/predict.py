@@ -1,7 +1,7 @@
 """Answers, scores and `predictions.jsonl`: the one place a model's answers are generated and written.
 
 Used by the worker's evaluation (every epoch, every eval set), by `raymed.eval` (a checkpoint, an exported
-directory or a preset on a prepared dataset), by `raymed.infer` (one image, one question) and by `raymed.questions`
+directory or a preset on a prepared dataset), by `raymed.eval.infer` (one image, one question) and by `raymed.tune.questions`
 (a sweep's best trials per question type). All of them encode
 with the model family's own `encode(train=False)`, so the prompt template and image preprocessing are the ones
 training used.
@@ -25,7 +25,7 @@ METRICS_FILE = "metrics.json"
 def encoder(family: Any, processor: Any, max_length: int, template: str = "auto", image_aspect: str = "auto") -> Any:
     """Decode + encode rows for generation (prompt only), as the training stream does for training: the same
     prompt template (`model.template`) and image preprocessing (`data.image_aspect`)."""
-    from .data.transform import DecodeAndEncode
+    from raymed.data.transform import DecodeAndEncode
 
     return DecodeAndEncode(lambda: lambda r: family.encode(processor, r, train=False, max_length=max_length,
                                                           template=template, image_aspect=image_aspect))
@@ -66,10 +66,10 @@ def answer_rows(model: torch.nn.Module, family: Any, processor: Any, rows: Seque
 
 def load(model_spec: str) -> tuple[torch.nn.Module, Any, Any, Any, bool]:
     """A model to answer with: (model, ref, processor, cfg, fine_tuned). `model_spec` is a run folder, a checkpoint,
-    an HF model directory or a preset (`raymed.checkpoint.load_for_inference`); `cfg` is the `Config` the model was
+    an HF model directory or a preset (`raymed.train.checkpoint.load_for_inference`); `cfg` is the `Config` the model was
     fine-tuned with, the defaults for a directory or preset (`fine_tuned` False). Raises FileNotFoundError."""
-    from .checkpoint import load_for_inference
-    from .config import Config
+    from raymed.train.checkpoint import load_for_inference
+    from raymed.config import Config
 
     model, ref, processor, config = load_for_inference(model_spec)
     return model, ref, processor, Config.model_validate(config) if config else Config(), bool(config)
@@ -79,7 +79,7 @@ def eval_batch_size(family: Any, processor: Any, cfg: Any) -> int:
     """Questions per `generate` call: the model's recipe's when it fixes one (MISS evaluates in batches of 100 in file
     order, and its answers depend on the batch: its decoder attends to the question padding), else
     `train.eval_batch_size`. Batches are cut from the rows in order, whatever the number of workers, so the same
-    checkpoint answers the same (raymed.worker's evaluation, `raymed eval`)."""
+    checkpoint answers the same (raymed.train.recipe's evaluation, `raymed eval`)."""
     return family.eval_batch_size(processor) or cfg.train.eval_batch_size
 
 
@@ -87,8 +87,8 @@ def answer(model: torch.nn.Module, family: Any, processor: Any, cfg: Any, rows: 
            batch_size: int | None = None, max_new_tokens: int | None = None, **options: Any) -> list[str]:
     """Answers with the recipe of `cfg`, the `Config` the model was fine-tuned with (defaults for a directory or
     preset): its prompt template, image preprocessing, input length, generation length and eval batch size. Used by
-    the worker's evaluation (`options`: its ZeRO lock-step settings for `answer_rows`), `raymed.eval`, `raymed.infer`
-    and `raymed.questions`."""
+    the worker's evaluation (`options`: its ZeRO lock-step settings for `answer_rows`), `raymed.eval`, `raymed.eval.infer`
+    and `raymed.tune.questions`."""
     model.eval()
     with torch.no_grad():
         return answer_rows(model, family, processor, rows,
@@ -100,7 +100,7 @@ def answer(model: torch.nn.Module, family: Any, processor: Any, cfg: Any, rows: 
 
 def score(rows: Sequence[Mapping[str, Any]], preds: Sequence[str]) -> dict[str, float]:
     """Aggregate metrics of aligned rows and predictions: report metrics for report rows, else Med-VQA."""
-    from .metrics import report_metrics, vqa_metrics
+    from raymed.eval.metrics import report_metrics, vqa_metrics
 
     refs = [r["answer"] for r in rows]
     if rows and all(r["task"] == "report" for r in rows):
@@ -110,7 +110,7 @@ def score(rows: Sequence[Mapping[str, Any]], preds: Sequence[str]) -> dict[str, 
 
 def records(rows: Sequence[Mapping[str, Any]], preds: Sequence[str]) -> list[dict[str, Any]]:
     """One prediction record per row: id, question, reference, prediction, answer type, per-row scores."""
-    from . import metrics
+    from raymed.eval import metrics
 
     per_row = metrics.row_scores([r["answer"] for r in rows], list(preds), [r.get("answer_type") for r in rows],
                                  [r.get("task", "vqa") for r in rows])

@@ -26,16 +26,16 @@ from typing import Any, Literal
 from pydantic import Field
 from ray.tune.schedulers import AsyncHyperBandScheduler, FIFOScheduler, TrialScheduler
 
-from . import storage as store
-from .cluster import ResourceError, capacity, check_resources, init_ray, required_cpus
-from .config import (Config, ConfigError, Section, deep_merge, format_error, local_paths, parse_override, read_yaml,
+from raymed import storage as store
+from raymed.cluster import ResourceError, capacity, check_resources, init_ray, required_cpus
+from raymed.config import (Config, ConfigError, Section, deep_merge, format_error, local_paths, parse_override, read_yaml,
                      set_dotted, validate)
-from .data.plan import eval_set_names
-from .metrics import REPORT_KEYS, VQA_KEYS
-from .tracking import tune_callbacks
-from .train import build_trainer, check_storage
+from raymed.data.plan import eval_set_names
+from raymed.eval.metrics import REPORT_KEYS, VQA_KEYS
+from raymed.tracking import tune_callbacks
+from raymed.train.launch import build_trainer, check_storage
 
-DEFAULT_SWEEP = Path(__file__).parent / "defaults" / "sweep.yaml"
+DEFAULT_SWEEP = Path(__file__).parents[1] / "defaults" / "sweep.yaml"
 VQA_METRICS = VQA_KEYS  # every scoring rule: strict, @llava-med, @miss
 REPORT_METRICS = REPORT_KEYS  # report generation: BLEU-1..4, ROUGE-L, METEOR, CIDEr
 TRAIN_METRICS = ("loss", "epoch", "step", "samples_per_s", "tokens_per_s", "peak_mem_mb")
@@ -268,13 +268,13 @@ def per_keys(s: SchedulerConfig) -> tuple[str, ...]:
 def trial(config: dict[str, Any]) -> None:
     """Tune function trainable: one run of the recipe on a Ray Train `TorchTrainer`.
 
-    The run's result row is written by its workers into every checkpoint (raymed.results), so a trial that ASHA
+    The run's result row is written by its workers into every checkpoint (raymed.tune.results), so a trial that ASHA
     stops still has one; a trial that fails leaves `raymed-error.json` beside its checkpoints.
     """
     import ray.tune
     from ray.tune.integration.ray_train import TuneReportCallback
 
-    from .results import run_completed, write_error
+    from raymed.tune.results import run_completed, write_error
 
     data = config["base"]
     for key, value in {**config["grid"], **config["sampled"]}.items():
@@ -315,7 +315,7 @@ def grid_points(sweep: SweepConfig, base: dict[str, Any]) -> list[dict[str, Any]
     """The grid's points, without those that train the same model as an earlier one: a prompt-learning method
     (prefix, prompt) attaches to one tower whatever `method.towers` says, so it runs once per tower choice that
     contains that tower, not once per choice."""
-    from .methods import effective_towers
+    from raymed.models.methods import effective_towers
 
     grid, _ = _space(sweep)
     out, seen = [], set()
@@ -425,8 +425,8 @@ def run_sweep(sweep: SweepConfig, base: dict[str, Any], out: str | Path, resume:
 
 def mark_stopped(results: Any, runs_dir: str | Path, epochs: int) -> None:
     """Record, in each trial's run folder, the epoch at which the scheduler stopped it: its workers may go on for a
-    moment and checkpoint a later epoch, which the trial's result row must not count (raymed.results)."""
-    from .results import write_stopped
+    moment and checkpoint a later epoch, which the trial's result row must not count (raymed.tune.results)."""
+    from raymed.tune.results import write_stopped
 
     for r in results:
         m = r.metrics or {}
@@ -443,7 +443,7 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--resume", action="store_true", help="resume an interrupted sweep in --out")
     ap.add_argument("overrides", nargs="*", help="dotted overrides: training keys, or sweep.KEY=VALUE")
     args = ap.parse_intermixed_args(argv)  # overrides may come before or after --out / --resume
-    from .report import build_report
+    from raymed.tune.report import build_report
 
     try:
         sweep, base = load_sweep(args.config, args.overrides)
@@ -453,11 +453,11 @@ def main(argv: list[str] | None = None) -> int:
     except (ConfigError, ResourceError, store.StorageError) as e:
         print(f"error: {e}", file=sys.stderr)
         return 2
-    from .results import read_result_rows
+    from raymed.tune.results import read_result_rows
 
     runs = store.join(out, "runs")
     mark_stopped(results, runs, validate(base).train.epochs)
-    rows = read_result_rows(runs) if store.is_dir(runs) else []  # the same rows `python -m raymed.report` reads back
+    rows = read_result_rows(runs) if store.is_dir(runs) else []  # the same rows `python -m raymed.tune.report` reads back
     failed = sum(r.error is not None for r in results)
     if not rows:
         print(f"error: all {len(results)} trial(s) failed, none reported a result ({out}):\n"
@@ -474,14 +474,10 @@ def main(argv: list[str] | None = None) -> int:
 def failure_lines(results: Any, runs_dir: str) -> str:
     """One line per distinct error of the failed trials, with how many failed so: the error each trial recorded
     (`raymed-error.json`), else the last line of Ray's error."""
-    from .results import read_errors
+    from raymed.tune.results import read_errors
 
     errors = list(read_errors(runs_dir).values()) if store.is_dir(runs_dir) else []
     if not errors:
         errors = [str(r.error).strip().splitlines()[-1] for r in results if r.error is not None]
     counts = Counter(errors)
     return "\n".join(f"  - {n} trial(s): {e}" for e, n in counts.items())
-
-
-if __name__ == "__main__":
-    sys.exit(main())

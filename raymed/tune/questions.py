@@ -1,18 +1,18 @@
-"""`python -m raymed.questions SWEEP_DIR [--n N --seed S | --data DIR] [--out FILE.json]`: what each method of a
+"""`python -m raymed.tune.questions SWEEP_DIR [--n N --seed S | --data DIR] [--out FILE.json]`: what each method of a
 finished sweep learned, per question type, against the base's zero-shot answers on the same questions.
 
-Analysis of a sweep's results (beside `raymed.report`), not a benchmark: no timing, no targets.
+Analysis of a sweep's results (beside `raymed.tune.report`), not a benchmark: no timing, no targets.
 
 Reads `results.json` of one sweep (`python -m raymed.tune --out DIR` writes `DIR/<name>/results.json`), takes
-the best trial of each method, rebuilds it from its last checkpoint (`raymed.checkpoint.load_trainable`: base +
-method + trained tensors, what `raymed.export` merges) and answers a synthetic test split in-process with the
-sweep's settings (`raymed.predict.answer`: greedy, the family's own encode and generate, no Ray). By default the
+the best trial of each method, rebuilds it from its last checkpoint (`raymed.train.checkpoint.load_trainable`: base +
+method + trained tensors, what `raymed.train.export` merges) and answers a synthetic test split in-process with the
+sweep's settings (`raymed.eval.predict.answer`: greedy, the family's own encode and generate, no Ray). By default the
 split is the sweep's own test set (the overall accuracy then repeats the sweep's, a check of the checkpoint);
 `--n/--seed/--rows` ask a fresh, larger one.
 
 Per method: accuracy per question type (VQA-RAD `question_type`: pres, pos, size, count, organ, modality),
 overall, and the paired comparison with zero-shot on the same rows: questions gained / lost and the exact
-McNemar p-value (`raymed.stats.mcnemar`: scipy's two-sided binomial test on the discordant pairs), so "better
+McNemar p-value (`raymed.tune.stats.mcnemar`: scipy's two-sided binomial test on the discordant pairs), so "better
 than zero-shot" is a measured statement rather than a difference of two noisy means.
 """
 
@@ -26,8 +26,8 @@ from collections import defaultdict
 from pathlib import Path
 from typing import Any, Sequence
 
-from .stats import mcnemar
-from .tables import table
+from raymed.tune.stats import mcnemar
+from raymed.tables import table
 
 ZERO_SHOT = "zero-shot"
 SWEEP_ACC, SWEEP_ZERO_SHOT = "eval/test/overall_acc", "zeroshot/test/overall_acc"  # what the sweep measured
@@ -47,7 +47,7 @@ def question_type(row: dict[str, Any]) -> str:
 
 def hits(preds: Sequence[str], rows: Sequence[dict[str, Any]]) -> list[bool]:
     """Exact match after the metrics' normalisation (what `vqa_metrics` counts)."""
-    from raymed.metrics import normalize_answer
+    from raymed.eval.metrics import normalize_answer
 
     return [normalize_answer(p) == normalize_answer(r["answer"]) for p, r in zip(preds, rows, strict=True)]
 
@@ -67,13 +67,13 @@ def run(sweep_dir: Path | str, n: int | None = None, seed: int | None = None, ro
     """The breakdown document of a sweep: config, machine, one row per method (and zero-shot)."""
     import torch
 
-    from .checkpoint import find_checkpoint, load_trainable
-    from .config import Config
-    from .data.plan import synthetic_dataset
-    from .data.rows import read_split_rows
-    from .machine import describe
-    from .models import load_model, load_processor, resolve
-    from .predict import answer
+    from raymed.train.checkpoint import find_checkpoint, load_trainable
+    from raymed.config import Config
+    from raymed.data.plan import synthetic_dataset
+    from raymed.data.rows import read_split_rows
+    from raymed.machine import describe
+    from raymed.models import load_model, load_processor, resolve
+    from raymed.eval.predict import answer
 
     started = time.time()
     torch.manual_seed(0)
@@ -122,7 +122,7 @@ def run(sweep_dir: Path | str, n: int | None = None, seed: int | None = None, ro
               "style": style, "n_images": n, "seed": seed, "sweeps_own_test_set": own,
               "rows": len(test), "type_counts": counts, "model": meta["model"],
               "max_new_tokens": cfg.train.max_new_tokens}
-    command = " ".join([Path(sys.executable).name, "-m", "raymed.questions", *sys.argv[1:]])
+    command = " ".join([Path(sys.executable).name, "-m", "raymed.tune.questions", *sys.argv[1:]])
     return {"analysis": "questions", "command": command, "config": config,
             "machine": describe(load=True, with_commit=True), "wall_s": round(time.time() - started, 1),
             "rows": out_rows}
@@ -170,7 +170,7 @@ def from_args(args: Any) -> dict[str, Any]:
 
 
 def main(argv: list[str] | None = None) -> int:
-    ap = argparse.ArgumentParser(prog="python -m raymed.questions", description=__doc__,
+    ap = argparse.ArgumentParser(prog="python -m raymed.tune.questions", description=__doc__,
                                  formatter_class=argparse.RawDescriptionHelpFormatter)
     add_arguments(ap)
     args = ap.parse_args(argv)

@@ -16,7 +16,7 @@ from typing import Any
 
 LEVEL = 0.95
 
-# Accuracies (per-question hits averaged, so k / n) and the counts that are their n (raymed.metrics.VQA_KEYS).
+# Accuracies (per-question hits averaged, so k / n) and the counts that are their n (raymed.eval.metrics.VQA_KEYS).
 # Recall and the report-generation scores are not proportions of questions: they get no interval.
 ACCURACY_COUNTS: dict[str, tuple[str, ...]] = {
     "overall_acc": ("n_closed", "n_open"),

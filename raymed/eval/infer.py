@@ -1,4 +1,4 @@
-"""`python -m raymed.infer --model RUN_OR_DIR --image FILE --question TEXT`: one answer from a fine-tuned model.
+"""`python -m raymed.eval.infer --model RUN_OR_DIR --image FILE --question TEXT`: one answer from a fine-tuned model.
 
 The same prompt template, image preprocessing and generation length as training and evaluation (the run's own,
 read from its checkpoint). `--model` takes what `raymed.eval` takes: a run folder, a checkpoint, an HF model
@@ -18,8 +18,8 @@ class InferError(ValueError):
 
 def answer(model_spec: str, image: Path, question: str, max_new_tokens: int | None = None) -> str:
     """The model's answer to `question` about the image file `image`."""
-    from . import predict
-    from .data.images import image_problem
+    from raymed.eval import predict
+    from raymed.data.images import image_problem
 
     if not image.is_file():
         raise InferError(f"{image}: no such image file")
@@ -38,7 +38,7 @@ def answer(model_spec: str, image: Path, question: str, max_new_tokens: int | No
 
 
 def main(argv: list[str] | None = None) -> int:
-    ap = argparse.ArgumentParser(prog="python -m raymed.infer", description=__doc__,
+    ap = argparse.ArgumentParser(prog="python -m raymed.eval.infer", description=__doc__,
                                  formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--model", required=True, help="run folder, checkpoint, HF model directory or preset")
     ap.add_argument("--image", required=True, type=Path)

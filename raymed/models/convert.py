@@ -1,8 +1,8 @@
-"""`python -m raymed.convert`: original MISS / LLaVA-Med checkpoints → transformers (HF) model directories.
+"""`python -m raymed.models.convert`: original MISS / LLaVA-Med checkpoints → transformers (HF) model directories.
 
-    python -m raymed.convert --family miss  --input model_base_vqa.pth  --config-from DIR_OR_PRESET --out DIR \
+    python -m raymed.models.convert --family miss  --input model_base_vqa.pth  --config-from DIR_OR_PRESET --out DIR \
         [--tokenizer-from BERT_BASE_UNCASED_DIR]
-    python -m raymed.convert --family llava --input llava-med-v1.5-mistral-7b/ --out DIR
+    python -m raymed.models.convert --family llava --input llava-med-v1.5-mistral-7b/ --out DIR
 
 The LLaVA-Med v1.5 release directory (`llava_mistral` config, sharded weights, sentencepiece tokenizer) is
 converted from its own files (`raymed.models.llava_convert`); `--config-from` is not needed for it.
@@ -23,9 +23,9 @@ from pathlib import Path
 import torch
 from safetensors.torch import load_file
 
-from .models import ModelLoadError, get_family, load_model, load_processor, resolve
-from .models.llava_convert import convert_llava_med
-from .models.miss_convert import convert_miss
+from raymed.models import ModelLoadError, get_family, load_model, load_processor, resolve
+from raymed.models.llava_convert import convert_llava_med
+from raymed.models.miss_convert import convert_miss
 
 
 def read_state_dict(path: Path) -> dict[str, torch.Tensor]:
@@ -72,7 +72,7 @@ def convert(family_name: str, src: Path, config_from: str, out: Path) -> None:
 
 
 def main(argv: list[str] | None = None) -> int:
-    ap = argparse.ArgumentParser(prog="python -m raymed.convert", description=__doc__,
+    ap = argparse.ArgumentParser(prog="python -m raymed.models.convert", description=__doc__,
                                  formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--family", required=True, choices=["llava", "miss"])
     ap.add_argument("--input", required=True, type=Path)

@@ -7,13 +7,13 @@ Layout of one checkpoint directory (Ray merges the ranks' files into it)::
     resume/                       DeepSpeed engine state (optimizer, scheduler, step), frozen weights excluded
     resume/rng-rank{N}.safetensors  torch (CPU, CUDA) generator states of rank N
     resume/rng-rank{N}.json       Python `random` and NumPy generator states of rank N
-    resume/portable.safetensors   elastic runs: fp32 weights + Adam moments by name, any world size (raymed.elastic)
+    resume/portable.safetensors   elastic runs: fp32 weights + Adam moments by name, any world size (raymed.train.elastic)
     state.json                    epoch, metrics history, zero-shot metrics, wall time, lr schedule segments
-    row.json                      the run's result row (raymed.results), written by the worker
+    row.json                      the run's result row (raymed.tune.results), written by the worker
     eval/<set>/predictions.jsonl  the epoch's answers per eval set (+ metrics.json); zeroshot/<set>/ likewise
 
 Every trainable tensor is stored once (a peft adapter directory would store the same tensors again: 2x
-for LoRA / IA3); `python -m raymed.export --adapter` writes one from a checkpoint when peft needs it.
+for LoRA / IA3); `python -m raymed.train.export --adapter` writes one from a checkpoint when peft needs it.
 """
 
 from __future__ import annotations
@@ -28,8 +28,8 @@ import numpy as np
 import torch
 from safetensors.torch import load_file, save_file
 
-from .accounting import Accounting
-from .config import Config, ConfigError, config_changes
+from raymed.models.accounting import Accounting
+from raymed.config import Config, ConfigError, config_changes
 
 TAG = "state"
 
@@ -50,7 +50,7 @@ def save_checkpoint(
     """Write this rank's part of a checkpoint into `out` (every rank must call it).
 
     `full=True` also writes every parameter to `model/full.safetensors` (for audits: frozen ones unchanged).
-    `portable=True` also writes `resume/portable.safetensors`, restorable at any world size (raymed.elastic).
+    `portable=True` also writes `resume/portable.safetensors`, restorable at any world size (raymed.train.elastic).
     """
     model = engine.module
     named = [(n, p) for n, p in model.named_parameters() if p.requires_grad or full]
@@ -75,7 +75,7 @@ def save_checkpoint(
     engine.save_checkpoint(str(out / "resume"), tag=TAG, exclude_frozen_parameters=True, save_latest=True)
     save_rng(out / "resume", rank)
     if portable:
-        from .elastic import save_portable
+        from raymed.train.elastic import save_portable
 
         save_portable(engine, out / "resume", rank, _world())
 
@@ -127,7 +127,7 @@ def load_resume_state(engine: Any, ckpt: Path, rank: int, cfg: Config | None = N
 
     With `cfg`, a resume under another config is refused (naming every changed key) unless
     `run.allow_config_change` is set. A checkpoint written at another world size or ZeRO stage restores from its
-    world-size-free state (raymed.elastic; RNG states are not restored then) and the returned state says so under
+    world-size-free state (raymed.train.elastic; RNG states are not restored then) and the returned state says so under
     `resharded_from`.
     """
     meta = json.loads((ckpt / "model" / "raymed.json").read_text())
@@ -138,7 +138,7 @@ def load_resume_state(engine: Any, ckpt: Path, rank: int, cfg: Config | None = N
                                "run.allow_config_change=true to continue this run with the new values"],
                               f"resume from {ckpt}")
     saved = json.loads((ckpt / "state.json").read_text())
-    from .elastic import load_portable, needs_portable
+    from raymed.train.elastic import load_portable, needs_portable
 
     if needs_portable(saved, engine, _world()):
         load_portable(engine, ckpt / "resume")
@@ -165,8 +165,8 @@ def peft_host(model: torch.nn.Module) -> Any:
 def load_trainable(ckpt_model_dir: Path) -> tuple[torch.nn.Module, Any, dict[str, Any]]:
     """Rebuild the fine-tuned model from `model/` of a checkpoint: base + method + trainable tensors, in the run's
     training precision (a bf16 run's answers come from bf16 weights, as its in-run evaluation's did)."""
-    from .methods import apply_method
-    from .models import load_model, load_processor, resolve
+    from raymed.models.methods import apply_method
+    from raymed.models import load_model, load_processor, resolve
 
     meta = json.loads((ckpt_model_dir / "raymed.json").read_text())
     cfg = Config.model_validate(meta["config"])
@@ -194,8 +194,8 @@ def find_checkpoint(run: str | Path) -> str:
 
     Raises FileNotFoundError, saying what was expected, for a folder that is neither.
     """
-    from . import storage
-    from .results import latest_checkpoint
+    from raymed import storage
+    from raymed.tune.results import latest_checkpoint
 
     run = storage.resolve(run)
     if not storage.is_dir(run):
@@ -211,8 +211,8 @@ def find_checkpoint(run: str | Path) -> str:
 
 def load_for_inference(spec: str) -> tuple[torch.nn.Module, Any, Any, dict[str, Any] | None]:
     """(model in eval mode, model ref, processor, the training config or None) for `spec`: a run folder or
-    checkpoint (base + method + trained tensors), an HF model directory (e.g. `raymed.export` output) or a preset."""
-    from .models import load_model, load_processor, resolve
+    checkpoint (base + method + trained tensors), an HF model directory (e.g. `raymed.train.export` output) or a preset."""
+    from raymed.models import load_model, load_processor, resolve
 
     path = Path(spec).expanduser()
     if path.is_dir() and not (path / "config.json").is_file():

@@ -1,16 +1,16 @@
 """Sweep comparison report: ``results.json``, ``results.csv``, ``report.md``, ``frontier.png`` and ``curves.png``.
 
-Built from one row per trial; ``python -m raymed.report EXPERIMENT_DIR`` rebuilds it from the rows that training
-writes into every checkpoint (:mod:`raymed.results`; or from an earlier ``results.json``), the very rows the sweep
+Built from one row per trial; ``python -m raymed.tune.report EXPERIMENT_DIR`` rebuilds it from the rows that training
+writes into every checkpoint (:mod:`raymed.tune.results`; or from an earlier ``results.json``), the very rows the sweep
 built it from: the rebuilt ``results.json`` equals the sweep's.
 
 Each method's trial is chosen on the selection metric (``eval/val/...``) and reported on the eval split
-(``test``), which nothing is chosen on (:mod:`raymed.compare`); errored trials are never chosen. Every accuracy
+(``test``), which nothing is chosen on (:mod:`raymed.tune.compare`); errored trials are never chosen. Every accuracy
 carries its 95% exact binomial interval and each chosen trial an exact McNemar test against its zero-shot answers
-and the chosen `ln` trial (:mod:`raymed.stats`). ``frontier.png`` plots the chosen trials' reported metric against
+and the chosen `ln` trial (:mod:`raymed.tune.stats`). ``frontier.png`` plots the chosen trials' reported metric against
 their trainable parameters, ``curves.png`` their selection metric and loss per epoch.
 
-Row format (one JSON object per run; :func:`raymed.results.result_row` writes it)::
+Row format (one JSON object per run; :func:`raymed.tune.results.result_row` writes it)::
 
     trial_id       str, required        unique per trial
     method         str, required        "ln", "lora", "full", ...
@@ -54,10 +54,11 @@ from datetime import datetime, timezone
 from pathlib import Path
 from typing import Any
 
-from . import compare, machine, storage
-from .compare import METRIC_RE
-from .plots import plot_curves, plot_frontier
-from .stats import LEVEL, accuracy_intervals
+from raymed import machine, storage
+from raymed.tune import compare
+from raymed.tune.compare import METRIC_RE
+from raymed.tune.plots import plot_curves, plot_frontier
+from raymed.tune.stats import LEVEL, accuracy_intervals
 
 logger = logging.getLogger(__name__)
 
@@ -114,7 +115,7 @@ def normalize_row(row: Mapping[str, Any], where: str = "row") -> dict[str, Any]:
 
 
 def _answers(value: Any, where: str, errors: list[str]) -> dict[str, Any]:
-    """The row's per-question correctness (:func:`raymed.results.answers`), checked."""
+    """The row's per-question correctness (:func:`raymed.tune.results.answers`), checked."""
     if value is None:
         return {}
     good = isinstance(value, Mapping) and all(
@@ -160,9 +161,9 @@ def _params(value: Any, where: str, errors: list[str]) -> dict[str, Any]:
 
 
 def read_experiment_rows(experiment_dir: str | Path) -> list[dict[str, Any]]:
-    """The trial rows of an experiment: every run's latest checkpoint row below it (:mod:`raymed.results`),
+    """The trial rows of an experiment: every run's latest checkpoint row below it (:mod:`raymed.tune.results`),
     or else the ``results.json`` of an earlier report."""
-    from .results import read_result_rows
+    from raymed.tune.results import read_result_rows
 
     root = storage.resolve(experiment_dir)
     rows = read_result_rows(root) if storage.is_dir(root) else []
@@ -435,9 +436,9 @@ def _markdown(summary: Mapping[str, Any], flat: Sequence[Mapping[str, Any]], nam
 
 # ------------------------------------------------------------------------------------------- CLI
 def main(argv: Sequence[str] | None = None) -> int:
-    """``python -m raymed.report EXPERIMENT_DIR [--metric M] [--mode max|min] [--out DIR]``."""
+    """``python -m raymed.tune.report EXPERIMENT_DIR [--metric M] [--mode max|min] [--out DIR]``."""
     parser = argparse.ArgumentParser(
-        prog="python -m raymed.report", description="Rebuild the sweep report of an experiment folder."
+        prog="python -m raymed.tune.report", description="Rebuild the sweep report of an experiment folder."
     )
     parser.add_argument("experiment_dir", help="experiment folder or URI (s3://, gs://)")
     parser.add_argument(

@@ -16,9 +16,9 @@ from typing import Any
 import torch
 from torch import nn
 
-from .accounting import Accounting, account
-from .models import GROUPS, Family, ModelRef, ParamInfo
-from .models.base import prefix_cache
+from raymed.models.accounting import Accounting, account
+from raymed.models import GROUPS, Family, ModelRef, ParamInfo
+from raymed.models.base import prefix_cache
 
 
 class MethodError(ValueError):
@@ -256,7 +256,7 @@ def effective_towers(model: str, family: str | None, method: str, towers: Sequen
     if spec.peft not in ("prefix", "prompt"):
         return list(towers) if towers else None
     if family is None:
-        from .models import resolve
+        from raymed.models import resolve
 
         family = resolve(model).family.name
     candidates = PREFIX_TOWERS[family] if spec.peft == "prefix" else (PROMPT_TOWER[family],)

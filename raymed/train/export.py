@@ -1,4 +1,4 @@
-"""`python -m raymed.export --run DIR --out DIR [--adapter]`: a plain HF model directory with the fine-tuned
+"""`python -m raymed.train.export --run DIR --out DIR [--adapter]`: a plain HF model directory with the fine-tuned
 parameters merged into the base (LoRA / IA3 / LN-tuning adapters merged; intrinsic methods copied in), or
 with `--adapter` a standard peft adapter directory (peft methods only; for MISS, of the text encoder).
 
@@ -14,8 +14,8 @@ import sys
 import tempfile
 from pathlib import Path
 
-from . import storage
-from .checkpoint import find_checkpoint, load_trainable, peft_host
+from raymed import storage
+from raymed.train.checkpoint import find_checkpoint, load_trainable, peft_host
 
 
 def export(run: str | Path, out: str | Path, adapter: bool = False) -> str:
@@ -54,7 +54,7 @@ def _export(model_dir: Path, ckpt: str, out: Path, adapter: bool) -> None:
 
 
 def main(argv: list[str] | None = None) -> int:
-    ap = argparse.ArgumentParser(prog="python -m raymed.export", description=__doc__,
+    ap = argparse.ArgumentParser(prog="python -m raymed.train.export", description=__doc__,
                                  formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--run", required=True, help="run or checkpoint folder, or its URI (s3://, gs://)")
     ap.add_argument("--out", required=True, help="output folder or URI")

@@ -12,7 +12,7 @@ from typing import Any
 
 import torch
 
-from .config import Config
+from raymed.config import Config
 
 
 class Schedule:

@@ -29,7 +29,7 @@ import torch
 
 PORTABLE = "portable.safetensors"
 MOMENTS = ("exp_avg", "exp_avg_sq")
-# Test hook: a folder where rank 0 writes, after every resume, the state the engine holds (raymed.elastic.dump_restored)
+# Test hook: a folder where rank 0 writes, after every resume, the state the engine holds (raymed.train.elastic.dump_restored)
 DUMP_ENV = "RAYMED_RESTORE_DUMP"
 
 
@@ -217,7 +217,7 @@ def dump_restored(engine: Any, rank: int, world: int, epoch: int, run: str) -> N
     under ZeRO-3) — to `<folder>/<run>/restored-epoch{epoch}-w{world}.safetensors`. Every rank must call it."""
     from safetensors.torch import save_file
 
-    from .checkpoint import gathered
+    from raymed.train.checkpoint import gathered
 
     folder = os.environ.get(DUMP_ENV)
     if not folder:

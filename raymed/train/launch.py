@@ -2,8 +2,8 @@
 
 The driver side: validate the config, make sure the data exists (the built-in synthetic Med-VQA by
 default, `raymed.data.plan`), check the cluster can ever hold the run (`raymed.cluster`), build the `TorchTrainer`
-(Ray Train V2) and write one `raymed-result.json` (its result row, raymed.results). The worker side is
-`raymed.worker.train_loop`.
+(Ray Train V2) and write one `raymed-result.json` (its result row, raymed.tune.results). The worker side is
+`raymed.train.recipe.train_loop`.
 """
 
 from __future__ import annotations
@@ -13,10 +13,10 @@ import json
 import sys
 from typing import Any
 
-from . import storage as store
-from .cluster import PREPROCESS_CPUS, ResourceError, check_resources, init_ray, required_cpus, scaling_config
-from .config import Config, ConfigError, load_config, local_paths, with_paths
-from .data.plan import data_plan, micro_batches_per_epoch
+from raymed import storage as store
+from raymed.cluster import PREPROCESS_CPUS, ResourceError, check_resources, init_ray, required_cpus, scaling_config
+from raymed.config import Config, ConfigError, load_config, local_paths, with_paths
+from raymed.data.plan import data_plan, micro_batches_per_epoch
 
 
 # ---- the trainer --------------------------------------------------------------------------------
@@ -28,11 +28,11 @@ def build_trainer(cfg: Config, storage: str | None = None, extra_callbacks: list
     import ray.train
     from ray.train.torch import TorchConfig, TorchTrainer
 
-    from .data.stream import encoded_split, ingest_config
-    from .data.transform import FamilyEncoderFactory
-    from .models import resolve
-    from .tracking import tracking_dir
-    from .worker import train_loop
+    from raymed.data.stream import encoded_split, ingest_config
+    from raymed.data.transform import FamilyEncoderFactory
+    from raymed.models import resolve
+    from raymed.tracking import tracking_dir
+    from raymed.train.recipe import train_loop
 
     # Ray workers (and Tune trials) do not run in the driver's directory: they get the user's config and its
     # relative paths made absolute here, once; the run's name, stored config and resume checks use the config as
@@ -75,9 +75,9 @@ def build_trainer(cfg: Config, storage: str | None = None, extra_callbacks: list
 
 
 def summarize(result: Any) -> dict[str, Any]:
-    """The run's result row (raymed.results): the `row.json` of its final checkpoint, read alone (never the
+    """The run's result row (raymed.tune.results): the `row.json` of its final checkpoint, read alone (never the
     whole checkpoint, which holds optimizer state)."""
-    from .results import ROW_FILE
+    from raymed.tune.results import ROW_FILE
 
     if result.checkpoint is None:
         raise RuntimeError(f"run {result.path} finished without a checkpoint: {result.error}")
@@ -91,8 +91,8 @@ def summarize(result: Any) -> dict[str, Any]:
 def check_resume(cfg: Config) -> None:
     """Before any worker starts: a re-run of a named run resumes it only under the config it was started with
     (the worker checks again), unless `run.allow_config_change`."""
-    from .config import config_changes
-    from .results import latest_checkpoint
+    from raymed.config import config_changes
+    from raymed.tune.results import latest_checkpoint
 
     root = store.join(storage_path(cfg), cfg.run_name())
     if cfg.run.allow_config_change or not store.is_dir(root):
@@ -128,7 +128,7 @@ def check_storage(cfg: Config, storage: str | None = None) -> None:
 
 def fit(cfg: Config) -> dict[str, Any]:
     """Run training to completion (resuming a same-named run) and write `<storage>/<name>/raymed-result.json`."""
-    from .results import RUN_RESULT_FILE
+    from raymed.tune.results import RUN_RESULT_FILE
 
     check_storage(cfg)
     check_resume(cfg)
@@ -162,7 +162,3 @@ def main(argv: list[str] | None = None) -> int:
         print(f"  {k:40s} {m[k]:.4f}" if isinstance(m[k], float) else f"  {k:40s} {m[k]}")
     print(f"result: {summary['result_json']}")
     return 0
-
-
-if __name__ == "__main__":
-    sys.exit(main())
