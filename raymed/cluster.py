@@ -3,13 +3,18 @@
 Used by every driver that runs on Ray: `raymed.train`, `raymed.tune`, `tools/pretrain.py` (through `train.fit`) and the
 benchmark suites. What one run asks for: `worker_resources` (one training worker), `scaling_config` (its worker group)
 and `required_cpus` (workers + Ray Data preprocessing actors).
+
+`python -m raymed.cluster report-node-types CLUSTER.yaml` (run on the head by the shipped cluster files, after
+`ray start --head`): tells the cluster which node types its autoscaler can launch (see `report_node_types`).
 """
 
 from __future__ import annotations
 
+import argparse
 import math
 import os
 from dataclasses import dataclass
+from pathlib import Path
 from typing import Any
 
 from raymed.config import Config
@@ -104,9 +109,11 @@ def start_local_ray(attempts: int = 3, **kwargs: Any) -> None:
 class Capacity:
     """What the cluster can hold: the shapes of the nodes it has or can launch, and the most of each resource.
 
-    On an autoscaling cluster (`ray up` with the files under `cluster/`) the autoscaler reports its node types to
-    the GCS (their resources, `min_workers`, `max_workers`): a node type counts with `max_workers` nodes even while
-    none runs. Ray Data reads the same report (`ray._private.state.get_cluster_config`) to size its autoscaling."""
+    On an autoscaling cluster the GCS holds the autoscaler's node types (their resources, `min_workers`,
+    `max_workers`): a node type counts with `max_workers` nodes even while none runs. Ray's v2 autoscaler and KubeRay
+    report them; the v1 autoscaler that `ray up` runs does not, so the shipped cluster files report them with
+    `report_node_types` after `ray start --head`. Ray Data reads the same record
+    (`ray._private.state.get_cluster_config`) to size its autoscaling."""
 
     shapes: tuple[dict[str, float], ...]
     totals: dict[str, float]
@@ -149,11 +156,84 @@ def check_resources(cfg: Config, cap: Capacity | None = None) -> Capacity:
             f"no node can host one training worker needing {need} (the cluster's "
             f"{'node types' if cap.autoscaling else 'nodes'} offer {[{k: s.get(k, 0) for k in need} for s in cap.shapes]}"
             "); lower scaling.cpus_per_worker, or set scaling.use_gpu=false, or add a node type that fits "
-            "(cluster/*.yaml: available_node_types)"
+            "(cluster/*.yaml: available_node_types)" + ("" if cap.autoscaling else NOT_REPORTED)
         )
     if cap.totals.get("CPU", 0) < required_cpus(cfg):
         raise ResourceError(
             f"the run needs {required_cpus(cfg):g} CPUs ({cfg.scaling.min_workers} workers x "
             f"{cfg.scaling.cpus_per_worker:g} + data actors) but the cluster holds at most {cap.describe()}"
+            + ("" if cap.autoscaling else NOT_REPORTED)
         )
     return cap
+
+
+def keep_worker_nodes_removable(cap: Capacity) -> None:
+    """On an autoscaling cluster, start Ray Data's two cluster-wide actors (its autoscaling coordinator and its
+    stats actor) on this, the driver's, node before any trial or worker runs. Ray Data and Ray Train create them on
+    first use, detached and pinned to the node of whichever process asks first: a trial's or a training worker's
+    node. A node running an actor is never idle, so the autoscaler would keep that (GPU) node for good after the
+    sweep (seen with Ray's autoscaler on its fake multi-node provider, tests/test_autoscaling.py). Started here
+    first, they stay on the head, where the driver of a `ray job submit` runs; later requests get the same actors."""
+    if not cap.autoscaling:
+        return
+    from ray.data._internal.cluster_autoscaler.default_autoscaling_coordinator import (
+        get_or_create_autoscaling_coordinator,
+    )
+    from ray.data._internal.stats import get_or_create_stats_actor
+
+    get_or_create_autoscaling_coordinator()
+    get_or_create_stats_actor()
+
+
+NOT_REPORTED = ("; on an autoscaling cluster whose node types the GCS does not hold (Ray's v1 autoscaler), run "
+                "`python -m raymed.cluster report-node-types CLUSTER.yaml` on the head (the files under cluster/ do)")
+
+
+def node_types_config(cluster_file: dict[str, Any]) -> Any:
+    """A cluster file's worker node types as the autoscaler's `ClusterConfig` record (resources, min, max)."""
+    from ray.core.generated import autoscaler_pb2
+
+    config = autoscaler_pb2.ClusterConfig()
+    for name, node in cluster_file["available_node_types"].items():
+        if name == cluster_file.get("head_node_type"):
+            continue
+        group = config.node_group_configs.add(name=name, min_count=int(node.get("min_workers", 0)),
+                                              max_count=int(node.get("max_workers", cluster_file.get("max_workers", 0))))
+        for key, value in (node.get("resources") or {}).items():
+            group.resources[key] = int(value)
+    return config
+
+
+def report_node_types(path: str | Path) -> Any:
+    """Record in the connected cluster's GCS the node types the autoscaler can launch, from the cluster file it runs
+    with (`ray up` puts it at `~/ray_bootstrap_config.yaml` on the head), where Ray's v2 autoscaler and KubeRay
+    write them (`ray._private.state.get_cluster_config` reads it; so do `capacity` and Ray Data). Returns the
+    record."""
+    import ray
+    import yaml
+    from ray.experimental.internal_kv import _internal_kv_put
+
+    config = node_types_config(yaml.safe_load(Path(path).expanduser().read_text()))
+    _internal_kv_put(ray._raylet.GCS_AUTOSCALER_CLUSTER_CONFIG_KEY, config.SerializeToString(), overwrite=True,
+                     namespace=ray._raylet.GCS_AUTOSCALER_STATE_NAMESPACE)
+    return config
+
+
+def main(argv: list[str] | None = None) -> int:
+    ap = argparse.ArgumentParser(prog="python -m raymed.cluster", description=__doc__,
+                                 formatter_class=argparse.RawDescriptionHelpFormatter)
+    sub = ap.add_subparsers(dest="command", required=True)
+    report = sub.add_parser("report-node-types", help="record the autoscaler's node types in the cluster's GCS")
+    report.add_argument("cluster_file", help="the cluster file the autoscaler runs with")
+    args = ap.parse_args(argv)
+    import ray
+
+    ray.init(address=os.environ.get("RAY_ADDRESS", "auto"), logging_level="error")
+    config = report_node_types(args.cluster_file)
+    for group in config.node_group_configs:
+        print(f"{group.name}: {dict(group.resources)} x {group.min_count}..{group.max_count}")
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())

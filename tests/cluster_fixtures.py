@@ -5,6 +5,8 @@
 - `RayCluster`: `ray start --head` plus `ray start --address` worker nodes, each a separate raylet with its
   own temp dir, ports and a custom resource naming it. Teardown kills only the processes of this cluster
   (found by its temp dirs), never other Ray clusters on the machine (`ray stop` would stop them all).
+- `RayCluster.start_autoscaling_head`: a head whose worker nodes Ray's own autoscaler launches and removes,
+  through Ray's fake multi-node provider (`fake_autoscaling_config`: a shipped cluster file's node types).
 
 The same commands a user runs on a real cluster; only the endpoint differs.
 """
@@ -26,6 +28,7 @@ from pathlib import Path
 from typing import Any
 
 import psutil
+import yaml
 
 REPO = Path(__file__).resolve().parents[1]
 PYTHON = sys.executable
@@ -155,6 +158,35 @@ class RayCluster:
         node.node_id = self._node_id("node_head")
         return node
 
+    def start_autoscaling_head(self, config: dict[str, Any]) -> Node:
+        """A head (no CPUs: drivers only) run with Ray's autoscaler on its fake multi-node provider
+        (`fake_autoscaling_config`): worker nodes are raylets the autoscaler starts for pending work and stops
+        when idle. They share the head's temp dir (so `processes()` and `shutdown()` find them)."""
+        self.port, self.dashboard_port = free_port(), free_port()
+        node = Node("head", Path(tempfile.mkdtemp(prefix="rmc-a-", dir="/tmp")))
+        config = {**config, "provider": {**config["provider"], "gcs_address": self.address}}
+        (node.temp_dir / "autoscaling.yaml").write_text(yaml.safe_dump(config))
+        cmd = [RAY, "start", "--head", f"--port={self.port}", "--num-cpus=0", f"--temp-dir={node.temp_dir}",
+               "--include-dashboard=true", "--dashboard-host=127.0.0.1", f"--dashboard-port={self.dashboard_port}",
+               f"--ray-client-server-port={free_port()}", "--disable-usage-stats",
+               f"--autoscaling-config={node.temp_dir / 'autoscaling.yaml'}", *self._ports()]
+        # the provider's head is FAKE_HEAD_ID of type ray.head.default; the autoscaler acts every second
+        self._run(cmd, node, {"RAY_FAKE_CLUSTER": "1", "AUTOSCALER_UPDATE_INTERVAL_S": "1",
+                              "RAY_OVERRIDE_NODE_ID_FOR_TESTING": FAKE_HEAD_ID, "RAY_CLOUD_INSTANCE_ID": FAKE_HEAD_ID})
+        self.nodes.append(node)
+        node.node_id = FAKE_HEAD_ID
+        return node
+
+    def node_table(self) -> list[dict[str, Any]]:
+        """Ray's own record of the cluster's nodes, live and dead (`ray.nodes()`), asked from a client process."""
+        code = ("import json, ray; ray.init(address='%s', logging_level='error'); "
+                "print('NODES', json.dumps([{k: n[k] for k in ('NodeID', 'Alive', 'Resources')} for n in ray.nodes()]))"
+                % self.address)
+        out = subprocess.run([PYTHON, "-c", code], env={**os.environ, **self.env, "RAY_SCHEDULER_EVENTS": "0"},
+                             capture_output=True, text=True, timeout=120)
+        assert out.returncode == 0, out.stderr[-3000:]
+        return json.loads(next(line for line in out.stdout.splitlines() if line.startswith("NODES "))[6:])
+
     def add_node(self, name: str, cpus: float) -> Node:
         """A worker node (a separate raylet) with the custom resource `node_<name>`."""
         node = Node(name, Path(tempfile.mkdtemp(prefix=f"rmc-{name}-", dir="/tmp")))
@@ -165,8 +197,9 @@ class RayCluster:
         node.node_id = self._node_id(f"node_{name}")
         return node
 
-    def _run(self, cmd: list[str], node: Node) -> None:
-        env = {**os.environ, **self.env, **({"HF_HOME": str(self.caches / node.name)} if self.caches else {})}
+    def _run(self, cmd: list[str], node: Node, extra_env: dict[str, str] | None = None) -> None:
+        env = {**os.environ, **self.env, **({"HF_HOME": str(self.caches / node.name)} if self.caches else {}),
+               **(extra_env or {})}
         done = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=180)
         if done.returncode != 0:
             raise RuntimeError(f"{' '.join(cmd)} failed:\n{done.stdout[-3000:]}\n{done.stderr[-3000:]}")
@@ -227,6 +260,38 @@ class RayCluster:
         for n in self.nodes:
             shutil.rmtree(n.temp_dir, ignore_errors=True)
         self.nodes.clear()
+
+
+# ---- Ray's autoscaler on one machine --------------------------------------------------------------------------
+FAKE_HEAD_ID = "f" * 51 + "00000"  # ray.autoscaler._private.fake_multi_node.node_provider.FAKE_HEAD_NODE_ID
+
+
+def fake_autoscaling_config(shipped: Path, worker_cpus: float, max_workers: int, idle_minutes: float) -> dict:
+    """A shipped cluster file (`cluster/aws.yaml`) on Ray's fake multi-node provider, scaled to this machine: its
+    first GPU worker type (same name, `min_workers` as shipped: 0) with `worker_cpus` CPUs and no GPU, at most
+    `max_workers` of it; the idle timeout shortened to `idle_minutes`; a head without CPUs. The provider's
+    settings are those of Ray's own example (ray/autoscaler/_private/fake_multi_node/example.yaml, not in the
+    wheel): nodes are raylets on this machine, no SSH, no updaters."""
+    cfg = yaml.safe_load(shipped.read_text())
+    head = cfg["head_node_type"]
+    name, kind = next((n, t) for n, t in cfg["available_node_types"].items()
+                      if n != head and t.get("max_workers", 0) > 0 and t["resources"].get("GPU"))
+    return {
+        "cluster_name": cfg["cluster_name"], "max_workers": max_workers, "upscaling_speed": cfg["upscaling_speed"],
+        "idle_timeout_minutes": idle_minutes,
+        "provider": {"type": "fake_multinode", "use_node_id_as_ip": True, "disable_node_updaters": True,
+                     "disable_launch_config_check": True},
+        "auth": {}, "docker": {}, "head_node_type": "ray.head.default",
+        "available_node_types": {
+            "ray.head.default": {"resources": {"CPU": 0}, "node_config": {}, "max_workers": 0},
+            name: {"min_workers": kind.get("min_workers", 0), "max_workers": max_workers,
+                   "resources": {"CPU": worker_cpus}, "node_config": {}},
+        },
+        **{key: [] for key in ("initialization_commands", "setup_commands", "head_setup_commands",
+                               "worker_setup_commands", "head_start_ray_commands", "worker_start_ray_commands",
+                               "cluster_synced_files", "rsync_exclude", "rsync_filter")},
+        "file_mounts": {}, "file_mounts_sync_continuously": False,
+    }
 
 
 def run_job_command(cmd: list[str], deadline_s: float = 600, **kwargs: Any) -> subprocess.CompletedProcess:

@@ -131,10 +131,8 @@ def test_shared_storage_is_documented(path: Path) -> None:
 
 CAPACITY = r"""
 import json, sys
-import ray, yaml
-from ray.core.generated import autoscaler_pb2
-from ray.experimental.internal_kv import _internal_kv_put
-from raymed.cluster import ResourceError, capacity, check_resources
+import ray
+from raymed.cluster import ResourceError, capacity, check_resources, report_node_types
 from raymed.config import load_config
 from raymed.tune.sweep import load_sweep, trial_concurrency
 
@@ -148,16 +146,8 @@ def attempt(overrides):
         return "error: " + str(err)
 
 out = {"before": [capacity().autoscaling, attempt(gpu)]}
-# What the autoscaler reports to the GCS from a cluster file: each worker node type's resources and limits.
-config = autoscaler_pb2.ClusterConfig()
-for name, node in yaml.safe_load(open(sys.argv[1]))["available_node_types"].items():
-    if "max_workers" in node:
-        group = config.node_group_configs.add(name=name, min_count=node.get("min_workers", 0),
-                                              max_count=node["max_workers"])
-        for key, value in node["resources"].items():
-            group.resources[key] = int(value)
-_internal_kv_put(ray._raylet.GCS_AUTOSCALER_CLUSTER_CONFIG_KEY, config.SerializeToString(),
-                 namespace=ray._raylet.GCS_AUTOSCALER_STATE_NAMESPACE)
+# What the shipped file's head start commands record: each worker node type's resources and limits.
+report_node_types(sys.argv[1])
 cap = capacity()
 sweep, base = load_sweep(sys.argv[2], [*gpu, "sweep.max_concurrent=8"], check_paths=False)
 out["after"] = [cap.autoscaling, cap.totals.get("GPU"), cap.totals.get("CPU"), attempt(gpu),
@@ -185,6 +175,7 @@ def test_a_gpu_run_on_an_autoscaling_cluster_with_no_gpu_node_yet(path: Path) ->
     assert result.returncode == 0, result.stderr[-3000:]
     out = json.loads(result.stdout.strip().splitlines()[-1])
     assert out["before"][0] is False and out["before"][1].startswith("error: no node can host")
+    assert "python -m raymed.cluster report-node-types" in out["before"][1]  # what to do, named
     autoscaling, total_gpus, total_cpus, fits, too_big, concurrency = out["after"]
     assert autoscaling and total_gpus == gpus and total_cpus == cpus and not fits.startswith("error")
     assert all(name in fits for name in workers)

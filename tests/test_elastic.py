@@ -8,19 +8,16 @@ the checkpoint it resumed from, re-sharded to the new world size (and ZeRO stage
 
 from __future__ import annotations
 
-import json
 import math
 from pathlib import Path
 
 import pytest
-import torch
-from safetensors import safe_open
-from safetensors.torch import load_file
 
 from raymed.cluster import start_local_ray
 from raymed.config import load_config
-from raymed.train.elastic import DUMP_ENV, PORTABLE
+from raymed.train.elastic import DUMP_ENV
 from raymed.train.launch import fit
+from tests.fixtures.elastic import check_restore
 
 pytestmark = pytest.mark.integration
 
@@ -52,32 +49,6 @@ def _run(storage: Path, name: str, *overrides: str) -> dict:
     return fit(load_config(None, [*BASE, f"run.storage={storage}", f"run.name={name}", *overrides]))
 
 
-def _check_restore(run_dir: Path, dump_dir: Path, epoch: int, world: int) -> dict:
-    """The state the engine held after resuming at `world` workers equals checkpoint `epoch-{epoch}`'s."""
-    dumped = dump_dir / f"restored-epoch{epoch}-w{world}.safetensors"
-    assert dumped.is_file(), f"no resume at {world} workers from epoch {epoch}: {sorted(dump_dir.iterdir())}"
-    ckpt = run_dir / f"epoch-{epoch:04d}"
-    saved = load_file(ckpt / "resume" / PORTABLE)
-    got = load_file(dumped)
-    trained = load_file(ckpt / "model" / "trainable.safetensors")  # gathered by another path (save_checkpoint)
-    assert {k for k in saved if k.startswith("param/")} == {f"param/{n}" for n in trained}
-    for key, tensor in saved.items():
-        assert torch.equal(got[key], tensor), key  # fp32 masters and both Adam moments, exactly
-    for name, tensor in trained.items():
-        assert torch.equal(got[f"module/{name}"], tensor), name  # the module's weights too
-        assert torch.equal(saved[f"param/{name}"], tensor), name
-    assert all(saved[k].abs().sum() > 0 for k in saved if k.startswith("exp_avg_sq/")), "no optimizer state saved"
-    with safe_open(dumped, "pt") as f:
-        meta_got = f.metadata()
-    with safe_open(ckpt / "resume" / PORTABLE, "pt") as f:
-        meta_saved = f.metadata()
-    state = json.loads((ckpt / "state.json").read_text())
-    assert meta_got["global_steps"] == meta_saved["global_steps"] == str(state["step"])
-    assert meta_got["adam_step"] == meta_saved["adam_step"] == str(state["step"])
-    assert meta_got["world_size"] == str(world) and meta_saved["world_size"] == str(state["world_size"])
-    return {"state": state, "zero_stage": int(meta_got["zero_stage"]), "lr": float(meta_got["lr"])}
-
-
 @pytest.mark.parametrize(("stage", "one_worker_stage"), [(2, 0), (3, 3)], ids=["zero2-to-zero0", "zero3"])
 def test_two_one_two_workers_restore_the_saved_state(cluster, stage, one_worker_stage):
     storage, dump = cluster
@@ -93,12 +64,12 @@ def test_two_one_two_workers_restore_the_saved_state(cluster, stage, one_worker_
     # 5, dies at step 8 (end of epoch 3).
     with pytest.raises(Exception):
         _run(storage, name, *common, ONE, "run.fail_at_step=8")
-    first = _check_restore(run_dir, dump / name, epoch=1, world=1)
+    first = check_restore(run_dir, dump / name, epoch=1, world=1)
     assert first["state"]["world_size"] == 2 and first["state"]["zero_stage"] == stage
     assert first["zero_stage"] == one_worker_stage
     # Two fit again: resumes epoch 2's checkpoint (1 worker) on 2 workers and finishes epoch 3 (steps 6-7).
     done = _run(storage, name, *common, TWO, "run.fail_at_step=8")
-    second = _check_restore(run_dir, dump / name, epoch=2, world=2)
+    second = check_restore(run_dir, dump / name, epoch=2, world=2)
     assert second["state"]["world_size"] == 1 and second["state"]["zero_stage"] == one_worker_stage
     assert second["zero_stage"] == stage
 

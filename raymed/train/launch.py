@@ -14,7 +14,8 @@ import sys
 from typing import Any
 
 from raymed import storage as store
-from raymed.cluster import PREPROCESS_CPUS, ResourceError, check_resources, init_ray, required_cpus, scaling_config
+from raymed.cluster import (PREPROCESS_CPUS, ResourceError, check_resources, init_ray, keep_worker_nodes_removable,
+                            required_cpus, scaling_config)
 from raymed.config import Config, ConfigError, load_config, local_paths, with_paths
 from raymed.data.plan import data_plan, micro_batches_per_epoch
 
@@ -133,7 +134,7 @@ def fit(cfg: Config) -> dict[str, Any]:
     check_storage(cfg)
     check_resume(cfg)
     init_ray(required_cpus(cfg) + 1)
-    check_resources(cfg)
+    keep_worker_nodes_removable(check_resources(cfg))
     trainer = build_trainer(cfg)
     result = trainer.fit()
     summary = summarize(result)
