@@ -41,7 +41,8 @@ def free_port() -> int:
         return sock.getsockname()[1]
 
 
-def _wait(predicate: Any, timeout: float, what: str, interval: float = 0.5) -> Any:
+def wait_until(predicate: Any, timeout: float, what: str, interval: float = 0.5) -> Any:
+    """`predicate()`'s first truthy value, polled every `interval` seconds; TimeoutError after `timeout`."""
     deadline = time.time() + timeout
     while time.time() < deadline:
         value = predicate()
@@ -110,7 +111,7 @@ def start_s3(tmp: Path, bucket: str = "raymed-test") -> S3Server:
         except OSError:
             return False
 
-    _wait(up, 60, "the S3 server")
+    wait_until(up, 60, "the S3 server")
     server.client().create_bucket(Bucket=bucket)
     return server
 
@@ -215,7 +216,7 @@ class RayCluster:
             ids = json.loads(out.stdout.strip().splitlines()[-1]) if out.returncode == 0 and out.stdout.strip() else []
             return ids[0] if ids else None
 
-        return _wait(found, 120, f"node with resource {resource}", interval=1.0)
+        return wait_until(found, 120, f"node with resource {resource}", interval=1.0)
 
     def processes(self, node: Node | None = None) -> list[psutil.Process]:
         """Processes of this cluster (or of one node): those whose command line names its temp dir."""

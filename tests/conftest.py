@@ -72,3 +72,13 @@ def one_rank(monkeypatch):
     if not dist.is_initialized():
         deepspeed.init_distributed(dist_backend="gloo")
     yield
+
+
+@pytest.fixture(scope="module")
+def s3(tmp_path_factory):
+    """A local S3-API server (moto on 127.0.0.1) for one test module: tests/cluster_fixtures.py `S3Server`."""
+    from tests.cluster_fixtures import start_s3
+
+    server = start_s3(tmp_path_factory.mktemp("s3"))
+    yield server
+    server.stop()

@@ -22,26 +22,18 @@ import json
 import os
 import shlex
 import subprocess
-import time
 from pathlib import Path
 
 import pytest
 import yaml
 
 from tests.cluster_fixtures import (FAKE_HEAD_ID, PYTHON, REPO, RayCluster, S3Server, cluster_env,
-                                    fake_autoscaling_config, job_logs, run_cli, run_job_command, start_s3)
+                                    fake_autoscaling_config, job_logs, run_cli, run_job_command, wait_until)
 
 pytestmark = [pytest.mark.integration, pytest.mark.slow]
 
 SHIPPED = REPO / "cluster" / "aws.yaml"
 NODE_CPUS, MAX_NODES, IDLE_MINUTES = 2, 2, 0.2
-
-
-@pytest.fixture(scope="module")
-def s3(tmp_path_factory) -> S3Server:
-    server = start_s3(tmp_path_factory.mktemp("s3"))
-    yield server
-    server.stop()
 
 
 @pytest.fixture(scope="module")
@@ -77,16 +69,6 @@ def launched(cluster: RayCluster) -> list[dict]:
     return [n for n in cluster.node_table() if n["NodeID"] != FAKE_HEAD_ID]
 
 
-def wait_for(what: str, check, timeout: float, interval: float = 2.0):
-    end = time.time() + timeout
-    while time.time() < end:
-        got = check()
-        if got:
-            return got
-        time.sleep(interval)
-    raise AssertionError(f"timed out after {timeout:.0f} s waiting for {what}")
-
-
 def s3_json(s3: S3Server, key: str) -> dict:
     return json.loads(s3.client().get_object(Bucket=s3.bucket, Key=key)["Body"].read())
 
@@ -116,9 +98,9 @@ def test_a_sweep_scales_up_from_zero_nodes_and_down_when_idle(s3, cluster, datas
     print(f"autoscaler launched {len(nodes)} node(s): {sorted(nodes)}")
 
     try:
-        wait_for("the idle nodes to be removed", lambda: not any(n["Alive"] for n in launched(cluster)),
-                 timeout=180)
-    except AssertionError as err:
+        wait_until(lambda: not any(n["Alive"] for n in launched(cluster)), 180, "the idle nodes to be removed",
+                   interval=2.0)
+    except TimeoutError as err:
         status = subprocess.run([str(Path(PYTHON).parent / "ray"), "status", "-v", "--address", cluster.address],
                                 env={**os.environ, **cluster.env}, capture_output=True, text=True, timeout=120)
         actors = subprocess.run([str(Path(PYTHON).parent / "ray"), "list", "actors", "--filter", "state=ALIVE",

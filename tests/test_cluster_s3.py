@@ -22,7 +22,7 @@ import torch
 from safetensors.torch import load as load_safetensors
 
 from tests.cluster_fixtures import (PYTHON, REPO, RayCluster, S3Server, cluster_env, job_logs, run_cli,
-                                    run_job_command, start_s3)
+                                    run_job_command)
 
 pytestmark = pytest.mark.integration
 
@@ -31,13 +31,6 @@ MODEL = "s3://raymed-test/models/tiny-llava"
 TRAIN = [f"model.name={MODEL}", "model.family=llava", "method.name=ln", "train.batch_size=4", "train.lr=5e-3", "train.zero_shot=false",
          "data.max_eval_rows=4", "data.preprocess_actors=0", "scaling.cpus_per_worker=0.5",
          "run.metrics_export=false"]
-
-
-@pytest.fixture(scope="module")
-def s3(tmp_path_factory) -> S3Server:
-    server = start_s3(tmp_path_factory.mktemp("s3"))
-    yield server
-    server.stop()
 
 
 @pytest.fixture(scope="module")

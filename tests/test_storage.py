@@ -13,16 +13,9 @@ import pytest
 
 from raymed import storage
 from raymed.train.launch import main as train_main
-from tests.cluster_fixtures import REPO, S3Server, free_port, start_s3
+from tests.cluster_fixtures import REPO, S3Server, free_port
 
 pytestmark = pytest.mark.unit
-
-
-@pytest.fixture(scope="module")
-def s3(tmp_path_factory) -> S3Server:
-    server = start_s3(tmp_path_factory.mktemp("s3"))
-    yield server
-    server.stop()
 
 
 @pytest.fixture
