@@ -86,7 +86,7 @@ def result_row(cfg: Any, accounting: Mapping[str, Any], history: list[dict[str, 
 def latest_checkpoint(run_dir: str | Path, holding: str | None = None) -> str | None:
     """The newest `epoch-NNNN` checkpoint of a run folder (a path or URI), or with ``holding`` (a relative file
     path such as ``model/raymed.json``) the newest that holds that file; None when there is none. The one place
-    that finds a run's checkpoints by name: results, `checkpoint.find_checkpoint` and `train.check_resume`."""
+    that finds a run's checkpoints by name: results, `train.checkpoint.find_checkpoint` and `train.launch.check_resume`."""
     found = sorted((int(m.group(1)), n) for n in storage.listdir(run_dir) if (m := CHECKPOINT_RE.match(n)))
     for _, name in reversed(found):
         ckpt = storage.join(run_dir, name)
