@@ -20,6 +20,7 @@ from pathlib import Path
 
 import pytest
 
+from raymed.cli import COMMANDS
 from raymed.cli import main as raymed_main
 from raymed.config import read_yaml
 from tests.cluster_fixtures import start_s3
@@ -112,7 +113,8 @@ def substitute(command: list[str], root: Path, bucket: str) -> list[str]:
             arg = arg.replace("RUN_NAME", runs[-1].name)
         out.append(arg)
     args = out[3:] if out[0] == "python" else out[1:]
-    name = args[0] if out[0] == "raymed" else out[2].removeprefix("raymed.").split(".")[0]
+    modules = {module.removesuffix(".__main__"): command for command, (module, _) in COMMANDS.items()}
+    name = args[0] if out[0] == "raymed" else modules.get(out[2], out[2].removeprefix("raymed."))
     args = args[1:] if out[0] == "raymed" else args
     if name in ("train", "tune"):
         config = args[args.index("--config") + 1] if "--config" in args else None

@@ -63,7 +63,7 @@ def test_train_a_hub_id_release_offline_converts_once_then_reuses(tmp_path: Path
                  "data.preprocess_actors=0", "train.epochs=1", "train.batch_size=4", "train.zero_shot=false",
                  "scaling.num_workers=1", "scaling.cpus_per_worker=0.5", "run.metrics_export=false",
                  f"run.storage={tmp_path / 'runs'}", "run.name=hub"]
-    train = _python("import sys\nfrom raymed.train import main\nsys.exit(main(sys.argv[1:]))\n", overrides,
+    train = _python("import sys\nfrom raymed.train.launch import main\nsys.exit(main(sys.argv[1:]))\n", overrides,
                     _env(tmp_path, HF_HUB_OFFLINE="1", HF_DATASETS_OFFLINE="1"), timeout=1500, lock=True)
     assert train.returncode == 0, train.stderr[-3000:]
     summary = json.loads((tmp_path / "runs" / "hub" / "raymed-result.json").read_text())
