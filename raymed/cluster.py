@@ -123,6 +123,10 @@ class Capacity:
     def hosts(self, need: dict[str, float]) -> bool:
         return any(all(shape.get(k, 0) >= v for k, v in need.items()) for shape in self.shapes)
 
+    def refusal_note(self) -> str:
+        """What a refusal adds when the cluster reported no node types: how to report them (`report_node_types`)."""
+        return "" if self.autoscaling else NOT_REPORTED
+
     def describe(self) -> str:
         where = f"node types {', '.join(self.node_types)} at their max_workers" if self.autoscaling else "its nodes"
         return f"{where}: {', '.join(f'{v:g} {k}' for k, v in sorted(self.totals.items()) if k in ('CPU', 'GPU'))}"
@@ -156,13 +160,13 @@ def check_resources(cfg: Config, cap: Capacity | None = None) -> Capacity:
             f"no node can host one training worker needing {need} (the cluster's "
             f"{'node types' if cap.autoscaling else 'nodes'} offer {[{k: s.get(k, 0) for k in need} for s in cap.shapes]}"
             "); lower scaling.cpus_per_worker, or set scaling.use_gpu=false, or add a node type that fits "
-            "(cluster/*.yaml: available_node_types)" + ("" if cap.autoscaling else NOT_REPORTED)
+            "(cluster/*.yaml: available_node_types)" + cap.refusal_note()
         )
     if cap.totals.get("CPU", 0) < required_cpus(cfg):
         raise ResourceError(
             f"the run needs {required_cpus(cfg):g} CPUs ({cfg.scaling.min_workers} workers x "
             f"{cfg.scaling.cpus_per_worker:g} + data actors) but the cluster holds at most {cap.describe()}"
-            + ("" if cap.autoscaling else NOT_REPORTED)
+            + cap.refusal_note()
         )
     return cap
 

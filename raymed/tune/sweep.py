@@ -27,7 +27,7 @@ from pydantic import Field
 from ray.tune.schedulers import AsyncHyperBandScheduler, FIFOScheduler, TrialScheduler
 
 from raymed import storage as store
-from raymed.cluster import (NOT_REPORTED, ResourceError, capacity, check_resources, init_ray,
+from raymed.cluster import (ResourceError, capacity, check_resources, init_ray,
                             keep_worker_nodes_removable, required_cpus)
 from raymed.config import (Config, ConfigError, Section, deep_merge, format_error, local_paths, parse_override, read_yaml,
                      set_dotted, validate)
@@ -387,7 +387,7 @@ def run_sweep(sweep: SweepConfig, base: dict[str, Any], out: str | Path, resume:
         raise ResourceError(f"each trial needs {need:g} CPUs (driver {sweep.trial_cpus:g} + "
                             f"{base_cfg.scaling.min_workers} workers x {base_cfg.scaling.cpus_per_worker:g} + data) "
                             f"but the cluster holds at most {cap.describe()}; lower scaling.cpus_per_worker or "
-                            "num_workers" + ("" if cap.autoscaling else NOT_REPORTED))
+                            "num_workers" + cap.refusal_note())
     keep_worker_nodes_removable(check_resources(base_cfg, cap))
     if base_cfg.scaling.use_gpu and not cap.totals.get("GPU"):
         raise ResourceError(f"scaling.use_gpu=true but the cluster has no GPU and its autoscaler can launch none "
