@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import io
+import os
 import json
 import sys
 import threading
@@ -185,10 +186,19 @@ def big_data(tmp_path_factory: pytest.TempPathFactory) -> tuple[Path, int]:
 
 @pytest.mark.integration
 def test_read_split_is_lazy_and_compressed(ray_cluster: Any, synth_data: Path) -> None:
+    from ray.util.state import list_actors
+
     from raymed.data.stream import read_split
 
+    def footer_readers() -> set[str]:
+        return {a.actor_id for a in list_actors(filters=[("class_name", "=", "FooterReader")], limit=1000)}
+
+    before = footer_readers()
     ds = read_split(synth_data / "embedded", "train")
     rows = ds.take_all()
+    # Ray Data starts 32 footer-reading actor processes a Parquet read by default: one for this split's 3 shards
+    assert len(list((synth_data / "embedded" / "train").glob("*.parquet"))) == 3
+    assert len(footer_readers() - before) == 1
     assert sorted(r["id"] for r in rows) == sorted(r["id"] for r in read_split_rows(synth_data / "embedded", "train"))
     for row in rows:  # still the PNG file bytes, not decoded pixels
         name = json.loads(row["extra"])["image_name"]
@@ -371,3 +381,17 @@ def test_epochs_are_shuffled_by_seed_and_epoch_and_resume_in_order(ray_cluster, 
     print(f"pad cells per epoch: {padded(run)} shuffled, {padded(grouped)} grouped by length")
     if not row_kib:  # grouping works within a window: 1 MiB windows of 128 KiB rows hold about one batch
         assert padded(grouped) < padded(run) / 2 and by_length[0] != by_length[1]  # and a new order every epoch
+
+
+def test_footer_readers_follow_the_shard_count_and_a_users_setting(monkeypatch) -> None:
+    from raymed.data.stream import FOOTER_ENV, footer_readers
+
+    monkeypatch.delenv(FOOTER_ENV, raising=False)
+    for files, actors in ((1, 1), (10, 1), (11, 2), (1000, 32)):
+        with footer_readers(files) as n:
+            assert n == actors and os.environ[FOOTER_ENV] == str(actors)
+        assert FOOTER_ENV not in os.environ  # only while Ray Data builds the read
+    monkeypatch.setenv(FOOTER_ENV, "5")
+    with footer_readers(1) as n:
+        assert n == 5
+    assert os.environ[FOOTER_ENV] == "5"
