@@ -191,7 +191,10 @@ def test_read_split_is_lazy_and_compressed(ray_cluster: Any, synth_data: Path) -
     from raymed.data.stream import read_split
 
     def footer_readers() -> set[str]:
-        return {a.actor_id for a in list_actors(filters=[("class_name", "=", "FooterReader")], limit=1000)}
+        # this test's own cluster: without an address the state API picks the newest cluster on the machine
+        address = ray_cluster.get_runtime_context().gcs_address
+        found = list_actors(address=address, filters=[("class_name", "=", "FooterReader")], limit=1000)
+        return {a.actor_id for a in found}
 
     before = footer_readers()
     ds = read_split(synth_data / "embedded", "train")
