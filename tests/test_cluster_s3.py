@@ -91,8 +91,8 @@ def trainable(s3: S3Server, checkpoint_uri: str) -> dict:
 
 
 # One run config for the two-node run and the node-loss run (placement and max_failures do not change the
-# result): ZeRO-3 over two workers, 3 epochs, everything on S3.
-RUN = ["train.epochs=3", "deepspeed.zero_stage=3", "scaling.num_workers=2"]
+# result): ZeRO-3 over two workers, 2 epochs, everything on S3.
+RUN = ["train.epochs=2", "deepspeed.zero_stage=3", "scaling.num_workers=2"]
 
 
 @pytest.fixture(scope="module")
@@ -110,11 +110,11 @@ def _steps(s3: S3Server, epochs: int, workers: int, batch: int) -> int:
 
 def test_zero3_workers_on_two_nodes_with_s3_storage(s3, cluster, reference):
     result = reference
-    assert result["steps"] == _steps(s3, 3, 2, 4) and result["history"][-1]["zero_stage"] == 3
+    assert result["steps"] == _steps(s3, 2, 2, 4) and result["history"][-1]["zero_stage"] == 3
     nodes = {n.node_id for n in cluster.nodes}
     assert len(nodes) == 2 and sorted(result["worker_nodes"]) == sorted(nodes)  # one worker per node
     storage = s3.uri("runs")
-    assert result["checkpoint"].startswith(f"{storage}/z3/epoch-0003")
+    assert result["checkpoint"].startswith(f"{storage}/z3/epoch-0002")
     keys = s3.keys("runs/z3/")
     ckpt = result["checkpoint"].removeprefix(f"s3://{s3.bucket}/")
     assert f"{ckpt}/model/trainable.safetensors" in keys and f"{ckpt}/resume/latest" in keys
@@ -184,9 +184,9 @@ def test_node_loss_resumes_from_s3_and_matches_the_uninterrupted_run(s3, cluster
           f"run wall {result['wall_s']:.0f}s vs uninterrupted {reference['wall_s']:.0f}s: "
           f"lost {result['wall_s'] - reference['wall_s']:.0f}s")
     history = result["history"]
-    assert [h["epoch"] for h in history] == [1, 2, 3] and result["steps"] == reference["steps"]
+    assert [h["epoch"] for h in history] == [1, 2] and result["steps"] == reference["steps"]
     assert victim.node_id in history[0]["worker_nodes"]  # epoch 1 ran on the lost node (from the checkpoint)
-    assert victim.node_id not in history[1]["worker_nodes"] + history[2]["worker_nodes"]  # resumed without it
+    assert victim.node_id not in history[1]["worker_nodes"]  # resumed without it
     got, want = trainable(s3, result["checkpoint"]), trainable(s3, reference["checkpoint"])
     assert set(got) == set(want)
     for name in want:  # same data order, same seeds, restored optimizer and RNG: equal up to float reordering
@@ -208,7 +208,7 @@ def dataset_uri(s3: S3Server) -> str:
 
 
 SWEEP_ARGS = ["--config", "configs/sweeps/tiny-cpu.yaml", "train.epochs=1", "sweep.max_concurrent=1",
-              "sweep.search={method.name: [ln, lora, attn], train.lr: [0.01]}"]
+              "sweep.search={method.name: [ln, lora], train.lr: [0.01]}"]
 
 
 def _submit(s3: S3Server, cluster: RayCluster, *args: str, wait: bool = True) -> subprocess.CompletedProcess:
@@ -264,18 +264,18 @@ def test_job_submitted_sweep_survives_driver_loss(s3, cluster, dataset):
         p.kill()
     psutil.wait_procs(victims, timeout=10)
 
-    assert len(stamps) < 3, "the sweep finished before its driver was killed"
+    assert len(stamps) < 2, "the sweep finished before its driver was killed"
     resumed = _submit(s3, cluster, *args, "--resume")
     assert resumed.returncode == 0, resumed.stdout[-6000:] + resumed.stderr[-4000:]
     after = _finished_trials(s3, "exp/tiny-cpu/")
-    assert len(after) == 3
+    assert len(after) == 2
     for trial_id, objects in stamps.items():  # the finished trials were not trained again: no object changed
         assert after[trial_id] == objects, trial_id
 
     summary = s3_json(s3, "exp/tiny-cpu/results.json")  # the report, read back from S3
-    assert sorted(t["method"] for t in summary["trials"]) == ["attn", "ln", "lora"]
+    assert sorted(t["method"] for t in summary["trials"]) == ["ln", "lora"]
     assert {"exp/tiny-cpu/report.md", "exp/tiny-cpu/results.csv", "exp/tiny-cpu/frontier.png"} <= set(s3.keys("exp/"))
     # `python -m raymed.tune.report` rebuilds it from the trials' result rows (row.json in their checkpoints) on S3
     done = run_cli("raymed.tune.report", [s3.uri("exp", "tiny-cpu"), "--out", s3.uri("exp", "rebuilt")], cluster_env(s3))
-    assert "3 trials ranked" in done.stdout
+    assert "2 trials ranked" in done.stdout
     assert s3_json(s3, "exp/rebuilt/results.json")["best_per_method"].keys() == summary["best_per_method"].keys()

@@ -1,6 +1,6 @@
-"""A model answers the same questions the same way whoever runs it: the worker's evaluation on 1, 2 or 4 Ray Train
-workers (what a run with that many workers, or an elastic run after a resize, evaluates with) and `raymed eval` in
-one process; batched LLaVA generation answers as one prompt at a time does.
+"""A model answers the same questions the same way whoever runs it: the worker's evaluation on 1 or 3 Ray Train
+workers (what a run with that many workers, or an elastic run after a resize, evaluates with; 3 does not divide the
+batches) and `raymed eval` in one process; batched LLaVA generation answers as one prompt at a time does.
 
 Two models whose answers could depend on the batches: MISS converted from its original checkpoint (its recipe pads
 the questions of a batch to the longest, 100 a batch, and BLIP's decoder attends to that padding) on more than 100
@@ -72,7 +72,7 @@ def evaluate_in_workers(config: dict) -> None:
         dist.barrier()
 
 
-def test_the_same_answers_with_1_2_and_4_workers_and_raymed_eval(setup, tmp_path):
+def test_the_same_answers_with_1_and_3_workers_and_raymed_eval(setup, tmp_path):
     import ray.train
     from ray.train.torch import TorchConfig, TorchTrainer
 
@@ -89,14 +89,14 @@ def test_the_same_answers_with_1_2_and_4_workers_and_raymed_eval(setup, tmp_path
                         "train": {"eval_batch_size": LLAVA_BATCH, "max_new_tokens": 6}}}
     rows = json.loads((root / "data" / "manifest.json").read_text())["splits"]["test"]["rows"]
     assert rows > 100  # more than one of MISS's batches
-    for world in (1, 2, 4):
+    for world in (1, 3):
         TorchTrainer(evaluate_in_workers, torch_config=TorchConfig(backend="gloo"),
                      train_loop_config={"models": models, "data": str(root / "data"), "out": str(tmp_path)},
                      scaling_config=ray.train.ScalingConfig(num_workers=world, resources_per_worker={"CPU": 0.5}),
                      run_config=ray.train.RunConfig(storage_path=str(tmp_path / "ray"))).fit()
     for name, overrides in models.items():
-        answers = [json.loads((tmp_path / f"{name}-{w}.json").read_text()) for w in (1, 2, 4)]
-        assert len(answers[0]) == rows and answers[0] == answers[1] == answers[2], name
+        answers = [json.loads((tmp_path / f"{name}-{w}.json").read_text()) for w in (1, 3)]
+        assert len(answers[0]) == rows and answers[0] == answers[1], name
         # `raymed eval` of the same model (its defaults but for the lengths), in one process
         summary = evaluate(overrides["model"]["name"], str(root / "data"), out=tmp_path / f"eval-{name}",
                            batch_size=overrides["train"].get("eval_batch_size"),

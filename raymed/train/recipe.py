@@ -95,6 +95,10 @@ def setup(loop_config: dict[str, Any]) -> Run:
     ctx = ray.train.get_context()
     rank, world = ctx.get_world_rank(), ctx.get_world_size()
     os.environ.setdefault("DS_ACCELERATOR", "cuda" if cfg.scaling.use_gpu else "cpu")
+    # The recipe never compiles. DeepSpeed's ZeRO optimizer check imports its Muon optimizer, whose torch.compile
+    # decorator loads TorchDynamo's and Inductor's compilers (~1.5 CPU-seconds a worker start); disabled here, the
+    # decorator is a no-op (a user's own TORCHDYNAMO_DISABLE wins).
+    os.environ.setdefault("TORCHDYNAMO_DISABLE", "1")
     import deepspeed  # after DS_ACCELERATOR is set
 
     from raymed.data.epochs import EpochBatches
