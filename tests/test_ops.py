@@ -11,23 +11,14 @@ import os
 import signal
 import subprocess
 import sys
-import time
 
 import pytest
 
+from tests.cluster_fixtures import wait_until
 from tests.test_tune import SWEEP, check_report
 
 pytestmark = pytest.mark.integration
 ENV = {**{k: v for k, v in os.environ.items() if k != "RAY_ADDRESS"}, "TRANSFORMERS_VERBOSITY": "error"}
-
-
-def _wait_for(predicate, timeout: float, what: str) -> None:
-    deadline = time.time() + timeout
-    while time.time() < deadline:
-        if predicate():
-            return
-        time.sleep(0.25)
-    pytest.fail(f"timed out waiting for {what}")
 
 
 def test_killed_sweep_resumes(tmp_path):
@@ -40,7 +31,8 @@ def test_killed_sweep_resumes(tmp_path):
     driver = subprocess.Popen(cmd, env=ENV, start_new_session=True, stdout=log, stderr=subprocess.STDOUT)
     runs = tmp_path / "tiny-cpu" / "runs"
     try:
-        _wait_for(lambda: any(runs.glob("*/epoch-0001/model/trainable.safetensors")), 600, "a first checkpoint")
+        wait_until(lambda: any(runs.glob("*/epoch-0001/model/trainable.safetensors")), 600, "a first checkpoint",
+                   interval=0.25)
     finally:
         os.killpg(driver.pid, signal.SIGKILL)  # the driver and the local Ray cluster it started
         driver.wait(timeout=60)

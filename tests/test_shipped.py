@@ -138,18 +138,19 @@ def test_shipped_train_config_runs_as_shipped(project, ray_cluster, path, monkey
 
     monkeypatch.chdir(project)
     base = read_yaml(project / "configs" / "train" / path.name)
-    epochs = 2 if path.stem == RESUMED else 1
+    resumed = path.stem == RESUMED
+    epochs = 2 if resumed else 1
     overrides = [*shrink(base), f"train.epochs={epochs}"]
     cfg = load_config(f"configs/train/{path.name}", overrides)
     micro = micro_batches_per_epoch(data_plan(cfg)[0], cfg)[cfg.scaling.min_workers]
     per_epoch = optimizer_steps(micro, cfg.train.grad_accum)
     command = ["--config", f"configs/train/{path.name}", *overrides]
     run = project / "runs" / cfg.run_name()
-    if path.stem == RESUMED:
+    if resumed:
         with pytest.raises(Exception):  # a worker dies at the first step of epoch 2
             train_main([*command, f"run.fail_at_step={per_epoch + 1}"])
         assert (run / "fault-injected.txt").is_file() and (run / "epoch-0001").is_dir()
-    assert train_main(command) == 0  # after the crash, the same command again: resumes after epoch 1
+    assert train_main(command) == 0  # after a crash, the same command again resumes after epoch 1
 
     result = json.loads((run / "raymed-result.json").read_text())
     assert [h["epoch"] for h in result["history"]] == list(range(1, epochs + 1))
