@@ -502,6 +502,12 @@ def semantic_errors(cfg: Config, check_paths: bool = True) -> list[str]:
         errors.append(f"deepspeed.offload_param: needs zero_stage 3 (got {cfg.deepspeed.zero_stage})")
     if cfg.deepspeed.precision == "bf16" and not cfg.scaling.use_gpu:
         errors.append("deepspeed.precision: bf16 needs scaling.use_gpu=true (CPU runs train in fp32)")
+    if cfg.scaling.elastic and cfg.scaling.placement_strategy == "STRICT_SPREAD":
+        errors.append("scaling.placement_strategy: STRICT_SPREAD with an elastic num_workers: Ray Train sizes an "
+                      "elastic group by how many workers the nodes' free resources fit, not by the placement, so "
+                      "after a node loss it would keep asking for one node per worker and never shrink; use PACK or "
+                      "SPREAD (for one worker a node, size scaling.cpus_per_worker / gpus_per_worker so one fills "
+                      "a node)")
     gpus = cfg.scaling.gpus_per_worker
     if gpus != int(gpus) and gpus > 1:
         errors.append(f"scaling.gpus_per_worker: {gpus:g}: more than one GPU per worker must be a whole number")

@@ -267,12 +267,14 @@ class RayCluster:
 FAKE_HEAD_ID = "f" * 51 + "00000"  # ray.autoscaler._private.fake_multi_node.node_provider.FAKE_HEAD_NODE_ID
 
 
-def fake_autoscaling_config(shipped: Path, worker_cpus: float, max_workers: int, idle_minutes: float) -> dict:
+def fake_autoscaling_config(shipped: Path, worker_cpus: float, max_workers: int, idle_minutes: float,
+                            spot_dir: Path) -> dict:
     """A shipped cluster file (`cluster/aws.yaml`) on Ray's fake multi-node provider, scaled to this machine: its
     first GPU worker type (same name, `min_workers` as shipped: 0) with `worker_cpus` CPUs and no GPU, at most
-    `max_workers` of it; the idle timeout shortened to `idle_minutes`; a head without CPUs. The provider's
-    settings are those of Ray's own example (ray/autoscaler/_private/fake_multi_node/example.yaml, not in the
-    wheel): nodes are raylets on this machine, no SSH, no updaters."""
+    `max_workers` of it; the idle timeout shortened to `idle_minutes`; a head without CPUs. The provider is Ray's
+    fake one run as a spot market (`tests.fixtures.spot_cloud.SpotCloud`, driven through `spot_dir`), with the
+    settings of Ray's own example (ray/autoscaler/_private/fake_multi_node/example.yaml, not in the wheel): nodes
+    are raylets on this machine, no SSH, no updaters."""
     cfg = yaml.safe_load(shipped.read_text())
     head = cfg["head_node_type"]
     name, kind = next((n, t) for n, t in cfg["available_node_types"].items()
@@ -280,8 +282,8 @@ def fake_autoscaling_config(shipped: Path, worker_cpus: float, max_workers: int,
     return {
         "cluster_name": cfg["cluster_name"], "max_workers": max_workers, "upscaling_speed": cfg["upscaling_speed"],
         "idle_timeout_minutes": idle_minutes,
-        "provider": {"type": "fake_multinode", "use_node_id_as_ip": True, "disable_node_updaters": True,
-                     "disable_launch_config_check": True},
+        "provider": {"type": "external", "module": "tests.fixtures.spot_cloud.SpotCloud", "spot_dir": str(spot_dir),
+                     "use_node_id_as_ip": True, "disable_node_updaters": True, "disable_launch_config_check": True},
         "auth": {}, "docker": {}, "head_node_type": "ray.head.default",
         "available_node_types": {
             "ray.head.default": {"resources": {"CPU": 0}, "node_config": {}, "max_workers": 0},

@@ -1,19 +1,19 @@
 """Ray's own autoscaler, on one machine: the shipped cluster file's shape on Ray's fake multi-node provider.
 
 The head runs `ray start --head --autoscaling-config=...` with the worker type of `cluster/aws.yaml` (`gpu_a10g`,
-`min_workers: 0`), scaled to this machine (2 CPUs a node instead of a GPU, at most 2 nodes, a 12-second idle
+`min_workers: 0`), scaled to this machine (4 CPUs a node instead of a GPU, at most 2 nodes, a 12-second idle
 timeout instead of 10 minutes) and no CPUs on the head, so every trial and worker needs a node the autoscaler
 launches. Ray's autoscaler (its monitor process, the same code as on a cloud) starts worker nodes as raylets on
-this machine and stops them when idle; storage and data are on a local S3-API server (no folder is shared by
-design: the nodes happen to be one machine).
+this machine and stops them when idle, through Ray's fake provider run as a spot market
+(`tests.fixtures.spot_cloud`: the test can take a node back and hold launches until capacity returns); storage
+and data are on a local S3-API server (no folder is shared by design: the nodes happen to be one machine).
+Each trial or worker asks for more than half a node's CPUs, so one fits a node, as one per GPU would.
 
 - A `ray job submit` sweep on the empty cluster: the autoscaler launches nodes for the pending trials, each trial
   trains on a launched node (its result row records the node), and the idle nodes are removed afterwards.
-
-In the `slow` tier (`python -m pytest -m slow tests/test_autoscaling.py`, ~5 minutes here): CI runs at 80 of its
-90 minutes. Not here: a node lost under a running elastic group with the autoscaler replacing it (tried: a
-2-worker tiny-llava run on two fake nodes trained 2 epochs in 8 minutes on this 2-core machine, too slow to finish
-a loss and a regrowth; docs/cluster.md).
+- An elastic run (`scaling.num_workers: [1, 2]`) loses a node to the spot market while it trains: it shrinks to one
+  worker and continues from its last checkpoint; when capacity returns, the autoscaler's replacement node joins and
+  the run grows back to two workers. Every resume restores its checkpoint's exact state.
 """
 
 from __future__ import annotations
@@ -22,24 +22,42 @@ import json
 import os
 import shlex
 import subprocess
+import time
 from pathlib import Path
 
 import pytest
 import yaml
 
+from raymed.train.elastic import DUMP_ENV
+
 from tests.cluster_fixtures import (FAKE_HEAD_ID, PYTHON, REPO, RayCluster, S3Server, cluster_env,
                                     fake_autoscaling_config, job_logs, run_cli, run_job_command, wait_until)
+from tests.fixtures.elastic import check_restore
 
-pytestmark = [pytest.mark.integration, pytest.mark.slow]
+pytestmark = pytest.mark.integration
 
 SHIPPED = REPO / "cluster" / "aws.yaml"
-NODE_CPUS, MAX_NODES, IDLE_MINUTES = 2, 2, 0.2
+NODE_CPUS, MAX_NODES, IDLE_MINUTES = 4, 2, 0.2
 
 
 @pytest.fixture(scope="module")
-def cluster(s3) -> RayCluster:
-    ray_cluster = RayCluster(root=Path("/tmp"), env=cluster_env(s3))
-    config = fake_autoscaling_config(SHIPPED, NODE_CPUS, MAX_NODES, IDLE_MINUTES)
+def spot(tmp_path_factory) -> Path:
+    """The spot market's folder (tests.fixtures.spot_cloud): capacity available."""
+    folder = tmp_path_factory.mktemp("spot")
+    (folder / "capacity").touch()
+    return folder
+
+
+@pytest.fixture(scope="module")
+def restored(tmp_path_factory) -> Path:
+    """Where elastic workers write the state they hold after each resume (raymed.train.elastic.DUMP_ENV)."""
+    return tmp_path_factory.mktemp("restored")
+
+
+@pytest.fixture(scope="module")
+def cluster(s3, spot, restored) -> RayCluster:
+    ray_cluster = RayCluster(root=Path("/tmp"), env={**cluster_env(s3), DUMP_ENV: str(restored)})
+    config = fake_autoscaling_config(SHIPPED, NODE_CPUS, MAX_NODES, IDLE_MINUTES, spot)
     try:
         head = ray_cluster.start_autoscaling_head(config)
         # the shipped file's own head start command that records the node types, on this cluster's file
@@ -76,7 +94,7 @@ def s3_json(s3: S3Server, key: str) -> dict:
 def test_a_sweep_scales_up_from_zero_nodes_and_down_when_idle(s3, cluster, dataset):
     assert launched(cluster) == [], "the cluster starts with no worker node"
     args = ["--config", "configs/sweeps/tiny-cpu.yaml", "--out", s3.uri("auto"), f"data.path={dataset}",
-            "train.epochs=1", "scaling.cpus_per_worker=1"]  # 1.55 CPUs a trial: one trial a 2-CPU node
+            "train.epochs=1", "scaling.cpus_per_worker=2"]  # 2.5 CPUs a trial: one trial a node
     # The fake nodes share the head's session folder, where Ray unpacks a job's `--working-dir` package; the
     # autoscaler stopping a node removes it under the running driver. So the job runs from this checkout
     # (tests/test_cluster_s3.py submits with --working-dir to separate raylets).
@@ -107,3 +125,95 @@ def test_a_sweep_scales_up_from_zero_nodes_and_down_when_idle(s3, cluster, datas
                                  "--address", cluster.dashboard], env={**os.environ, **cluster.env},
                                 capture_output=True, text=True, timeout=120)
         raise AssertionError(f"{err}\n{launched(cluster)}\n{status.stdout[-6000:]}\n{actors.stdout[-4000:]}") from None
+
+
+
+def checkpoints(s3: S3Server, prefix: str) -> dict[int, dict]:
+    """epoch -> state.json of every checkpoint a run has on S3."""
+    return {int(key.split("/epoch-")[1][:4]): s3_json(s3, key) for key in s3.keys(prefix)
+            if key.endswith("/state.json") and "/epoch-" in key}
+
+
+def download(s3: S3Server, prefix: str, to: Path) -> Path:
+    for key in s3.keys(prefix):
+        if key.endswith("/"):  # a folder marker
+            continue
+        (to / key[len(prefix):]).parent.mkdir(parents=True, exist_ok=True)
+        s3.client().download_file(s3.bucket, key, str(to / key[len(prefix):]))
+    return to
+
+
+EPOCHS = 24
+
+
+def test_a_reclaimed_spot_node_shrinks_an_elastic_run_and_its_replacement_grows_it_back(s3, cluster, dataset, spot,
+                                                                                         restored, tmp_path):
+    """An elastic run (`scaling.num_workers: [1, 2]`, one worker a node) loses a node to the spot market while it
+    trains: it continues on one worker from its last checkpoint; when capacity returns the autoscaler's replacement
+    node joins and the run grows back to two workers, each resume restoring the checkpoint's exact state."""
+    name, t0 = "spot", time.time()
+    args = ["--config", "configs/train/tiny-llava-ln.yaml", f"data.path={dataset}", f"run.storage={s3.uri('elastic')}",
+            f"run.name={name}", "scaling.num_workers=[1,2]", "scaling.cpus_per_worker=2.5",  # one a node, as a GPU
+            "scaling.resize_interval_s=5", "run.max_failures=1",
+            f"train.epochs={EPOCHS}", f"train.eval_every={EPOCHS}", "data.max_eval_rows=4", "train.zero_shot=false",
+            f"run.keep_checkpoints={EPOCHS}", "run.report_to=[]"]
+    log = tmp_path / "driver.log"
+    with log.open("w") as out:
+        driver = subprocess.Popen([PYTHON, "-m", "raymed.train", *args], cwd=REPO, stdout=out, stderr=subprocess.STDOUT,
+                                  env={**os.environ, **cluster_env(s3), "RAY_ADDRESS": cluster.address,
+                                       "RAY_TRAIN_WORKER_GROUP_START_TIMEOUT_S": "30"})
+    prefix = f"elastic/{name}/"
+
+    def by(world: int, after: int = 0) -> list[int]:
+        return sorted(e for e, s in checkpoints(s3, prefix).items() if s["world_size"] == world and e > after)
+
+    def stamp(what: str) -> None:
+        print(f"[{time.time() - t0:5.0f}s] {what}")
+
+    try:
+        before = wait_until(lambda: by(2), 600, "a checkpoint written by 2 workers", interval=1.0)[-1]
+        victim = checkpoints(s3, prefix)[before]["history"][-1]["worker_nodes"][-1]
+        (spot / "capacity").unlink()  # no spot capacity for a while: the replacement waits
+        (spot / "reclaim").write_text(victim + "\n")
+        stamp(f"epoch {before} on 2 workers: node {victim[-5:]} reclaimed")
+        shrunk = wait_until(lambda: by(1, before), 600, "a checkpoint written by 1 worker", interval=1.0)[0]
+        stamp(f"epoch {shrunk} on 1 worker: capacity back")
+        (spot / "capacity").touch()
+        assert driver.wait(900) == 0
+        stamp("run done")
+    finally:
+        if driver.poll() is None:
+            driver.kill()
+    output = log.read_text()
+    states = checkpoints(s3, prefix)
+    worlds = [states[e]["world_size"] for e in sorted(states)]
+    stamp(f"world sizes by epoch: {worlds}")
+    assert sorted(states) == list(range(1, EPOCHS + 1)), output[-5000:]
+    grown = next((e for e in sorted(states) if e > shrunk and states[e]["world_size"] == 2), None)
+    assert grown, f"the run never grew back to 2 workers: {worlds}"
+
+    # Ray's own record: the reclaimed node is gone, the autoscaler launched a replacement, which trained
+    reclaimed = (spot / "reclaimed").read_text().split()
+    nodes = {n["NodeID"]: n for n in launched(cluster)}
+    assert reclaimed[0] == victim and not nodes[victim]["Alive"]
+    history = states[EPOCHS]["history"]
+    assert len(history) == EPOCHS
+    trained_on = [set(h["worker_nodes"]) for h in history]
+    assert victim in trained_on[shrunk - 2] and not any(victim in on for on in trained_on[shrunk - 1:])
+    new = trained_on[grown - 1] - set().union(*trained_on[:shrunk - 1])
+    assert len(new) == 1 and nodes[new.pop()]["Alive"], (trained_on, nodes)  # the replacement
+
+    # Each resume restored the checkpoint it resumed from exactly (weights, Adam moments, counters, lr), re-sharded
+    run_dir = download(s3, prefix, tmp_path / name)
+    resumes = sorted((restored / name).glob("restored-epoch*-w*.safetensors"))
+    seen = {(int(p.stem.split("epoch")[1].split("-")[0]), int(p.stem.split("-w")[1])) for p in resumes}
+    assert {(shrunk - 1, 1), (grown - 1, 2)} <= seen, seen  # shrunk, then grown, from the last checkpoint
+    for epoch, world in sorted(seen):
+        got = check_restore(run_dir, restored / name, epoch=epoch, world=world)
+        assert got["lr"] == pytest.approx(history[epoch - 1]["lr"], rel=1e-9)
+    # steps per epoch follow the world size; the lr schedule ends at zero on the last step
+    steps = [h["step"] - (history[i - 1]["step"] if i else 0) for i, h in enumerate(history)]
+    per_world = {w: {s for s, ww in zip(steps, worlds) if ww == w} for w in (1, 2)}
+    assert len(per_world[1]) == len(per_world[2]) == 1 and min(per_world[1]) > min(per_world[2]), (steps, worlds)
+    assert history[-1]["lr"] == pytest.approx(0.0, abs=1e-12)
+    assert "world size changed" in output

@@ -236,6 +236,10 @@ def test_elastic_worker_range():
                       ("many", "a number of workers")):
         with pytest.raises(ConfigError, match=re.escape(says)):
             load_config(None, [f"scaling.num_workers={bad}"])
+    # Ray Train's elastic policy counts workers by node resources, ignoring placement: STRICT_SPREAD would never shrink
+    with pytest.raises(ConfigError, match="STRICT_SPREAD with an elastic num_workers"):
+        load_config(None, ["scaling.num_workers=[1,2]", "scaling.placement_strategy=STRICT_SPREAD"])
+    assert load_config(None, ["scaling.num_workers=2", "scaling.placement_strategy=STRICT_SPREAD"]).scaling.elastic is False
 
 
 def test_config_errors_keep_their_message_across_pickle_and_ray():

@@ -1,6 +1,6 @@
 """Elastic runs (`scaling.num_workers: [min, max]`): real Ray Train elastic worker groups, DeepSpeed ZeRO on gloo.
 
-One run goes 2 -> 1 -> 2 workers: it crashes (no restarts left), is re-run where only one worker fits, crashes again
+One ZeRO-3 run goes 2 -> 1 -> 2 workers: it crashes (no restarts left), is re-run where only one worker fits, crashes again
 and is re-run where two fit. After each resume the worker writes what its engine holds (RAYMED_RESTORE_DUMP): the
 fp32 master weights and Adam moments gathered back through DeepSpeed, and the module's own weights. Each must equal
 the checkpoint it resumed from, re-sharded to the new world size (and ZeRO stage).
@@ -49,7 +49,9 @@ def _run(storage: Path, name: str, *overrides: str) -> dict:
     return fit(load_config(None, [*BASE, f"run.storage={storage}", f"run.name={name}", *overrides]))
 
 
-@pytest.mark.parametrize(("stage", "one_worker_stage"), [(2, 0), (3, 3)], ids=["zero2-to-zero0", "zero3"])
+# ZeRO-2 -> ZeRO-0 -> ZeRO-2 (a lone fp32 worker runs stage 0) is tests/test_autoscaling.py's spot-loss run: the same
+# restore checks, the group shrunk by a reclaimed node and grown by the autoscaler's replacement.
+@pytest.mark.parametrize(("stage", "one_worker_stage"), [(3, 3)], ids=["zero3"])
 def test_two_one_two_workers_restore_the_saved_state(cluster, stage, one_worker_stage):
     storage, dump = cluster
     name = f"elastic-z{stage}"
