@@ -28,6 +28,7 @@ from pathlib import Path
 import pytest
 import yaml
 
+from raymed import storage
 from raymed.train.elastic import DUMP_ENV
 
 from tests.cluster_fixtures import (FAKE_HEAD_ID, PYTHON, REPO, RayCluster, S3Server, cluster_env,
@@ -130,7 +131,6 @@ def test_a_sweep_scales_up_from_zero_nodes_and_down_when_idle(s3, cluster, datas
         raise AssertionError(f"{err}\n{launched(cluster)}\n{status.stdout[-6000:]}\n{actors.stdout[-4000:]}") from None
 
 
-
 def checkpoints(s3: S3Server, prefix: str) -> dict[int, dict]:
     """epoch -> state.json of every checkpoint a run has on S3."""
     return {int(key.split("/epoch-")[1][:4]): s3_json(s3, key) for key in s3.keys(prefix)
@@ -148,20 +148,16 @@ def registered(s3: S3Server, prefix: str) -> int | None:
     return int(latest["checkpoint_dir_name"].removeprefix("epoch-")) if latest else None
 
 
-def download(s3: S3Server, prefix: str, to: Path) -> Path:
-    for key in s3.keys(prefix):
-        if key.endswith("/"):  # a folder marker
-            continue
-        (to / key[len(prefix):]).parent.mkdir(parents=True, exist_ok=True)
-        s3.client().download_file(s3.bucket, key, str(to / key[len(prefix):]))
-    return to
+def state(s3: S3Server, prefix: str, epoch: int) -> dict:
+    """One checkpoint's state.json."""
+    return s3_json(s3, f"{prefix}epoch-{epoch:04d}/state.json")
 
 
 EPOCHS = 24
 
 
 def test_a_reclaimed_spot_node_shrinks_an_elastic_run_and_its_replacement_grows_it_back(s3, cluster, dataset, spot,
-                                                                                         restored, tmp_path):
+                                                                                         restored, tmp_path, monkeypatch):
     """An elastic run (`scaling.num_workers: [1, 2]`, one worker a node) loses a node to the spot market while it
     trains: it continues on one worker from its last checkpoint; when capacity returns the autoscaler's replacement
     node joins and the run grows back to two workers, each resume restoring the checkpoint's exact state."""
@@ -181,15 +177,14 @@ def test_a_reclaimed_spot_node_shrinks_an_elastic_run_and_its_replacement_grows_
     def by(world: int, after: int = 0) -> int | None:
         """The last registered checkpoint, when `world` workers wrote it after epoch `after`."""
         epoch = registered(s3, prefix)
-        state = checkpoints(s3, prefix).get(epoch) if epoch and epoch > after else None
-        return epoch if state and state["world_size"] == world else None
+        return epoch if epoch and epoch > after and state(s3, prefix, epoch)["world_size"] == world else None
 
     def stamp(what: str) -> None:
         print(f"[{time.time() - t0:5.0f}s] {what}")
 
     try:
         before = wait_until(lambda: by(2), 600, "a checkpoint written by 2 workers", interval=1.0)
-        victim = checkpoints(s3, prefix)[before]["history"][-1]["worker_nodes"][-1]
+        victim = state(s3, prefix, before)["history"][-1]["worker_nodes"][-1]
         (spot / "capacity").unlink()  # no spot capacity for a while: the replacement waits
         (spot / "reclaim").write_text(victim + "\n")
         stamp(f"epoch {before} on 2 workers: node {victim[-5:]} reclaimed")
@@ -222,7 +217,10 @@ def test_a_reclaimed_spot_node_shrinks_an_elastic_run_and_its_replacement_grows_
     assert len(new) == 1 and nodes[new.pop()]["Alive"], (trained_on, nodes)  # the replacement
 
     # Each resume restored the checkpoint it resumed from exactly (weights, Adam moments, counters, lr), re-sharded
-    run_dir = download(s3, prefix, tmp_path / name)
+    for key, value in s3.env.items():
+        monkeypatch.setenv(key, value)
+    run_dir = tmp_path / name
+    storage.download_dir(s3.uri(prefix.rstrip("/")), run_dir)
     resumes = sorted((restored / name).glob("restored-epoch*-w*.safetensors"))
     seen = {(int(p.stem.split("epoch")[1].split("-")[0]), int(p.stem.split("-w")[1])) for p in resumes}
     assert {(shrunk - 1, 1), (grown - 1, 2)} <= seen, seen  # shrunk, then grown, from the last checkpoint
